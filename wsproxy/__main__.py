@@ -1,0 +1,7 @@
+"""`python -m wsproxy` is `wsproxy`."""
+
+import sys
+
+from wsproxy.cli import main
+
+sys.exit(main())

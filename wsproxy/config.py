@@ -1,0 +1,540 @@
+"""YAML text to a frozen, validated configuration snapshot.
+
+The whole file is checked before anything uses it, and every problem is collected (not just
+the first), each with the file, the key path and what is wrong. Unknown keys are errors: a typo
+must never be silently ignored. A running proxy holds one `Config`; a reload builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsproxy import defaults
+
+BALANCE_POLICIES = ("round_robin", "least_conn", "random_two", "consistent_hash")
+HASH_FALLBACKS = ("least_conn", "reject")
+HASH_KEY_KINDS = ("header", "cookie", "query")
+HASH_KEY_PLAIN = ("path", "client_ip")
+
+
+class ConfigError(Exception):
+    """Invalid configuration: carries every problem found, each with its key path."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: invalid configuration ({len(self.problems)} error(s))"]
+        lines += [f"  {self.source}: {path or '<top>'}: {msg}" for path, msg in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    host: str | None = None  # lower case, no port; "*.example.com" matches subdomains
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    pool: str
+    match: RouteMatch | None = None  # None: the default route
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: Address
+    pool: str | None
+    routes: tuple[Route, ...]
+    tls: TLSConfig | None
+    deflate: bool
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.tls else "ws"
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    kind: str  # header | cookie | query | path | client_ip
+    name: str | None = None  # for header (lower case), cookie and query
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name is not None else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    address: Address
+    weight: int = defaults.WEIGHT
+
+    @property
+    def name(self) -> str:
+        return str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    backends: tuple[BackendConfig, ...]
+    balance: str = defaults.BALANCE
+    retries: int = defaults.RETRIES
+    hash_key: HashKey | None = None
+    hash_balance_factor: float = defaults.HASH_BALANCE_FACTOR
+    hash_fallback: str = defaults.HASH_FALLBACK
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = defaults.CONNECT_TIMEOUT
+    handshake: float = defaults.HANDSHAKE_TIMEOUT
+    close: float = defaults.CLOSE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = defaults.MAX_HEADER_BYTES
+    buffer_bytes: int = defaults.BUFFER_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    deadline: float = defaults.SHUTDOWN_DEADLINE
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    listeners: tuple[ListenerConfig, ...]
+    pools: dict[str, PoolConfig]
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    shutdown: Shutdown = field(default_factory=Shutdown)
+    digest: str = ""  # sha256 of the file's text, to tell snapshots apart in logs
+
+    def summary(self) -> str:
+        """A one-screen description for `wsproxy check`."""
+        out = [f"{self.source}: OK (sha256 {self.digest[:12]})", "listeners:"]
+        for lst in self.listeners:
+            target = f"pool {lst.pool}" if lst.pool else f"{len(lst.routes)} route(s)"
+            tls = " tls" if lst.tls else ""
+            out.append(f"  {lst.scheme}://{lst.address} -> {target}{tls}")
+            for r in lst.routes:
+                m = r.match
+                desc = "default" if m is None else f"host={m.host or '*'} path_prefix={m.path_prefix or '/'}"
+                out.append(f"      {desc} -> pool {r.pool}")
+        out.append("pools:")
+        for pool in self.pools.values():
+            extra = f" key={pool.hash_key}" if pool.hash_key else ""
+            out.append(f"  {pool.name}: {pool.balance}{extra}, {len(pool.backends)} backend(s)")
+            for b in pool.backends:
+                out.append(f"    {b.address} weight={b.weight}")
+        t = self.timeouts
+        out.append(f"timeouts: connect={t.connect}s handshake={t.handshake}s close={t.close}s")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# primitive parsers: each returns the value or raises ValueError with a message for the user
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as "250ms", "10s", "5m", "1h"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f'expected a duration such as 10, "250ms", "10s", "5m", got {value!r}')
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected a positive duration, got {value!r}")
+    return seconds
+
+
+def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
+    """`host:port` or `[v6]:port`."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port, got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"expected [ipv6]:port, got {value!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected host:port, got {value!r}")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets, as [{host}]:{port_text}")
+    if not port_text.isdigit():
+        raise ValueError(f"port must be a number, got {port_text!r} in {value!r}")
+    port = int(port_text)
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"port must be {low}..65535, got {port}")
+    return Address(host, port)
+
+
+def parse_hash_key(value: Any) -> HashKey:
+    if not isinstance(value, str):
+        raise ValueError(f"expected header:NAME, cookie:NAME, query:NAME, path or client_ip, got {value!r}")
+    if value in HASH_KEY_PLAIN:
+        return HashKey(value)
+    kind, sep, name = value.partition(":")
+    if sep and kind in HASH_KEY_KINDS and name.strip():
+        name = name.strip()
+        return HashKey(kind, name.lower() if kind == "header" else name)
+    raise ValueError(f"expected header:NAME, cookie:NAME, query:NAME, path or client_ip, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the walker: collects problems with key paths instead of stopping at the first one
+
+
+class _Checker:
+    def __init__(self, base_dir: Path) -> None:
+        self.problems: list[tuple[str, str]] = []
+        self.base_dir = base_dir
+
+    def fail(self, path: str, msg: str) -> None:
+        self.problems.append((path, msg))
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {type(value).__name__}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                hint = f"; known keys: {', '.join(allowed)}" if allowed else ""
+                self.fail(_join(path, str(key)), f"unknown key{hint}")
+        return value
+
+    def get(self, mapping: dict[str, Any], key: str, path: str, parse: Callable[[Any], Any], default: Any) -> Any:
+        if key not in mapping:
+            return default
+        try:
+            return parse(mapping[key])
+        except ValueError as exc:
+            self.fail(_join(path, key), str(exc))
+            return default
+
+    def sequence(self, value: Any, path: str) -> Iterator[tuple[int, Any]]:
+        if not isinstance(value, list):
+            self.fail(path, f"expected a list, got {type(value).__name__}")
+            return
+        yield from enumerate(value)
+
+    def path_to_file(self, value: Any) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected a file path, got {value!r}")
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.base_dir / p
+        if not p.is_file():
+            raise ValueError(f"no such file: {p}")
+        return p
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _factor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 1.0:
+        raise ValueError(f"expected a number greater than 1, got {value!r}")
+    return float(value)
+
+
+def _bounded_int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected a whole number {low}..{high}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _host_pattern(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a host name or *.domain, got {value!r}")
+    host = value.strip().lower()
+    body = host[2:] if host.startswith("*.") else host
+    if not body or "*" in body or "/" in body or ":" in body:
+        raise ValueError(f"expected a host name (no port) or *.domain, got {value!r}")
+    return host
+
+
+def _path_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"expected a path starting with /, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_pool(ck: _Checker, name: str, raw: Any) -> PoolConfig | None:
+    path = f"pools.{name}"
+    m = ck.mapping(raw, path, ("balance", "backends", "retries", "hash_key", "hash_balance_factor", "hash_fallback"))
+    if raw is None or not isinstance(raw, dict):
+        if raw is None:
+            ck.fail(path, "a pool needs backends")
+        return None
+    balance = ck.get(m, "balance", path, _choice(BALANCE_POLICIES), defaults.BALANCE)
+    retries = ck.get(m, "retries", path, _bounded_int(0, 10), defaults.RETRIES)
+    hash_key = ck.get(m, "hash_key", path, parse_hash_key, None)
+    factor = ck.get(m, "hash_balance_factor", path, _factor, defaults.HASH_BALANCE_FACTOR)
+    fallback = ck.get(m, "hash_fallback", path, _choice(HASH_FALLBACKS), defaults.HASH_FALLBACK)
+    if balance == "consistent_hash" and hash_key is None and "hash_key" not in m:
+        ck.fail(_join(path, "hash_key"), "consistent_hash needs a hash_key")
+    for key in ("hash_key", "hash_balance_factor", "hash_fallback"):
+        if key in m and balance != "consistent_hash":
+            ck.fail(_join(path, key), f"only meaningful with balance: consistent_hash (balance is {balance})")
+    backends: list[BackendConfig] = []
+    seen: set[Address] = set()
+    if "backends" not in m:
+        ck.fail(_join(path, "backends"), "missing: a pool needs at least one backend")
+    else:
+        bpath = _join(path, "backends")
+        for i, raw_b in ck.sequence(m["backends"], bpath):
+            b = _parse_backend(ck, f"{bpath}[{i}]", raw_b)
+            if b is None:
+                continue
+            if b.address in seen:
+                ck.fail(f"{bpath}[{i}].address", f"{b.address} is listed twice in this pool")
+                continue
+            seen.add(b.address)
+            backends.append(b)
+        if isinstance(m["backends"], list) and not m["backends"]:
+            ck.fail(bpath, "a pool needs at least one backend")
+    return PoolConfig(
+        name=name,
+        backends=tuple(backends),
+        balance=balance,
+        retries=retries,
+        hash_key=hash_key,
+        hash_balance_factor=factor,
+        hash_fallback=fallback,
+    )
+
+
+def _parse_backend(ck: _Checker, path: str, raw: Any) -> BackendConfig | None:
+    if isinstance(raw, str):  # shorthand: "- 127.0.0.1:9001"
+        raw = {"address": raw}
+    m = ck.mapping(raw, path, ("address", "weight"))
+    if "address" not in m:
+        if isinstance(raw, dict):
+            ck.fail(_join(path, "address"), "missing")
+        return None
+    address = ck.get(m, "address", path, parse_address, None)
+    weight = ck.get(m, "weight", path, _bounded_int(1, 1000), defaults.WEIGHT)
+    if address is None:
+        return None
+    return BackendConfig(address=address, weight=weight)
+
+
+def _parse_listener(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) -> ListenerConfig | None:
+    m = ck.mapping(raw, path, ("address", "pool", "routes", "tls", "deflate"))
+    if not isinstance(raw, dict):
+        return None
+    address = None
+    if "address" not in m:
+        ck.fail(_join(path, "address"), "missing")
+    else:
+        address = ck.get(m, "address", path, lambda v: parse_address(v, allow_port_zero=True), None)
+    pool = None
+    routes: list[Route] = []
+    if "pool" in m and "routes" in m:
+        ck.fail(path, "give either pool or routes, not both")
+    elif "pool" in m:
+        pool = m["pool"]
+        if not isinstance(pool, str) or pool not in pools:
+            ck.fail(_join(path, "pool"), f"no pool named {pool!r} (pools: {', '.join(pools) or 'none'})")
+            pool = None
+    elif "routes" in m:
+        rpath = _join(path, "routes")
+        for i, raw_r in ck.sequence(m["routes"], rpath):
+            r = _parse_route(ck, f"{rpath}[{i}]", raw_r, pools)
+            if r is not None:
+                routes.append(r)
+        if isinstance(m["routes"], list) and not m["routes"]:
+            ck.fail(rpath, "expected at least one route")
+    else:
+        ck.fail(path, "a listener needs a pool or routes")
+    tls = None
+    if "tls" in m:
+        tpath = _join(path, "tls")
+        t = ck.mapping(m["tls"], tpath, ("cert", "key"))
+        for key in ("cert", "key"):
+            if key not in t and isinstance(m["tls"], dict):
+                ck.fail(_join(tpath, key), "missing")
+        cert = ck.get(t, "cert", tpath, ck.path_to_file, None)
+        key = ck.get(t, "key", tpath, ck.path_to_file, None)
+        if cert is not None and key is not None:
+            tls = TLSConfig(cert=cert, key=key)
+    deflate = ck.get(m, "deflate", path, _bool, defaults.DEFLATE)
+    if address is None:
+        return None
+    return ListenerConfig(address=address, pool=pool, routes=tuple(routes), tls=tls, deflate=deflate)
+
+
+def _parse_route(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) -> Route | None:
+    m = ck.mapping(raw, path, ("match", "pool"))
+    if not isinstance(raw, dict):
+        return None
+    pool = m.get("pool")
+    if not isinstance(pool, str) or pool not in pools:
+        ck.fail(_join(path, "pool"), f"no pool named {pool!r} (pools: {', '.join(pools) or 'none'})")
+        return None
+    if "match" not in m:
+        return Route(pool=pool)
+    mpath = _join(path, "match")
+    mm = ck.mapping(m["match"], mpath, ("host", "path_prefix"))
+    host = ck.get(mm, "host", mpath, _host_pattern, None)
+    prefix = ck.get(mm, "path_prefix", mpath, _path_prefix, None)
+    if host is None and prefix is None:
+        ck.fail(mpath, "a match needs host and/or path_prefix (omit match for a default route)")
+        return None
+    return Route(pool=pool, match=RouteMatch(host=host, path_prefix=prefix))
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse and validate YAML text. Raises ConfigError naming every problem."""
+    base = base_dir if base_dir is not None else Path(".")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [("", f"not valid YAML at {where}: {problem}")]) from None
+    ck = _Checker(base)
+    top = ck.mapping(raw, "", ("listeners", "pools", "timeouts", "limits", "shutdown"))
+    if raw is None:
+        ck.fail("", "the file is empty")
+    pools_raw = ck.mapping(
+        top.get("pools"), "pools", tuple(top.get("pools") or {}) if isinstance(top.get("pools"), dict) else ()
+    )
+    if "pools" not in top and raw is not None:
+        ck.fail("pools", "missing: define at least one pool")
+    pools: dict[str, PoolConfig] = {}
+    for name, praw in pools_raw.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            ck.fail(f"pools.{name}", "pool names are letters, digits, _ . -")
+            continue
+        pool = _parse_pool(ck, name, praw)
+        if pool is not None:
+            pools[name] = pool
+    listeners: list[ListenerConfig] = []
+    if "listeners" not in top and raw is not None:
+        ck.fail("listeners", "missing: define at least one listener")
+    elif "listeners" in top:
+        seen: set[Address] = set()
+        for i, lraw in ck.sequence(top["listeners"], "listeners"):
+            lst = _parse_listener(ck, f"listeners[{i}]", lraw, pools_raw)
+            if lst is None:
+                continue
+            if lst.address in seen and lst.address.port != 0:
+                ck.fail(f"listeners[{i}].address", f"{lst.address} is used by an earlier listener")
+            seen.add(lst.address)
+            listeners.append(lst)
+        if isinstance(top["listeners"], list) and not top["listeners"]:
+            ck.fail("listeners", "define at least one listener")
+    t = ck.mapping(top.get("timeouts"), "timeouts", ("connect", "handshake", "close"))
+    timeouts = Timeouts(
+        connect=ck.get(t, "connect", "timeouts", parse_duration, defaults.CONNECT_TIMEOUT),
+        handshake=ck.get(t, "handshake", "timeouts", parse_duration, defaults.HANDSHAKE_TIMEOUT),
+        close=ck.get(t, "close", "timeouts", parse_duration, defaults.CLOSE_TIMEOUT),
+    )
+    lim = ck.mapping(top.get("limits"), "limits", ("max_header_bytes", "buffer_bytes"))
+    limits = Limits(
+        max_header_bytes=ck.get(
+            lim, "max_header_bytes", "limits", _bounded_int(1024, 1 << 20), defaults.MAX_HEADER_BYTES
+        ),
+        buffer_bytes=ck.get(lim, "buffer_bytes", "limits", _bounded_int(1024, 16 << 20), defaults.BUFFER_BYTES),
+    )
+    sd = ck.mapping(top.get("shutdown"), "shutdown", ("deadline",))
+    shutdown = Shutdown(deadline=ck.get(sd, "deadline", "shutdown", parse_duration, defaults.SHUTDOWN_DEADLINE))
+    if ck.problems:
+        raise ConfigError(source, ck.problems)
+    return Config(
+        source=source,
+        listeners=tuple(listeners),
+        pools=pools,
+        timeouts=timeouts,
+        limits=limits,
+        shutdown=shutdown,
+        digest=hashlib.sha256(text.encode()).hexdigest(),
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a file; relative TLS paths resolve against the file's directory."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), [("", f"cannot read the file: {exc}")]) from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent)

@@ -1,0 +1,226 @@
+"""`wsproxy demo`: two echo backends, the proxy on conf/demo.yaml, a self-check, then serve.
+
+The demo backends echo every message and answer the text "/whoami" with their name, so the
+self-check can show which backend served each session. Everything the demo starts lives in one
+nursery and stops on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import sys
+from pathlib import Path
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+from wsproxy import supervisor
+from wsproxy.config import Config, ConfigError, load_config
+from wsproxy.devcerts import ensure_dev_certs
+
+log = logging.getLogger("wsproxy.demo")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _demo_backend_conn(stream: trio.SocketStream, name: str) -> None:
+    ws = WSConnection(ConnectionType.SERVER)
+    text_parts: list[str] = []
+    bin_parts: list[bytes] = []
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            ws.receive_data(data or None)
+            out = b""
+            for event in ws.events():
+                if isinstance(event, Request):
+                    out += ws.send(AcceptConnection())
+                elif isinstance(event, TextMessage):
+                    text_parts.append(event.data)
+                    if event.message_finished:
+                        msg = "".join(text_parts)
+                        text_parts.clear()
+                        out += ws.send(TextMessage(data=name if msg == "/whoami" else msg))
+                elif isinstance(event, BytesMessage):
+                    bin_parts.append(bytes(event.data))
+                    if event.message_finished:
+                        out += ws.send(BytesMessage(data=b"".join(bin_parts)))
+                        bin_parts.clear()
+                elif isinstance(event, Ping | CloseConnection) and _should_answer(ws, event):
+                    out += ws.send(event.response())
+            try:
+                if out:
+                    await stream.send_all(out)
+            except trio.BrokenResourceError:
+                return
+            if not data or ws.state.name == "CLOSED":
+                return
+
+
+def _should_answer(ws: WSConnection, event: Event) -> bool:
+    """Pings always get a pong; a close gets one only if the peer started the closing handshake."""
+    return isinstance(event, Ping) or ws.state.name == "REMOTE_CLOSING"
+
+
+async def demo_backend(host: str, port: int, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    """An echo backend; "/whoami" answers with `name`."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _demo_backend_conn(stream, name)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await trio.serve_listeners(handler, listeners, task_status=task_status)
+
+
+class DemoClient:
+    """A small wsproto client for the self-check (not a general-purpose client)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events: list[Event] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        path: str = "/",
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> DemoClient:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
+        client = cls(stream)
+        await stream.send_all(client.ws.send(Request(host=server_hostname or host, target=path)))
+        event = await client.next_event()
+        if isinstance(event, RejectConnection):
+            raise ConnectionError(f"rejected with HTTP {event.status_code}")
+        if not isinstance(event, AcceptConnection):
+            raise ConnectionError(f"unexpected {event!r}")
+        return client
+
+    async def next_event(self) -> Event:
+        while not self.events:
+            data = await self.stream.receive_some(65536)
+            self.ws.receive_data(data or None)
+            self.events.extend(self.ws.events())
+        return self.events.pop(0)
+
+    async def send_text(self, text: str) -> None:
+        await self.stream.send_all(self.ws.send(TextMessage(data=text)))
+
+    async def receive_text(self) -> str:
+        parts: list[str] = []
+        while True:
+            event = await self.next_event()
+            if isinstance(event, TextMessage):
+                parts.append(event.data)
+                if event.message_finished:
+                    return "".join(parts)
+            elif isinstance(event, CloseConnection):
+                raise ConnectionError(f"closed {event.code} {event.reason}")
+
+    async def close(self, code: int = 1000) -> int:
+        await self.stream.send_all(self.ws.send(CloseConnection(code=code)))
+        while True:
+            event = await self.next_event()
+            if isinstance(event, CloseConnection):
+                await self.stream.aclose()
+                return int(event.code)
+
+
+async def self_check(config: Config, ca_path: Path) -> bool:
+    """Round-trip messages through every listener; print which backend answered."""
+    ok = True
+    ctx = ssl.create_default_context(cafile=str(ca_path))
+    for lst in config.listeners:
+        host, port = lst.address.host, lst.address.port
+        scheme = lst.scheme
+        for i in range(2):
+            try:
+                with trio.fail_after(10):
+                    client = await DemoClient.connect(
+                        host,
+                        port,
+                        "/demo",
+                        ssl_context=ctx if lst.tls else None,
+                        server_hostname="localhost" if lst.tls else None,
+                    )
+                    msg = f"hello #{i + 1} over {scheme}"
+                    await client.send_text(msg)
+                    echoed = await client.receive_text()
+                    await client.send_text("/whoami")
+                    who = await client.receive_text()
+                    code = await client.close()
+                good = echoed == msg and code == 1000
+                ok &= good
+                print(
+                    f"  {scheme}://{lst.address}/demo  sent {msg!r}  echoed {echoed!r}  by {who}  "
+                    f"close {code}  {'OK' if good else 'FAILED'}"
+                )
+            except (OSError, ConnectionError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                ok = False
+                print(f"  {scheme}://{lst.address}/demo  FAILED: {exc!r}")
+    return ok
+
+
+async def _proxy_then_stop(config: Config, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    """Run the proxy; when it stops (Ctrl-C drained it), stop the demo backends too."""
+    await supervisor.run(config, task_status=task_status)
+    scope.cancel()
+
+
+async def _demo(config: Config, ca_path: Path, self_check_only: bool) -> bool:
+    async with trio.open_nursery() as nursery:
+        for i, backend in enumerate(config.pools[next(iter(config.pools))].backends, start=1):
+            name = f"demo-backend-{i} ({backend.address})"
+            await nursery.start(demo_backend, backend.address.host, backend.address.port, name)
+        await nursery.start(_proxy_then_stop, config, nursery.cancel_scope)
+        print("self-check through the proxy:")
+        ok = await self_check(config, ca_path)
+        print("self-check", "passed" if ok else "FAILED")
+        if self_check_only or not ok:
+            nursery.cancel_scope.cancel()
+            return ok
+        print("\nTry it (Ctrl-C stops the proxy and the demo backends):")
+        for lst in config.listeners:
+            host = "localhost" if lst.tls else lst.address.host
+            print(f"  {lst.scheme}://{host}:{lst.address.port}/   (send /whoami to see the backend)")
+        print(f"  TLS clients trust the dev CA: {ca_path}")
+        print(f"  e.g. python -m websockets ws://{config.listeners[0].address}/")
+    return True
+
+
+def main(config_path: str | None, *, self_check_only: bool = False) -> int:
+    path = Path(config_path) if config_path else ROOT / "conf" / "demo.yaml"
+    ca_path, _, _ = ensure_dev_certs(ROOT / "certs")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    try:
+        ok = trio.run(_demo, config, ca_path, self_check_only)
+    except OSError as exc:
+        print(f"demo: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0 if ok else 1

@@ -1,0 +1,81 @@
+"""What a relay is to the session: bytes in from either peer, bytes out to either peer.
+
+Two relays implement this interface: `relay_inspect.InspectRelay` (wsproto on both hops,
+every frame parsed and re-framed) and, per ARCHITECTURE.md "Two relay paths", a passthrough
+relay that forwards frames verbatim. session.py drives either without knowing which: it feeds
+what it reads, sends what the relay queued, closes a peer's socket once the relay says that
+peer is done, and arms the close timeout once the relay says a closing handshake started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Close codes the proxy itself sends (RFC 6455 section 7.4.1).
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+INVALID_DATA = 1007
+POLICY_VIOLATION = 1008
+TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+SERVICE_RESTART = 1012
+ABNORMAL = 1006  # never sent: recorded when a peer vanished without a close frame
+
+
+@dataclass(slots=True)
+class CloseRecord:
+    code: int | None  # None: a close frame without a status code (1005 on the wire)
+    reason: str
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """What happened in one session, for its log line and (later) metrics."""
+
+    client_bytes_in: int = 0
+    backend_bytes_in: int = 0
+    messages_to_backend: int = 0
+    messages_to_client: int = 0
+    client_close: CloseRecord | None = None  # what the client sent (or 1006 if it vanished)
+    backend_close: CloseRecord | None = None
+    proxy_close: CloseRecord | None = None  # a close the proxy originated, and why
+    first_closer: str | None = None  # "client" | "backend" | "proxy"
+
+    def closed_by(self, who: str) -> None:
+        if self.first_closer is None:
+            self.first_closer = who
+
+
+class Relay(Protocol):
+    """The sans-I/O contract between session.py and a relay path."""
+
+    stats: RelayStats
+
+    def feed_client(self, data: bytes) -> None:
+        """Bytes read from the client; b"" means the client's stream ended."""
+
+    def feed_backend(self, data: bytes) -> None:
+        """Bytes read from the backend; b"" means the backend's stream ended."""
+
+    def take_for_client(self) -> bytes:
+        """Everything queued for the client since the last call (b"" if nothing)."""
+
+    def take_for_backend(self) -> bytes:
+        """Everything queued for the backend since the last call."""
+
+    def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
+        """Start a closing handshake the proxy originates (shutdown, timeouts, limits)."""
+
+    @property
+    def client_done(self) -> bool:
+        """Nothing more goes to or comes from the client: flush, then close its socket."""
+
+    @property
+    def backend_done(self) -> bool:
+        """Nothing more goes to or comes from the backend: flush, then close its socket."""
+
+    @property
+    def closing(self) -> bool:
+        """A closing handshake has started on some hop: the close timeout now runs."""

@@ -1,0 +1,475 @@
+"""One proxied session, from the client's first byte to its log line.
+
+Reads the client's request (h11), asks handshake.py whether it is a valid Upgrade, routes it
+to a pool, walks the balancer's candidates (connect + upstream handshake, retrying the next
+candidate while nothing has been sent to the client), answers 101, then runs two pumps that
+feed a sans-I/O relay and send what it queues. The session's tasks share one nursery: when
+both hops are done, or the close timeout runs out, the scope is cancelled and every socket is
+closed in `finally`. Every wait here has a deadline from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import h11
+import trio
+from wsproto.extensions import PerMessageDeflate
+
+from wsproxy import handshake, routing
+from wsproxy.balancing import Backend, Pool
+from wsproxy.config import ListenerConfig
+from wsproxy.handshake import ClientUpgrade, Rejection
+from wsproxy.relay import GOING_AWAY, Relay
+from wsproxy.relay_inspect import InspectRelay
+from wsproxy.snapshot import Snapshot
+from wsproxy.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
+
+log = logging.getLogger("wsproxy.session")
+
+Stream = trio.SocketStream | trio.SSLStream
+
+
+@dataclass(slots=True)
+class Upstream:
+    """A backend that answered: its 101 (checked) and this hop's negotiated extension."""
+
+    answer: UpstreamAnswer
+    accepted: handshake.BackendAccept | None = None  # None: a normal HTTP response, not a 101
+    extension: PerMessageDeflate | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the handshake phase decided, for the session log."""
+
+    status: int = 0
+    reason: str = ""
+    pool: str | None = None
+    backend: str | None = None
+    path: str | None = None
+    subprotocol: str | None = None
+    attempts: int = 0
+
+
+class Session:
+    """A client connection: handshake on both hops, then the relay."""
+
+    __slots__ = (
+        "_backend_lock",
+        "_backend_stream",
+        "_client_lock",
+        "_close_armed",
+        "_closed",
+        "_nursery",
+        "_scope",
+        "client_addr",
+        "client_stream",
+        "listener",
+        "outcome",
+        "relay",
+        "snapshot",
+        "started",
+    )
+
+    def __init__(
+        self, stream: Stream, *, client_addr: tuple[str, int], listener: ListenerConfig, snapshot: Snapshot
+    ) -> None:
+        self.client_stream = stream
+        self.client_addr = client_addr
+        self.listener = listener
+        self.snapshot = snapshot
+        self.outcome = Outcome()
+        self.relay: Relay | None = None
+        self.started = trio.current_time()
+        self._backend_stream: trio.SocketStream | None = None
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._client_lock = trio.Lock()
+        self._backend_lock = trio.Lock()
+        self._closed = {"client": False, "backend": False}
+        self._close_armed = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._serve()
+        except Exception:
+            # A bug in one session ends that session only; the process and others go on.
+            log.exception("session from %s failed", _fmt_addr(self.client_addr))
+            self.outcome.reason = self.outcome.reason or "internal error"
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.client_stream)
+                if self._backend_stream is not None:
+                    await trio.aclose_forcefully(self._backend_stream)
+            self._log()
+
+    def go_away(self, code: int = GOING_AWAY, reason: str = "proxy shutting down") -> None:
+        """Close this session from outside (shutdown): a closing handshake with `code`."""
+        if self.relay is None or self._nursery is None:
+            self._scope.cancel()  # still in the handshake: nothing to close gracefully
+            return
+        self.relay.close(client_code=code, backend_code=code, reason=reason)
+        with contextlib.suppress(RuntimeError):  # the relay phase may already have ended
+            self._nursery.start_soon(self._flush)
+
+    # --- handshake phase ---------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        cfg = self.snapshot.config
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.limits.max_header_bytes)
+        with trio.move_on_after(cfg.timeouts.handshake) as waited:
+            got = await self._read_request(h)
+        if waited.cancelled_caught:
+            await self._reject(Rejection(408, f"request headers not complete within {cfg.timeouts.handshake:g}s"))
+            return
+        if got is None:
+            return  # the client left (or TLS failed) before sending a request
+        if isinstance(got, Rejection):
+            await self._reject(got)
+            return
+        self.outcome.path = got.target.decode("latin-1")
+        checked = handshake.validate_client_request(got)
+        if isinstance(checked, Rejection):
+            await self._reject(checked)
+            return
+        await self._connect_backend(h, checked)
+
+    async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
+        request: h11.Request | None = None
+        size = self.snapshot.config.limits.buffer_bytes
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                return Rejection(exc.error_status_hint, f"malformed request: {exc}")
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self.client_stream.receive_some(size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("client %s: connection failed before a request: %s", _fmt_addr(self.client_addr), exc)
+                    return None
+                h.receive_data(data)
+                if not data and request is None and h.their_state is h11.IDLE:
+                    return None
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+                continue
+            if isinstance(event, h11.Data):
+                return Rejection(400, "an Upgrade request must not carry a body")
+            if isinstance(event, h11.EndOfMessage) and request is not None:
+                return request
+            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return request
+            return Rejection(400, f"unexpected {type(event).__name__}")
+
+    async def _reject(self, rejection: Rejection) -> None:
+        self.outcome.status = rejection.status
+        self.outcome.reason = rejection.reason
+        log.warning(
+            "client %s: %d %s (path %s)",
+            _fmt_addr(self.client_addr),
+            rejection.status,
+            rejection.reason,
+            self.outcome.path or "-",
+        )
+        with trio.move_on_after(self.snapshot.config.timeouts.close):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.client_stream.send_all(rejection.to_bytes())
+
+    async def _connect_backend(self, h: h11.Connection, upgrade: ClientUpgrade) -> None:
+        cfg = self.snapshot.config
+        pool_name = routing.select_pool(self.listener, upgrade.host, upgrade.path)
+        if pool_name is None:
+            await self._reject(
+                Rejection(404, f"no route for host {upgrade.host.decode('latin-1')} path {upgrade.path}")
+            )
+            return
+        pool = self.snapshot.pools[pool_name]
+        self.outcome.pool = pool_name
+        key: bytes | None = None
+        if pool.config.hash_key is not None:
+            key = routing.extract_hash_key(pool.config.hash_key, upgrade, self.client_addr[0])
+            if key is None and pool.config.hash_fallback == "reject":
+                await self._reject(Rejection(400, f"request has no {pool.config.hash_key} to choose a backend by"))
+                return
+        if not pool.backends:
+            await self._reject(Rejection(503, f"pool {pool_name} has no backends"))
+            return
+        deadline = trio.current_time() + cfg.timeouts.handshake
+        last = Rejection(503, f"no backend available in pool {pool_name}", headers=((b"Retry-After", b"1"),))
+        for backend in itertools.islice(pool.candidates(key), 1 + pool.config.retries):
+            self.outcome.attempts += 1
+            self.outcome.backend = backend.name
+            with pool.acquire(backend):
+                result = await self._try_backend(backend, pool, upgrade, deadline)
+                if isinstance(result, Rejection):
+                    log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
+                    last = result
+                    if trio.current_time() >= deadline:
+                        break
+                    continue
+                if result.accepted is None:
+                    await self._pass_response(h, result.answer, deadline)
+                    return
+                await self._open(h, upgrade, result)
+                return
+        await self._reject(last)
+
+    async def _try_backend(
+        self, backend: Backend, pool: Pool, upgrade: ClientUpgrade, deadline: float
+    ) -> Upstream | Rejection:
+        cfg = self.snapshot.config
+        remaining = deadline - trio.current_time()
+        if remaining <= 0:
+            return Rejection(504, "handshake deadline passed before trying this backend")
+        try:
+            stream = await connect(backend.address, min(cfg.timeouts.connect, remaining))
+        except UpstreamError as exc:
+            return Rejection(502, exc.reason)
+        self._backend_stream = stream
+        key = handshake.new_key()
+        offer = None
+        ext = None
+        if self.listener.deflate and _offers_deflate(upgrade):
+            ext, offer = handshake.backend_deflate_offer()
+        request = handshake.build_upstream_request(
+            upgrade,
+            key=key,
+            client_ip=self.client_addr[0],
+            scheme="https" if self.listener.tls else "http",
+            extension_offer=offer,
+        )
+        answer: UpstreamAnswer | None = None
+        with trio.move_on_after(deadline - trio.current_time()):
+            try:
+                answer = await request_upgrade(
+                    stream, request, max_header_bytes=cfg.limits.max_header_bytes, receive_size=cfg.limits.buffer_bytes
+                )
+            except UpstreamError as exc:
+                await self._drop_backend()
+                return Rejection(502, f"{backend.name}: {exc.reason}")
+        if answer is None:
+            await self._drop_backend()
+            return Rejection(504, f"{backend.name} did not answer the Upgrade within {cfg.timeouts.handshake:g}s")
+        if isinstance(answer.response, h11.InformationalResponse):
+            checked = handshake.check_backend_101(
+                answer.response,
+                key=key,
+                offered_subprotocols=upgrade.subprotocols,
+                offered_extensions=offer is not None,
+            )
+            if isinstance(checked, Rejection):
+                await self._drop_backend()
+                return checked
+            backend_ext = None
+            if ext is not None:
+                fin = handshake.finalize_backend_deflate(ext, checked.extensions)
+                if isinstance(fin, Rejection):
+                    await self._drop_backend()
+                    return fin
+                backend_ext = fin
+            return Upstream(answer, checked, backend_ext)
+        return Upstream(answer)
+
+    async def _drop_backend(self) -> None:
+        if self._backend_stream is not None:
+            await trio.aclose_forcefully(self._backend_stream)
+            self._backend_stream = None
+
+    async def _pass_response(self, h: h11.Connection, answer: UpstreamAnswer, deadline: float) -> None:
+        """The backend answered with a normal HTTP response: give it to the client as is."""
+        resp = answer.response
+        assert isinstance(resp, h11.Response)
+        self.outcome.status = resp.status_code
+        self.outcome.reason = "backend answered without upgrading"
+        headers = handshake.passthrough_response_headers(resp)
+        out = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+        size = self.snapshot.config.limits.buffer_bytes
+        with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+            try:
+                await self.client_stream.send_all(h.send(out))
+                while True:
+                    event = answer.conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await answer.stream.receive_some(size)
+                        answer.conn.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Data):
+                        await self.client_stream.send_all(h.send(h11.Data(data=event.data)))
+                        continue
+                    if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        await self.client_stream.send_all(h.send(h11.EndOfMessage()))
+                    break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+                log.info(
+                    "passing the backend's %d to %s stopped: %s", resp.status_code, _fmt_addr(self.client_addr), exc
+                )
+
+    # --- relay phase ---------------------------------------------------------------------------
+
+    async def _open(self, h: h11.Connection, upgrade: ClientUpgrade, upstream: Upstream) -> None:
+        accepted, backend_ext, answer = upstream.accepted, upstream.extension, upstream.answer
+        assert accepted is not None
+        client_ext, client_answer = (None, None)
+        if self.listener.deflate:
+            client_ext, client_answer = handshake.negotiate_client_deflate(upgrade.extension_offers)
+        reply = handshake.build_client_101(upgrade, accepted, extensions=client_answer)
+        self.outcome.status = 101
+        self.outcome.subprotocol = accepted.subprotocol
+        try:
+            await self.client_stream.send_all(h.send(reply))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.outcome.reason = "client left before the 101"
+            return
+        self.relay = relay = InspectRelay(
+            client_extensions=[client_ext] if client_ext else None,
+            backend_extensions=[backend_ext] if backend_ext else None,
+        )
+        client_trailing, _ = h.trailing_data
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if client_trailing:
+                relay.feed_client(bytes(client_trailing))
+            if answer.trailing:
+                relay.feed_backend(answer.trailing)
+            await self._flush()
+            assert self._backend_stream is not None
+            nursery.start_soon(self._pump, self.client_stream, relay.feed_client, "client")
+            nursery.start_soon(self._pump, self._backend_stream, relay.feed_backend, "backend")
+
+    async def _pump(self, stream: Stream, feed: Callable[[bytes], None], side: str) -> None:
+        size = self.snapshot.config.limits.buffer_bytes
+        while not self._closed[side]:
+            try:
+                data = await stream.receive_some(size)
+            except trio.ClosedResourceError:
+                return  # we closed this side ourselves
+            except trio.BrokenResourceError:
+                data = b""
+            feed(data)
+            await self._flush()
+            if not data:
+                return
+
+    async def _flush(self) -> None:
+        """Send what the relay queued, close finished sides, arm the close timeout."""
+        relay = self.relay
+        assert relay is not None and self._nursery is not None
+        while True:
+            sent_c = await self._send("client", self.client_stream, self._client_lock, relay.take_for_client)
+            assert self._backend_stream is not None
+            sent_b = await self._send("backend", self._backend_stream, self._backend_lock, relay.take_for_backend)
+            if not (sent_c or sent_b):
+                break
+        if relay.closing and not self._close_armed:
+            self._close_armed = True
+            scope = self._nursery.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + self.snapshot.config.timeouts.close)
+        if relay.client_done:
+            await self._close_side("client", self.client_stream, self._client_lock)
+        if relay.backend_done and self._backend_stream is not None:
+            await self._close_side("backend", self._backend_stream, self._backend_lock)
+        if relay.client_done and relay.backend_done:
+            self._nursery.cancel_scope.cancel()
+
+    async def _send(self, side: str, stream: Stream, lock: trio.Lock, take: Callable[[], bytes]) -> bool:
+        """Send pending bytes for one side; True if a broken peer changed what is pending."""
+        async with lock:
+            data = take()
+            if not data or self._closed[side]:
+                return False
+            try:
+                await stream.send_all(data)
+                return False
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                assert self.relay is not None
+                feed = self.relay.feed_client if side == "client" else self.relay.feed_backend
+                feed(b"")  # the peer is gone: the relay decides what the other side hears
+                self._closed[side] = True
+                return True
+
+    async def _close_side(self, side: str, stream: Stream, lock: trio.Lock) -> None:
+        if self._closed[side]:
+            return
+        async with lock:
+            if self._closed[side]:
+                return
+            self._closed[side] = True
+            with trio.move_on_after(self.snapshot.config.timeouts.close):
+                await stream.aclose()
+
+    # --- log -----------------------------------------------------------------------------------
+
+    def _log(self) -> None:
+        o = self.outcome
+        if o.status != 101:
+            return  # rejections were logged where they were decided
+        duration = trio.current_time() - self.started
+        st = self.relay.stats if self.relay else None
+        fields = {
+            "client": _fmt_addr(self.client_addr),
+            "listener": str(self.listener.address),
+            "pool": o.pool,
+            "backend": o.backend,
+            "path": o.path,
+            "subprotocol": o.subprotocol or "-",
+            "status": o.status,
+            "duration": f"{duration:.3f}s",
+            "attempts": o.attempts,
+        }
+        if st is not None:
+            fields.update(
+                bytes_in_client=st.client_bytes_in,
+                bytes_in_backend=st.backend_bytes_in,
+                msgs_to_backend=st.messages_to_backend,
+                msgs_to_client=st.messages_to_client,
+                client_close=_fmt_close(st.client_close),
+                backend_close=_fmt_close(st.backend_close),
+                proxy_close=_fmt_close(st.proxy_close),
+                first_closer=st.first_closer or "-",
+            )
+        log.info("session " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+
+def _offers_deflate(upgrade: ClientUpgrade) -> bool:
+    return any(o.split(";", 1)[0].strip().lower() == "permessage-deflate" for o in upgrade.extension_offers)
+
+
+def _fmt_addr(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _fmt_close(rec: object) -> str:
+    if rec is None:
+        return "-"
+    code = getattr(rec, "code", None)
+    reason = getattr(rec, "reason", "")
+    return f"{code if code is not None else 1005}:{reason!r}"
+
+
+def peer_address(stream: Stream) -> tuple[str, int]:
+    """The client's address from a plain or TLS stream."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    assert isinstance(inner, trio.SocketStream)
+    try:
+        addr = inner.socket.getpeername()
+    except OSError:
+        return ("?", 0)
+    return (addr[0], addr[1]) if isinstance(addr, tuple) else (str(addr), 0)
+
+
+def tune_socket(stream: Stream) -> None:
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(inner, trio.SocketStream):
+        inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)

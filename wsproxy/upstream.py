@@ -1,0 +1,84 @@
+"""Connecting to a backend and running the Upgrade handshake on that hop.
+
+The shell half of the upstream handshake: it owns the socket and the waiting (connect timeout,
+the deadline for the backend's answer); every decision about the answer is handshake.py's.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from wsproxy.config import Address
+
+
+class UpstreamError(Exception):
+    """The backend could not be reached or did not answer in time (counts as a failure)."""
+
+    def __init__(self, reason: str, *, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timeout = timeout
+
+
+@dataclass(slots=True)
+class UpstreamAnswer:
+    """What the backend said: a 101 (with bytes that followed it) or a normal HTTP response."""
+
+    stream: trio.SocketStream
+    conn: h11.Connection
+    response: h11.InformationalResponse | h11.Response
+    trailing: bytes = b""
+
+
+async def connect(address: Address, timeout: float) -> trio.SocketStream:
+    """Open a TCP stream to the backend within `timeout` seconds."""
+    with trio.move_on_after(timeout) as scope:
+        try:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+        except OSError as exc:
+            raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
+    if scope.cancelled_caught:
+        raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    return stream
+
+
+async def request_upgrade(
+    stream: trio.SocketStream, request: h11.Request, *, max_header_bytes: int, receive_size: int
+) -> UpstreamAnswer:
+    """Send the Upgrade request and read the backend's response head (not its body).
+
+    The caller bounds this with the handshake deadline. A malformed or oversized answer, or a
+    stream that ends first, raises UpstreamError.
+    """
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+    try:
+        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise UpstreamError(f"backend closed the connection while we sent the request: {exc}") from None
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamError(f"backend sent a malformed HTTP response: {exc}") from None
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(receive_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise UpstreamError(f"backend connection broke during the handshake: {exc}") from None
+            if not data:
+                raise UpstreamError("backend closed the connection without answering the Upgrade")
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                trailing, _closed = conn.trailing_data
+                return UpstreamAnswer(stream, conn, event, bytes(trailing))
+            continue  # 1xx other than 101 (e.g. 100): keep waiting for the real answer
+        if isinstance(event, h11.Response):
+            return UpstreamAnswer(stream, conn, event)
+        raise UpstreamError(f"unexpected event from backend: {type(event).__name__}")
