@@ -30,14 +30,9 @@ KEYS = [f"user-{i}".encode() for i in range(4096)]
 
 def make_pool(balance: str, count: int) -> Pool:
     """`count` backends with weights 1, 2, 3, 1, 2, 3, ... so weighting is exercised too."""
-    backends = tuple(
-        BackendConfig(Address(f"10.{i // 250}.{i % 250}.1", 9000), weight=1 + i % 3)
-        for i in range(count)
-    )
+    backends = tuple(BackendConfig(Address(f"10.{i // 250}.{i % 250}.1", 9000), weight=1 + i % 3) for i in range(count))
     hash_key = HashKey("header", "x-user") if balance == "consistent_hash" else None
-    return build_pool(
-        PoolConfig(name="bench", backends=backends, balance=balance, hash_key=hash_key)
-    )
+    return build_pool(PoolConfig(name="bench", backends=backends, balance=balance, hash_key=hash_key))
 
 
 def pick_cost_us(pool: Pool) -> float:

@@ -24,6 +24,8 @@ BALANCE_POLICIES = ("round_robin", "least_conn", "random_two", "consistent_hash"
 HASH_FALLBACKS = ("least_conn", "reject")
 HASH_KEY_KINDS = ("header", "cookie", "query")
 HASH_KEY_PLAIN = ("path", "client_ip")
+RELAY_MODES = ("passthrough", "inspect")
+HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 
 
 class ConfigError(Exception):
@@ -83,6 +85,7 @@ class ListenerConfig:
     routes: tuple[Route, ...]
     tls: TLSConfig | None
     deflate: bool
+    relay: str = defaults.RELAY
 
     @property
     def scheme(self) -> str:
@@ -124,12 +127,30 @@ class Timeouts:
     connect: float = defaults.CONNECT_TIMEOUT
     handshake: float = defaults.HANDSHAKE_TIMEOUT
     close: float = defaults.CLOSE_TIMEOUT
+    idle: float | None = defaults.IDLE_TIMEOUT
+    max_lifetime: float | None = defaults.MAX_LIFETIME
+    max_lifetime_jitter: float = defaults.MAX_LIFETIME_JITTER
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = defaults.MAX_HEADER_BYTES
     buffer_bytes: int = defaults.BUFFER_BYTES
+    max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
+    slow_consumer_timeout: float | None = defaults.SLOW_CONSUMER_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    interval: float | None = defaults.HEARTBEAT_INTERVAL  # None: off
+    timeout: float = defaults.HEARTBEAT_TIMEOUT
+    legs: str = defaults.HEARTBEAT_LEGS
+
+    @property
+    def leg_names(self) -> tuple[str, ...]:
+        if self.interval is None or self.legs == "none":
+            return ()
+        return ("client", "backend") if self.legs == "both" else (self.legs,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +166,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     shutdown: Shutdown = field(default_factory=Shutdown)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
     digest: str = ""  # sha256 of the file's text, to tell snapshots apart in logs
 
     def summary(self) -> str:
@@ -172,23 +194,67 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # primitive parsers: each returns the value or raises ValueError with a message for the user
 
+MAX_DURATION = 365 * 24 * 3600.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as "250ms", "10s", "5m", "1h"."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number, unit = value, None
     elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+        number, unit = m.group(1), m.group(2)
     else:
         raise ValueError(f'expected a duration such as 10, "250ms", "10s", "5m", got {value!r}')
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except OverflowError:
+        raise ValueError(f"duration {value!r} is too large") from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"expected a positive duration, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is over the maximum of {MAX_DURATION:g}s (one year)")
     return seconds
+
+
+def parse_optional_duration(value: Any) -> float | None:
+    """A duration, or `off` (also null / false) for a timer that never fires."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return parse_duration(value)
+
+
+def parse_fraction(value: Any) -> float:
+    """0.1 or "10%": a fraction in [0, 1)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1]) / 100.0
+        except ValueError:
+            raise ValueError(f'expected a fraction such as 0.1 or "10%", got {value!r}') from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is too large for a fraction") from None
+    else:
+        raise ValueError(f'expected a fraction such as 0.1 or "10%", got {value!r}')
+    if not 0.0 <= number < 1.0:
+        raise ValueError(f"expected a fraction from 0 up to (not including) 100%, got {value!r}")
+    return number
+
+
+def parse_size(value: Any) -> int:
+    """Bytes: a whole number or "64KiB", "16MiB", "1GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*", value)
+        if m:
+            number = int(m.group(1)) * {None: 1, "B": 1, "KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30}[m.group(2)]
+            if number > 0:
+                return number
+    raise ValueError(f'expected a positive size in bytes such as 65536 or "64MiB", got {value!r}')
 
 
 def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
@@ -277,7 +343,11 @@ class _Checker:
         p = Path(value)
         if not p.is_absolute():
             p = self.base_dir / p
-        if not p.is_file():
+        try:
+            exists = p.is_file()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot use {value!r} as a file path: {exc}") from None
+        if not exists:
             raise ValueError(f"no such file: {p}")
         return p
 
@@ -302,8 +372,8 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 def _factor(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 1.0:
-        raise ValueError(f"expected a number greater than 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1.0 < value <= 100.0:
+        raise ValueError(f"expected a number greater than 1 (at most 100), got {value!r}")
     return float(value)
 
 
@@ -395,8 +465,12 @@ def _parse_backend(ck: _Checker, path: str, raw: Any) -> BackendConfig | None:
     return BackendConfig(address=address, weight=weight)
 
 
+def _no_pool(name: Any, pools: dict[str, Any]) -> str:
+    return f"no pool named {name!r} (pools: {', '.join(str(p) for p in pools) or 'none'})"
+
+
 def _parse_listener(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) -> ListenerConfig | None:
-    m = ck.mapping(raw, path, ("address", "pool", "routes", "tls", "deflate"))
+    m = ck.mapping(raw, path, ("address", "pool", "routes", "tls", "deflate", "relay"))
     if not isinstance(raw, dict):
         return None
     address = None
@@ -411,7 +485,7 @@ def _parse_listener(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) ->
     elif "pool" in m:
         pool = m["pool"]
         if not isinstance(pool, str) or pool not in pools:
-            ck.fail(_join(path, "pool"), f"no pool named {pool!r} (pools: {', '.join(pools) or 'none'})")
+            ck.fail(_join(path, "pool"), _no_pool(pool, pools))
             pool = None
     elif "routes" in m:
         rpath = _join(path, "routes")
@@ -435,9 +509,10 @@ def _parse_listener(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) ->
         if cert is not None and key is not None:
             tls = TLSConfig(cert=cert, key=key)
     deflate = ck.get(m, "deflate", path, _bool, defaults.DEFLATE)
+    relay = ck.get(m, "relay", path, _choice(RELAY_MODES), defaults.RELAY)
     if address is None:
         return None
-    return ListenerConfig(address=address, pool=pool, routes=tuple(routes), tls=tls, deflate=deflate)
+    return ListenerConfig(address=address, pool=pool, routes=tuple(routes), tls=tls, deflate=deflate, relay=relay)
 
 
 def _parse_route(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) -> Route | None:
@@ -446,7 +521,7 @@ def _parse_route(ck: _Checker, path: str, raw: Any, pools: dict[str, Any]) -> Ro
         return None
     pool = m.get("pool")
     if not isinstance(pool, str) or pool not in pools:
-        ck.fail(_join(path, "pool"), f"no pool named {pool!r} (pools: {', '.join(pools) or 'none'})")
+        ck.fail(_join(path, "pool"), _no_pool(pool, pools))
         return None
     if "match" not in m:
         return Route(pool=pool)
@@ -465,13 +540,15 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     base = base_dir if base_dir is not None else Path(".")
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(source, [("", "the YAML is nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [("", f"not valid YAML at {where}: {problem}")]) from None
     ck = _Checker(base)
-    top = ck.mapping(raw, "", ("listeners", "pools", "timeouts", "limits", "shutdown"))
+    top = ck.mapping(raw, "", ("listeners", "pools", "timeouts", "limits", "shutdown", "heartbeat"))
     if raw is None:
         ck.fail("", "the file is empty")
     pools_raw = ck.mapping(
@@ -502,18 +579,37 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             listeners.append(lst)
         if isinstance(top["listeners"], list) and not top["listeners"]:
             ck.fail("listeners", "define at least one listener")
-    t = ck.mapping(top.get("timeouts"), "timeouts", ("connect", "handshake", "close"))
+    t = ck.mapping(
+        top.get("timeouts"),
+        "timeouts",
+        ("connect", "handshake", "close", "idle", "max_lifetime", "max_lifetime_jitter"),
+    )
     timeouts = Timeouts(
         connect=ck.get(t, "connect", "timeouts", parse_duration, defaults.CONNECT_TIMEOUT),
         handshake=ck.get(t, "handshake", "timeouts", parse_duration, defaults.HANDSHAKE_TIMEOUT),
         close=ck.get(t, "close", "timeouts", parse_duration, defaults.CLOSE_TIMEOUT),
+        idle=ck.get(t, "idle", "timeouts", parse_optional_duration, defaults.IDLE_TIMEOUT),
+        max_lifetime=ck.get(t, "max_lifetime", "timeouts", parse_optional_duration, defaults.MAX_LIFETIME),
+        max_lifetime_jitter=ck.get(t, "max_lifetime_jitter", "timeouts", parse_fraction, defaults.MAX_LIFETIME_JITTER),
     )
-    lim = ck.mapping(top.get("limits"), "limits", ("max_header_bytes", "buffer_bytes"))
+    lim = ck.mapping(
+        top.get("limits"), "limits", ("max_header_bytes", "buffer_bytes", "max_message_bytes", "slow_consumer_timeout")
+    )
     limits = Limits(
         max_header_bytes=ck.get(
             lim, "max_header_bytes", "limits", _bounded_int(1024, 1 << 20), defaults.MAX_HEADER_BYTES
         ),
         buffer_bytes=ck.get(lim, "buffer_bytes", "limits", _bounded_int(1024, 16 << 20), defaults.BUFFER_BYTES),
+        max_message_bytes=ck.get(lim, "max_message_bytes", "limits", parse_size, defaults.MAX_MESSAGE_BYTES),
+        slow_consumer_timeout=ck.get(
+            lim, "slow_consumer_timeout", "limits", parse_optional_duration, defaults.SLOW_CONSUMER_TIMEOUT
+        ),
+    )
+    hb = ck.mapping(top.get("heartbeat"), "heartbeat", ("interval", "timeout", "legs"))
+    heartbeat = Heartbeat(
+        interval=ck.get(hb, "interval", "heartbeat", parse_optional_duration, defaults.HEARTBEAT_INTERVAL),
+        timeout=ck.get(hb, "timeout", "heartbeat", parse_duration, defaults.HEARTBEAT_TIMEOUT),
+        legs=ck.get(hb, "legs", "heartbeat", _choice(HEARTBEAT_LEGS), defaults.HEARTBEAT_LEGS),
     )
     sd = ck.mapping(top.get("shutdown"), "shutdown", ("deadline",))
     shutdown = Shutdown(deadline=ck.get(sd, "deadline", "shutdown", parse_duration, defaults.SHUTDOWN_DEADLINE))
@@ -526,6 +622,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         timeouts=timeouts,
         limits=limits,
         shutdown=shutdown,
+        heartbeat=heartbeat,
         digest=hashlib.sha256(text.encode()).hexdigest(),
     )
 

@@ -164,6 +164,12 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
     )
 
 
+def head_size(req: h11.Request) -> int:
+    """Bytes of a request head as sent: request line plus header lines."""
+    line = len(req.method) + len(req.target) + len(req.http_version) + 12
+    return line + sum(len(k) + len(v) + 4 for k, v in req.headers.raw_items())
+
+
 def _tokens_keep_case(values: list[bytes]) -> list[bytes]:
     return [t.strip() for v in values for t in v.split(b",") if t.strip()]
 

@@ -38,6 +38,7 @@ class RelayStats:
     backend_bytes_in: int = 0
     messages_to_backend: int = 0
     messages_to_client: int = 0
+    data_frames: int = 0  # data frames (or parts) relayed either way: activity for the idle timer
     client_close: CloseRecord | None = None  # what the client sent (or 1006 if it vanished)
     backend_close: CloseRecord | None = None
     proxy_close: CloseRecord | None = None  # a close the proxy originated, and why
@@ -65,8 +66,32 @@ class Relay(Protocol):
     def take_for_backend(self) -> bytes:
         """Everything queued for the backend since the last call."""
 
+    def backlog(self, side: str) -> bool:
+        """Did the relay keep some of what `side` sent unprocessed (its output queue is full)?
+        The session then sends what is queued and calls `resume(side)` before reading more."""
+
+    def resume(self, side: str) -> None:
+        """Process more of `side`'s backlog, as far as the output queue has room."""
+
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         """Start a closing handshake the proxy originates (shutdown, timeouts, limits)."""
+
+    def abandon(self, side: str, *, other_code: int, reason: str) -> None:
+        """Give up on `side` (dead or stuck peer): nothing more goes to or comes from it; the
+        other peer gets a close with `other_code`."""
+
+    def send_ping(self, to: str, payload: bytes) -> bool:
+        """Queue the proxy's own ping to "client" or "backend" (at a frame boundary); False if
+        that hop can no longer take one."""
+
+    def ping_waiting(self, to: str) -> bool:
+        """Is a proxy ping to `to` still held back (behind a frame being forwarded)? The
+        heartbeat starts a ping's timeout only once it could actually reach the peer."""
+
+    def take_pongs(self) -> list[tuple[str, bytes]]:
+        """Pongs that answered the proxy's own pings (their payload equals one the proxy sent on
+        that hop and has not yet seen answered), swallowed rather than forwarded, as
+        (side, payload), since the last call. Every other pong passes end to end."""
 
     @property
     def client_done(self) -> bool:

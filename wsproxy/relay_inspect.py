@@ -2,10 +2,14 @@
 
 Each hop negotiates its own permessage-deflate. Messages are streamed frame chunk by frame
 chunk (wsproto hands out partial payloads as they arrive), so a large message is never held
-whole. Pings and pongs pass end to end; close codes and reasons pass end to end, and the
-closing handshake completes on both hops. The proxy's own closes follow RFC 6455: a protocol
-error answers the offending peer with wsproto's code (1002/1007) and the other peer with 1001
-(client at fault) or 1011 (backend at fault).
+whole. Compressed input is consumed in small slices and only while the other peer's queue is
+under `buffer_bytes`: deflate expands up to ~1000x, so a 64 KiB read could otherwise become
+64 MiB in memory (a compression bomb); the rest waits as backlog until the queue drains.
+
+Pings and pongs pass end to end; close codes and reasons pass end to end, and the closing
+handshake completes on both hops. The proxy's own closes follow RFC 6455: a protocol error
+answers the offending peer with wsproto's code (1002/1007) and the other peer with 1001 (client
+at fault) or 1011 (backend at fault).
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, Tex
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
 
-from wsproxy.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, CloseRecord, RelayStats
+from wsproxy import defaults
+from wsproxy.heartbeat import PING_MARKER
+from wsproxy.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, TOO_BIG, CloseRecord, RelayStats
 
+DEFLATE_SLICE = 1024  # compressed bytes fed to wsproto at once: at most ~1 MiB inflated
+MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
 _OPEN = ConnectionState.OPEN
 _REMOTE_CLOSING = ConnectionState.REMOTE_CLOSING
 _LOCAL_CLOSING = ConnectionState.LOCAL_CLOSING
@@ -26,13 +34,17 @@ _CLOSED = ConnectionState.CLOSED
 class _Hop:
     """One side of the proxy: a wsproto connection plus what is queued for that peer."""
 
-    __slots__ = ("conn", "failed", "name", "out")
+    __slots__ = ("conn", "failed", "inbox", "message_bytes", "name", "out", "own_pings", "slice")
 
-    def __init__(self, name: str, conn: Connection) -> None:
+    def __init__(self, name: str, conn: Connection, *, compressed: bool) -> None:
         self.name = name
         self.conn = conn
         self.out = bytearray()
+        self.inbox = bytearray()  # read from this peer, not yet fed to wsproto (backlog)
+        self.slice = DEFLATE_SLICE if compressed else None
         self.failed = False  # stream ended or protocol error: read nothing more from it
+        self.message_bytes = 0  # size so far of the message this peer is sending
+        self.own_pings: list[bytes] = []  # payloads of the proxy's pings to this peer, unanswered
 
     @property
     def state(self) -> ConnectionState:
@@ -65,16 +77,31 @@ class _Hop:
 class InspectRelay:
     """Relay two wsproto connections; see the module docstring for the rules."""
 
-    __slots__ = ("_backend", "_client", "stats")
+    __slots__ = ("_backend", "_buffer", "_client", "_marker", "_max_message", "_pongs", "stats")
 
     def __init__(
         self,
         *,
         client_extensions: list[Extension] | None = None,
         backend_extensions: list[Extension] | None = None,
+        max_message_bytes: int | None = None,
+        buffer_bytes: int = defaults.BUFFER_BYTES,
+        ping_marker: bytes = PING_MARKER,
     ) -> None:
-        self._client = _Hop("client", Connection(ConnectionType.SERVER, extensions=client_extensions or []))
-        self._backend = _Hop("backend", Connection(ConnectionType.CLIENT, extensions=backend_extensions or []))
+        self._client = _Hop(
+            "client",
+            Connection(ConnectionType.SERVER, extensions=client_extensions or []),
+            compressed=bool(client_extensions),
+        )
+        self._backend = _Hop(
+            "backend",
+            Connection(ConnectionType.CLIENT, extensions=backend_extensions or []),
+            compressed=bool(backend_extensions),
+        )
+        self._buffer = buffer_bytes
+        self._max_message = max_message_bytes
+        self._marker = ping_marker
+        self._pongs: list[tuple[str, bytes]] = []
         self.stats = RelayStats()
 
     # --- the Relay contract ---------------------------------------------------------------
@@ -110,6 +137,16 @@ class InspectRelay:
         self.stats.backend_bytes_in += len(data)
         self._feed(self._backend, self._client, data)
 
+    def backlog(self, side: str) -> bool:
+        src = self._client if side == "client" else self._backend
+        return bool(src.inbox) and not src.failed and src.state is not _CLOSED
+
+    def resume(self, side: str) -> None:
+        if side == "client":
+            self._drain(self._client, self._backend)
+        else:
+            self._drain(self._backend, self._client)
+
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         if self._client.state is _OPEN or self._backend.state is _OPEN:
             self.stats.closed_by("proxy")
@@ -119,6 +156,34 @@ class InspectRelay:
             self._client.send_close(client_code, reason)
         if self._backend.state is _OPEN:
             self._backend.send_close(backend_code, reason)
+
+    def abandon(self, side: str, *, other_code: int, reason: str) -> None:
+        src, dst = (self._client, self._backend) if side == "client" else (self._backend, self._client)
+        if src.done:
+            return
+        src.failed = True
+        src.out.clear()
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(other_code, reason)
+        self._close_other(dst, other_code, reason)
+
+    def send_ping(self, to: str, payload: bytes) -> bool:
+        hop = self._client if to == "client" else self._backend
+        if hop.failed or hop.state is not _OPEN:
+            return False
+        hop.send(Ping(payload=payload))
+        hop.own_pings.append(payload)
+        del hop.own_pings[:-MAX_OWN_PINGS]
+        return True
+
+    def ping_waiting(self, to: str) -> bool:
+        return False  # every event is re-framed whole: a ping is never held behind a frame
+
+    def take_pongs(self) -> list[tuple[str, bytes]]:
+        if not self._pongs:
+            return self._pongs
+        pongs, self._pongs = self._pongs, []
+        return pongs
 
     # --- internals ------------------------------------------------------------------------
 
@@ -134,8 +199,26 @@ class InspectRelay:
         if src.failed or src.state is _CLOSED:
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
+            src.inbox.clear()
             self._peer_lost(src, dst)
             return
+        if src.slice is None and not src.inbox:
+            self._receive(src, dst, data)
+        else:
+            src.inbox += data
+            self._drain(src, dst)
+
+    def _drain(self, src: _Hop, dst: _Hop) -> None:
+        """Feed backlog to wsproto while the other peer's queue has room."""
+        step = src.slice or len(src.inbox)
+        while src.inbox and len(dst.out) < self._buffer and not src.failed and src.state is not _CLOSED:
+            chunk = bytes(src.inbox[:step])
+            del src.inbox[:step]
+            self._receive(src, dst, chunk)
+        if src.failed or src.state is _CLOSED:
+            src.inbox.clear()
+
+    def _receive(self, src: _Hop, dst: _Hop, data: bytes) -> None:
         src.conn.receive_data(data)
         to_client = dst is self._client
         events = src.conn.events()
@@ -145,6 +228,15 @@ class InspectRelay:
             if event is None:
                 return
             if isinstance(event, TextMessage | BytesMessage):
+                self.stats.data_frames += 1
+                if self._max_message is not None:
+                    size = len(event.data) if isinstance(event, BytesMessage) else len(event.data.encode())
+                    src.message_bytes += size
+                    if src.message_bytes > self._max_message:
+                        self._too_big(src, dst)
+                        return
+                    if event.message_finished:
+                        src.message_bytes = 0
                 if dst.state is _OPEN and not dst.failed:
                     dst.send(type(event)(data=event.data, message_finished=event.message_finished))
                     if event.message_finished:
@@ -156,7 +248,11 @@ class InspectRelay:
                 if dst.state is _OPEN and not dst.failed:
                     dst.send(Ping(payload=event.payload))
             elif isinstance(event, Pong):
-                if dst.state is _OPEN and not dst.failed:
+                payload = bytes(event.payload)
+                if payload.startswith(self._marker) and payload in src.own_pings:
+                    src.own_pings.remove(payload)
+                    self._pongs.append((src.name, payload))
+                elif dst.state is _OPEN and not dst.failed:
                     dst.send(Pong(payload=event.payload))
             elif isinstance(event, CloseConnection):
                 if src.state is before:
@@ -189,6 +285,14 @@ class InspectRelay:
         other_code = GOING_AWAY if src is self._client else INTERNAL_ERROR
         other_reason = "client protocol error" if src is self._client else "backend protocol error"
         self._close_other(dst, other_code, other_reason)
+
+    def _too_big(self, src: _Hop, dst: _Hop) -> None:
+        reason = f"message over {self._max_message} bytes"
+        src.send_close(TOO_BIG, reason)
+        src.failed = True
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(TOO_BIG, f"{src.name} sent a {reason}")
+        self._close_other(dst, GOING_AWAY, f"{src.name} sent a {reason}")
 
     def _peer_lost(self, src: _Hop, dst: _Hop) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""

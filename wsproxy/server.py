@@ -19,6 +19,7 @@ from wsproxy.config import Config, ListenerConfig
 from wsproxy.relay import GOING_AWAY
 from wsproxy.session import Session, peer_address, tune_socket
 from wsproxy.snapshot import Snapshot
+from wsproxy.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
 
@@ -43,6 +44,7 @@ class Server:
         self._listen_scope = trio.CancelScope()
         self._all_gone = trio.Event()
         self.draining = False
+        self.timers = Timers()
 
     @contextmanager
     def _registered(self, session: Session) -> Iterator[None]:
@@ -57,7 +59,9 @@ class Server:
     async def _handle(self, stream: trio.abc.Stream, listener: ListenerConfig) -> None:
         assert isinstance(stream, trio.SocketStream | trio.SSLStream)
         tune_socket(stream)
-        session = Session(stream, client_addr=peer_address(stream), listener=listener, snapshot=self.snapshot)
+        session = Session(
+            stream, client_addr=peer_address(stream), listener=listener, snapshot=self.snapshot, timers=self.timers
+        )
         with self._registered(session):
             await session.run()
 
@@ -76,6 +80,7 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
         async with trio.open_nursery() as connections:
+            await connections.start(self.timers.run)
             opened: list[tuple[ListenerConfig, list[trio.abc.Listener]]] = []
             for lst in self.snapshot.config.listeners:
                 opened.append((lst, await self._open_listener(lst)))
@@ -87,7 +92,10 @@ class Server:
                     for lst, (host, port) in self.bound:
                         log.info("listening on %s://%s:%d -> %s", lst.scheme, host, port, lst.pool or "routes")
                     task_status.started()
-            # listeners are closed; connections finish in their own nursery
+            # listeners are closed; sessions finish in their own nursery, then the timers stop
+            if self.sessions:
+                await self._all_gone.wait()
+            connections.cancel_scope.cancel()
 
     async def shutdown(self, deadline: float | None = None) -> None:
         """Stop accepting, close sessions with 1001, wait up to the deadline, then cut the rest."""

@@ -13,21 +13,26 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
 from wsproto.extensions import PerMessageDeflate
 
-from wsproxy import handshake, routing
+from wsproxy import handshake, heartbeat, routing
 from wsproxy.balancing import Backend, Pool
 from wsproxy.config import ListenerConfig
 from wsproxy.handshake import ClientUpgrade, Rejection
-from wsproxy.relay import GOING_AWAY, Relay
+from wsproxy.heartbeat import Expired, PeerDead, Schedule, SendPing
+from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, Relay
 from wsproxy.relay_inspect import InspectRelay
+from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
+from wsproxy.timers import TimerEntry, Timers
 from wsproxy.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
@@ -41,7 +46,7 @@ class Upstream:
 
     answer: UpstreamAnswer
     accepted: handshake.BackendAccept | None = None  # None: a normal HTTP response, not a 101
-    extension: PerMessageDeflate | None = None
+    extension: PerMessageDeflate | None = None  # inspect: this hop's negotiated deflate
 
 
 @dataclass(slots=True)
@@ -67,7 +72,10 @@ class Session:
         "_close_armed",
         "_closed",
         "_nursery",
+        "_schedule",
         "_scope",
+        "_timer",
+        "_timers",
         "client_addr",
         "client_stream",
         "listener",
@@ -78,7 +86,13 @@ class Session:
     )
 
     def __init__(
-        self, stream: Stream, *, client_addr: tuple[str, int], listener: ListenerConfig, snapshot: Snapshot
+        self,
+        stream: Stream,
+        *,
+        client_addr: tuple[str, int],
+        listener: ListenerConfig,
+        snapshot: Snapshot,
+        timers: Timers,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -94,6 +108,9 @@ class Session:
         self._backend_lock = trio.Lock()
         self._closed = {"client": False, "backend": False}
         self._close_armed = False
+        self._timers = timers
+        self._schedule: Schedule | None = None
+        self._timer: TimerEntry | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -106,6 +123,8 @@ class Session:
             log.exception("session from %s failed", _fmt_addr(self.client_addr))
             self.outcome.reason = self.outcome.reason or "internal error"
         finally:
+            self._timers.cancel(self._timer)  # free this session now, not at its next deadline
+            self._timer = None
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.client_stream)
                 if self._backend_stream is not None:
@@ -162,6 +181,10 @@ class Session:
                     return None
                 continue
             if isinstance(event, h11.Request):
+                # h11 bounds only a head still incomplete; one that arrived whole is measured here.
+                limit = self.snapshot.config.limits.max_header_bytes
+                if handshake.head_size(event) > limit:
+                    return Rejection(431, f"request head over {limit} bytes")
                 request = event
                 continue
             if isinstance(event, h11.Data):
@@ -240,8 +263,12 @@ class Session:
         key = handshake.new_key()
         offer = None
         ext = None
+        passthrough = self.listener.relay == "passthrough"
         if self.listener.deflate and _offers_deflate(upgrade):
-            ext, offer = handshake.backend_deflate_offer()
+            if passthrough:  # end to end: the backend answers the client's own offer
+                offer = ", ".join(o for o in upgrade.extension_offers if _is_deflate(o))
+            else:
+                ext, offer = handshake.backend_deflate_offer()
         request = handshake.build_upstream_request(
             upgrade,
             key=key,
@@ -272,6 +299,15 @@ class Session:
                 await self._drop_backend()
                 return checked
             backend_ext = None
+            if passthrough and checked.extensions is not None:
+                parts = [p for p in checked.extensions.split(",") if p.strip()]
+                if len(parts) != 1 or not _is_deflate(parts[0]):
+                    await self._drop_backend()
+                    return Rejection(
+                        502,
+                        f"backend answered extensions {checked.extensions!r}; only one "
+                        "permessage-deflate can pass end to end",
+                    )
             if ext is not None:
                 fin = handshake.finalize_backend_deflate(ext, checked.extensions)
                 if isinstance(fin, Rejection):
@@ -320,8 +356,11 @@ class Session:
     async def _open(self, h: h11.Connection, upgrade: ClientUpgrade, upstream: Upstream) -> None:
         accepted, backend_ext, answer = upstream.accepted, upstream.extension, upstream.answer
         assert accepted is not None
+        cfg = self.snapshot.config
         client_ext, client_answer = (None, None)
-        if self.listener.deflate:
+        if self.listener.relay == "passthrough":
+            client_answer = accepted.extensions  # end to end: the backend answered the client's offer
+        elif self.listener.deflate:
             client_ext, client_answer = handshake.negotiate_client_deflate(upgrade.extension_offers)
         reply = handshake.build_client_101(upgrade, accepted, extensions=client_answer)
         self.outcome.status = 101
@@ -331,10 +370,18 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.outcome.reason = "client left before the 101"
             return
-        self.relay = relay = InspectRelay(
-            client_extensions=[client_ext] if client_ext else None,
-            backend_extensions=[backend_ext] if backend_ext else None,
-        )
+        relay: Relay
+        if self.listener.relay == "passthrough":
+            relay = PassthroughRelay(deflate=client_answer is not None, max_message_bytes=cfg.limits.max_message_bytes)
+        else:
+            relay = InspectRelay(
+                client_extensions=[client_ext] if client_ext else None,
+                backend_extensions=[backend_ext] if backend_ext else None,
+                max_message_bytes=cfg.limits.max_message_bytes,
+                buffer_bytes=cfg.limits.buffer_bytes,
+            )
+        self.relay = relay
+        self._start_schedule()
         client_trailing, _ = h.trailing_data
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -349,6 +396,9 @@ class Session:
 
     async def _pump(self, stream: Stream, feed: Callable[[bytes], None], side: str) -> None:
         size = self.snapshot.config.limits.buffer_bytes
+        relay = self.relay
+        schedule = self._schedule
+        assert relay is not None
         while not self._closed[side]:
             try:
                 data = await stream.receive_some(size)
@@ -356,10 +406,32 @@ class Session:
                 return  # we closed this side ourselves
             except trio.BrokenResourceError:
                 data = b""
-            feed(data)
+            if schedule is not None and data:
+                schedule.saw_traffic(side, trio.current_time())
+                self._consume(feed, data)
+            else:
+                feed(data)
             await self._flush()
+            while relay.backlog(side):  # inflated input waits until the other peer took some
+                if schedule is not None:
+                    self._consume(relay.resume, side)
+                else:
+                    relay.resume(side)
+                await self._flush()
             if not data:
                 return
+
+    def _consume(self, step: Callable[[Any], None], arg: Any) -> None:
+        """Run one relay step and tell the schedule what it carried (data, our pongs)."""
+        relay, schedule = self.relay, self._schedule
+        assert relay is not None and schedule is not None
+        now = trio.current_time()
+        frames = relay.stats.data_frames
+        step(arg)
+        if relay.stats.data_frames != frames:
+            schedule.saw_data(now)
+        for leg, payload in relay.take_pongs():
+            schedule.saw_own_pong(leg, payload, now)
 
     async def _flush(self) -> None:
         """Send what the relay queued, close finished sides, arm the close timeout."""
@@ -388,15 +460,27 @@ class Session:
             data = take()
             if not data or self._closed[side]:
                 return False
+            assert self.relay is not None
+            limit = self.snapshot.config.limits.slow_consumer_timeout
             try:
-                await stream.send_all(data)
-                return False
+                if limit is None:
+                    await stream.send_all(data)
+                    return False
+                with trio.move_on_after(limit):
+                    await stream.send_all(data)
+                    return False
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                assert self.relay is not None
                 feed = self.relay.feed_client if side == "client" else self.relay.feed_backend
                 feed(b"")  # the peer is gone: the relay decides what the other side hears
                 self._closed[side] = True
                 return True
+            # The peer took nothing for `limit` seconds while data waited. Its socket is mid-frame
+            # now, so no close frame can follow: drop it, and tell the other peer why.
+            log.warning("%s %s accepted nothing for %gs: closing it", side, self._peer_name(side), limit)
+            self.relay.abandon(side, other_code=GOING_AWAY, reason=f"{side} too slow: nothing accepted for {limit:g}s")
+            self._closed[side] = True
+            await trio.aclose_forcefully(stream)
+            return True
 
     async def _close_side(self, side: str, stream: Stream, lock: trio.Lock) -> None:
         if self._closed[side]:
@@ -407,6 +491,73 @@ class Session:
             self._closed[side] = True
             with trio.move_on_after(self.snapshot.config.timeouts.close):
                 await stream.aclose()
+
+    # --- heartbeats and deadlines ---------------------------------------------------------------
+
+    def _start_schedule(self) -> None:
+        cfg = self.snapshot.config
+        lifetime = None
+        if cfg.timeouts.max_lifetime is not None:
+            lifetime = heartbeat.lifetime_with_jitter(
+                cfg.timeouts.max_lifetime, cfg.timeouts.max_lifetime_jitter, random.random()
+            )
+        legs = cfg.heartbeat.leg_names
+        if not legs and cfg.timeouts.idle is None and lifetime is None:
+            return  # nothing to time: no schedule, no timer entries
+        self._schedule = Schedule(
+            trio.current_time(),
+            interval=cfg.heartbeat.interval if legs else None,
+            timeout=cfg.heartbeat.timeout,
+            legs=legs,
+            idle=cfg.timeouts.idle,
+            lifetime=lifetime,
+        )
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        assert self._schedule is not None
+        when = self._schedule.next_deadline()
+        if when is None:
+            return
+        self._timers.cancel(self._timer)
+        self._timer = self._timers.schedule(when, self._on_timer)
+
+    def _on_timer(self, now: float) -> None:
+        self._timer = None
+        relay, schedule, nursery = self.relay, self._schedule, self._nursery
+        if relay is None or schedule is None or nursery is None:
+            return
+        if relay.client_done and relay.backend_done:
+            return
+        for leg in ("client", "backend"):
+            if relay.ping_waiting(leg):
+                schedule.ping_held(leg, now)
+        acted = False
+        for action in schedule.due(now):
+            acted = True
+            if isinstance(action, SendPing):
+                relay.send_ping(action.leg, action.payload)
+            elif isinstance(action, PeerDead):
+                log.warning(
+                    "%s %s: no answer to our ping, silent for %.1fs: closing",
+                    action.leg,
+                    self._peer_name(action.leg),
+                    action.silent_for,
+                )
+                other = GOING_AWAY if action.leg == "client" else INTERNAL_ERROR
+                relay.abandon(action.leg, other_code=other, reason=f"{action.leg} did not answer the proxy's ping")
+            elif isinstance(action, Expired):
+                reason = "idle timeout" if action.what == "idle" else "maximum session lifetime reached"
+                log.info("session from %s: %s", _fmt_addr(self.client_addr), reason)
+                relay.close(client_code=GOING_AWAY, backend_code=GOING_AWAY, reason=reason)
+        if acted:
+            with contextlib.suppress(RuntimeError):  # the relay phase may have just ended
+                nursery.start_soon(self._flush)
+        if not relay.closing:
+            self._arm_timer()
+
+    def _peer_name(self, side: str) -> str:
+        return _fmt_addr(self.client_addr) if side == "client" else (self.outcome.backend or "?")
 
     # --- log -----------------------------------------------------------------------------------
 
@@ -438,11 +589,20 @@ class Session:
                 proxy_close=_fmt_close(st.proxy_close),
                 first_closer=st.first_closer or "-",
             )
+        if self._schedule is not None:
+            for leg in ("client", "backend"):
+                rtt = self._schedule.rtt(leg)
+                if rtt is not None:
+                    fields[f"rtt_{leg}"] = f"{rtt * 1000:.1f}ms"
         log.info("session " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 
+def _is_deflate(offer: str) -> bool:
+    return offer.split(";", 1)[0].strip().lower() == "permessage-deflate"
+
+
 def _offers_deflate(upgrade: ClientUpgrade) -> bool:
-    return any(o.split(";", 1)[0].strip().lower() == "permessage-deflate" for o in upgrade.extension_offers)
+    return any(_is_deflate(o) for o in upgrade.extension_offers)
 
 
 def _fmt_addr(addr: tuple[str, int]) -> str:

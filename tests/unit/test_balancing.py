@@ -25,10 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_config(weights: list[int], balance: str = "round_robin") -> PoolConfig:
-    backends = tuple(
-        BackendConfig(address=Address(f"10.0.0.{i + 1}", 9000), weight=w)
-        for i, w in enumerate(weights)
-    )
+    backends = tuple(BackendConfig(address=Address(f"10.0.0.{i + 1}", 9000), weight=w) for i, w in enumerate(weights))
     hash_key = HashKey("header", "x-user") if balance == "consistent_hash" else None
     return PoolConfig(name="p", backends=backends, balance=balance, hash_key=hash_key)
 
@@ -217,9 +214,7 @@ def test_random_two_rest_follow_by_increasing_load() -> None:
     for _ in range(50):
         order = [b.index for b in pool.candidates()]
         rest = order[1:]
-        assert [pool.backends[i].active for i in rest] == sorted(
-            pool.backends[i].active for i in rest
-        )
+        assert [pool.backends[i].active for i in rest] == sorted(pool.backends[i].active for i in rest)
 
 
 def test_random_two_is_reproducible_with_a_seeded_rng() -> None:

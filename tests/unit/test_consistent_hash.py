@@ -45,9 +45,7 @@ KNOWN_ANSWERS = [
 KEYS = [f"key-{i}".encode() for i in range(1500)]
 
 
-def pool_of(
-    backends: tuple[BackendConfig, ...] | list[BackendConfig], factor: float = 1.25
-) -> Pool:
+def pool_of(backends: tuple[BackendConfig, ...] | list[BackendConfig], factor: float = 1.25) -> Pool:
     config = PoolConfig(
         name="sticky",
         backends=tuple(backends),
@@ -65,9 +63,7 @@ def owners(pool: Pool, keys: list[bytes]) -> list[str]:
 
 def reference_walk(backends: tuple[BackendConfig, ...], key: bytes) -> list[str]:
     """A slow, obviously correct ring walk: linear scan instead of bisect."""
-    ring = sorted(
-        (p, b.name) for b in backends for p in vnode_points(b.name, VNODES_PER_WEIGHT * b.weight)
-    )
+    ring = sorted((p, b.name) for b in backends for p in vnode_points(b.name, VNODES_PER_WEIGHT * b.weight))
     h = key_hash(key)
     start = next((i for i, (p, _) in enumerate(ring) if p >= h), 0)
     order: list[str] = []
@@ -180,9 +176,7 @@ def test_cap_counts_the_session_being_placed() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(backends=addresses.filter(lambda bs: len(bs) >= 2), data=st.data())
-def test_removing_a_backend_moves_only_its_own_keys(
-    backends: list[BackendConfig], data: st.DataObject
-) -> None:
+def test_removing_a_backend_moves_only_its_own_keys(backends: list[BackendConfig], data: st.DataObject) -> None:
     gone = data.draw(st.integers(0, len(backends) - 1), label="removed")
     before = owners(pool_of(backends), KEYS)
     after = owners(pool_of(backends[:gone] + backends[gone + 1 :]), KEYS)
@@ -203,9 +197,7 @@ def test_adding_a_backend_moves_about_one_in_n_plus_one_keys(
     backends: list[BackendConfig], data: st.DataObject
 ) -> None:
     taken = {b.name for b in backends}
-    port = data.draw(
-        st.integers(1, 65535).filter(lambda p: f"10.0.0.7:{p}" not in taken), label="port"
-    )
+    port = data.draw(st.integers(1, 65535).filter(lambda p: f"10.0.0.7:{p}" not in taken), label="port")
     new = BackendConfig(Address("10.0.0.7", port))
     before = owners(pool_of(backends), KEYS)
     after = owners(pool_of([*backends, new]), KEYS)
@@ -249,9 +241,7 @@ operations = st.lists(
 def test_bounded_loads_are_never_exceeded_under_arrivals_and_departures(
     weights: list[int], factor: float, ops: list[tuple[str, int]]
 ) -> None:
-    backends = tuple(
-        BackendConfig(Address(f"10.0.0.{i + 1}", 9000), w) for i, w in enumerate(weights)
-    )
+    backends = tuple(BackendConfig(Address(f"10.0.0.{i + 1}", 9000), w) for i, w in enumerate(weights))
     pool = pool_of(backends, factor)
     total_weight = sum(weights)
     walks: dict[int, list[str]] = {}

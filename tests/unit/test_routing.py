@@ -10,9 +10,7 @@ from wsproxy.routing import extract_hash_key, host_name, select_pool
 
 
 def listener(*routes: Route, pool: str | None = None) -> ListenerConfig:
-    return ListenerConfig(
-        address=Address("127.0.0.1", 8080), pool=pool, routes=routes, tls=None, deflate=True
-    )
+    return ListenerConfig(address=Address("127.0.0.1", 8080), pool=pool, routes=routes, tls=None, deflate=True)
 
 
 def route(pool: str, host: str | None = None, path_prefix: str | None = None) -> Route:
@@ -21,9 +19,7 @@ def route(pool: str, host: str | None = None, path_prefix: str | None = None) ->
     return Route(pool=pool, match=RouteMatch(host=host, path_prefix=path_prefix))
 
 
-def upgrade(
-    target: bytes = b"/", headers: list[tuple[bytes, bytes]] | None = None
-) -> ClientUpgrade:
+def upgrade(target: bytes = b"/", headers: list[tuple[bytes, bytes]] | None = None) -> ClientUpgrade:
     raw = [(b"Host", b"example.com"), *(headers or [])]
     return ClientUpgrade(
         target=target,
@@ -92,9 +88,7 @@ def test_host_name_strips_port_and_brackets(host: bytes, name: str) -> None:
 
 
 def test_ipv6_host_routes_by_path_and_falls_to_default() -> None:
-    lst = listener(
-        route("named", host="example.com"), route("api", path_prefix="/api"), route("dflt")
-    )
+    lst = listener(route("named", host="example.com"), route("api", path_prefix="/api"), route("dflt"))
     assert select_pool(lst, b"[::1]:8080", "/api/x") == "api"
     assert select_pool(lst, b"[::1]:8080", "/chat") == "dflt"
 

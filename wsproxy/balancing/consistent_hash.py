@@ -73,9 +73,7 @@ class ConsistentHash(Policy):
         combined: list[int] = []
         for rank, i in enumerate(by_name):
             b = self.backends[i]
-            combined.extend(
-                p * n + rank for p in vnode_points(b.name, VNODES_PER_WEIGHT * b.weight)
-            )
+            combined.extend(p * n + rank for p in vnode_points(b.name, VNODES_PER_WEIGHT * b.weight))
         combined.sort()
         self._points = [c // n for c in combined]
         self._owners = [by_name[c % n] for c in combined]

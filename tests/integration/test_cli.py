@@ -1,0 +1,304 @@
+"""The command line, as other tooling drives it: subprocesses of `python -m wsproxy`.
+
+`run -c FILE` serves and stops cleanly on SIGTERM/SIGINT (sessions get 1001, exit 0, bounded
+time); an invalid config exits 2 naming the file and the key path; `check`, `--version` and the
+demo's self-check behave as the spec's command-line section says. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+import wsproxy
+from tests.integration.test_relay import ProxyProcess, Recorder, recording_echo
+from tests.support import proxy_yaml, start_backend
+
+TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\n"
+EXIT_BOUND = 10.0  # seconds from a signal to the process's exit
+DEMO_PORTS = (8080, 8443, 9001, 9002)
+ROOT = Path(wsproxy.__file__).resolve().parent.parent
+
+
+def wsproxy_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wsproxy", *args]
+
+
+def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        wsproxy_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT
+    )
+
+
+@pytest.fixture
+def proxy_run(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    """`wsproxy run` processes started by a test; any still alive afterwards are stopped."""
+    started: list[ProxyProcess] = []
+    yield started
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(timeout=10)
+
+
+def start_run(tmp_path: Path, yaml_text: str, started: list[ProxyProcess]) -> tuple[ProxyProcess, int]:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml_text)
+    proc = ProxyProcess(path)
+    started.append(proc)
+    return proc, proc.wait_ready()
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the process did not exit within {timeout}s") from None
+
+
+# --------------------------------------------------------------------------------------------
+# run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_serves_then_signal_closes_sessions_with_1001_and_exits_0(tmp_path, backends, proxy_run, sig) -> None:
+    rec = Recorder()
+    backends.append(start_backend(recording_echo(rec)))
+    proc, port = start_run(tmp_path, proxy_yaml([backends[0].port], extra=TIMEOUTS), proxy_run)
+    with connect(f"ws://127.0.0.1:{port}/cli", proxy=None, open_timeout=5, close_timeout=5) as ws:
+        ws.send("through the process")
+        assert ws.recv(timeout=5) == "through the process"
+        ws.send(b"\x00binary\xff")
+        assert ws.recv(timeout=5) == b"\x00binary\xff"
+        signalled = time.monotonic()
+        proc.proc.send_signal(sig)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None, "the session was cut without a close frame"
+    assert closed.value.rcvd.code == 1001
+    assert wait_exit(proc.proc, EXIT_BOUND) == 0
+    assert time.monotonic() - signalled < EXIT_BOUND
+    assert rec.ended.wait(5)
+    assert rec.close_code == 1001  # the backend hop was closed with 1001 too
+    assert refused(port)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_idle_run_exits_0_promptly_on_signal(tmp_path, backends, proxy_run, sig) -> None:
+    backends.append(start_backend())
+    proc, port = start_run(tmp_path, proxy_yaml([backends[0].port], extra=TIMEOUTS), proxy_run)
+    signalled = time.monotonic()
+    proc.proc.send_signal(sig)
+    assert wait_exit(proc.proc, EXIT_BOUND) == 0
+    assert time.monotonic() - signalled < 3, "an idle proxy has nothing to drain"
+    assert refused(port)
+
+
+def test_run_drain_closes_listener_at_once_and_cuts_unanswering_session_at_deadline(
+    tmp_path, backends, proxy_run
+) -> None:
+    backends.append(start_backend())
+    yaml_text = proxy_yaml(
+        [backends[0].port], extra="timeouts: {handshake: 1s, connect: 1s, close: 3s}\nshutdown: {deadline: 2s}\n"
+    )
+    proc, port = start_run(tmp_path, yaml_text, proxy_run)
+    # a client that completes the handshake, then never reads or answers anything
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "the proxy closed before answering the upgrade"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101")
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while "SIGTERM" not in "".join(proc.lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert proc.proc.poll() is None, "the process exited before the drain deadline"
+    assert refused(port), "the listener still accepts connections while draining"
+    assert wait_exit(proc.proc, EXIT_BOUND) == 0
+    assert time.monotonic() - signalled < 6
+    # the client got a close frame with 1001 before the proxy gave up on it
+    sock.settimeout(2)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert data[:1] == b"\x88", f"expected a close frame, got {data[:16]!r}"
+    assert int.from_bytes(data[2:4], "big") == 1001
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key_path"),
+    [
+        (
+            "listeners:\n  - {address: 127.0.0.1:0, pool: chat}\n"
+            "pools:\n  chat:\n    backends:\n      - address: 127.0.0.1:9001\n      - address: '9001'\n",
+            "pools.chat.backends[1].address",
+        ),
+        (
+            "listeners:\n  - {address: 127.0.0.1:0, pool: chat, adress: x}\n"
+            "pools:\n  chat:\n    backends:\n      - address: 127.0.0.1:9001\n",
+            "listeners[0].adress",
+        ),
+        (
+            "listeners:\n  - {address: 127.0.0.1:0, pool: chat}\n"
+            "pools:\n  chat:\n    backends:\n      - address: 127.0.0.1:9001\n"
+            "timeouts:\n  connect: soon\n",
+            "timeouts.connect",
+        ),
+        (
+            "listeners:\n  - {address: 127.0.0.1:0, pool: nosuch}\n"
+            "pools:\n  chat:\n    backends:\n      - address: 127.0.0.1:9001\n",
+            "listeners[0].pool",
+        ),
+    ],
+    ids=["bad-backend-address", "unknown-key", "bad-duration", "unknown-pool"],
+)
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_invalid_config_exits_2_naming_file_and_key_path(tmp_path, command, yaml_text, key_path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml_text)
+    result = run_cli(command, "-c", str(path))
+    assert result.returncode == 2, result.stderr
+    assert key_path in result.stderr
+    assert "broken.yaml" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_missing_config_file_exits_2_naming_it(tmp_path, command) -> None:
+    result = run_cli(command, "--config", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2
+    assert "absent.yaml" in result.stderr
+
+
+def test_check_reports_every_error_not_just_the_first(tmp_path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text(
+        "listeners:\n  - {address: 127.0.0.1:0, pool: chat, colour: blue}\n"
+        "pools:\n  chat:\n    backends:\n      - address: nonsense\n"
+    )
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2
+    assert "listeners[0].colour" in result.stderr
+    assert "pools.chat.backends[0].address" in result.stderr
+
+
+def test_check_valid_config_exits_0_with_summary(tmp_path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text(proxy_yaml([9101, 9102]).replace("127.0.0.1:0", "127.0.0.1:18080"))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    for needle in ("127.0.0.1:18080", "127.0.0.1:9101", "127.0.0.1:9102", "p"):
+        assert needle in result.stdout
+    assert len(result.stdout.splitlines()) < 40  # one screen
+
+
+def test_version_flag_prints_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"wsproxy {wsproxy.__version__}"
+
+
+def test_console_script_is_the_same_command() -> None:
+    script = Path(sys.executable).parent / "wsproxy"
+    assert script.is_file(), f"no console script at {script}: is wsproxy installed?"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0
+    assert result.stdout == run_cli("--version").stdout
+
+
+# --------------------------------------------------------------------------------------------
+# demo (fixed ports: 8080, 8443, 9001, 9002)
+
+
+def assert_demo_ports_free() -> None:
+    busy = []
+    for port in DEMO_PORTS:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the demo's listeners do
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    assert not busy, f"the demo needs 127.0.0.1 ports {DEMO_PORTS}; busy here: {busy} (stop what holds them)"
+
+
+def test_demo_self_check_passes_and_shows_which_backend_answered() -> None:
+    assert_demo_ports_free()
+    result = run_cli("demo", "--self-check-only", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout
+    assert "demo-backend-1" in result.stdout
+    assert "demo-backend-2" in result.stdout  # round robin: both backends answered
+    assert_demo_ports_free()  # everything it started is stopped
+
+
+def test_demo_serves_until_sigint_then_stops_everything() -> None:
+    assert_demo_ports_free()
+    proc = subprocess.Popen(
+        wsproxy_cmd("demo"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    reader: threading.Thread | None = None
+    try:
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 30
+        while "wss://localhost:8443" not in "".join(lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = "".join(lines)
+        assert "self-check passed" in out, out
+        assert "ws://127.0.0.1:8080" in out, out  # the URLs to try
+        assert "wss://localhost:8443" in out, out
+        with connect("ws://127.0.0.1:8080/", proxy=None, open_timeout=5) as ws:
+            ws.send("/whoami")
+            assert ws.recv(timeout=5).startswith("demo-backend-")
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, EXIT_BOUND) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if reader is not None:
+            reader.join(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert_demo_ports_free()

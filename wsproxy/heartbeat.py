@@ -1,0 +1,153 @@
+"""When to ping a leg, when a peer is dead, when a session is idle or too old: a pure schedule.
+
+Nothing here reads a clock: every method takes `now`, so a 20 s interval is tested in
+microseconds. The session tells the schedule what it saw (traffic on a leg, a data message, one of
+our pongs) and asks, at the time `next_deadline()` names, what is due.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+CLIENT = "client"
+BACKEND = "backend"
+LEGS = (CLIENT, BACKEND)
+PING_MARKER = b"wsproxy:"  # the proxy's pings carry this prefix; pongs with it are ours
+
+
+@dataclass(frozen=True, slots=True)
+class SendPing:
+    leg: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDead:
+    leg: str
+    silent_for: float  # seconds since anything arrived on that leg
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    what: str  # "idle" | "max_lifetime"
+
+
+Action = SendPing | PeerDead | Expired
+
+
+class _Leg:
+    __slots__ = ("last_rx", "ping_payload", "ping_sent", "rtt")
+
+    def __init__(self, now: float) -> None:
+        self.last_rx = now
+        self.ping_payload: bytes | None = None
+        self.ping_sent = 0.0
+        self.rtt: float | None = None
+
+
+class Schedule:
+    """Heartbeat and deadline state of one session.
+
+    interval: ping a leg silent this long (None: no heartbeat). timeout: after our ping, a leg with
+    no traffic for this long is dead. legs: which legs get heartbeats. idle: no data message either
+    way for this long ends the session. lifetime: the session's end, jitter already applied.
+    """
+
+    __slots__ = ("_counter", "_legs", "idle", "interval", "last_data", "lifetime_end", "timeout")
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        interval: float | None,
+        timeout: float,
+        legs: tuple[str, ...] = LEGS,
+        idle: float | None = None,
+        lifetime: float | None = None,
+    ) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.idle = idle
+        self.lifetime_end = now + lifetime if lifetime is not None else None
+        self.last_data = now
+        self._legs = {leg: _Leg(now) for leg in legs} if interval is not None else {}
+        self._counter = 0
+
+    # --- what the session saw ---------------------------------------------------------------
+
+    def saw_traffic(self, leg: str, now: float) -> None:
+        state = self._legs.get(leg)
+        if state is not None:
+            state.last_rx = now
+
+    def saw_data(self, now: float) -> None:
+        self.last_data = now
+
+    def saw_own_pong(self, leg: str, payload: bytes, now: float) -> None:
+        state = self._legs.get(leg)
+        if state is not None and state.ping_payload is not None and payload == state.ping_payload:
+            state.rtt = now - state.ping_sent
+            state.ping_payload = None
+
+    def ping_held(self, leg: str, now: float) -> None:
+        """Our ping to `leg` still waits behind a frame the peer is receiving: its timeout
+        counts from when it can be sent, not from when it was queued."""
+        state = self._legs.get(leg)
+        if state is not None and state.ping_payload is not None:
+            state.ping_sent = now
+
+    def rtt(self, leg: str) -> float | None:
+        state = self._legs.get(leg)
+        return state.rtt if state is not None else None
+
+    # --- what is due --------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time anything may be due (None: nothing ever is)."""
+        times: list[float] = []
+        for state in self._legs.values():
+            assert self.interval is not None
+            if state.ping_payload is None:
+                times.append(state.last_rx + self.interval)
+            else:
+                times.append(max(state.ping_sent, state.last_rx) + self.timeout)
+        if self.idle is not None:
+            times.append(self.last_data + self.idle)
+        if self.lifetime_end is not None:
+            times.append(self.lifetime_end)
+        return min(times) if times else None
+
+    def due(self, now: float) -> list[Action]:
+        """Everything due at `now`; pings it returns are recorded as sent at `now`."""
+        if self.lifetime_end is not None and now >= self.lifetime_end:
+            return [Expired("max_lifetime")]
+        if self.idle is not None and now >= self.last_data + self.idle:
+            return [Expired("idle")]
+        actions: list[Action] = []
+        for leg, state in self._legs.items():
+            assert self.interval is not None
+            if state.ping_payload is not None and now >= max(state.ping_sent, state.last_rx) + self.timeout:
+                if state.last_rx > state.ping_sent:
+                    # Traffic arrived after our ping: the peer lives; its pong may be queued
+                    # behind data. Ping again from the last traffic on.
+                    state.ping_payload = None
+                else:
+                    actions.append(PeerDead(leg, now - state.last_rx))
+                    continue
+            if state.ping_payload is None and now >= state.last_rx + self.interval:
+                self._counter += 1
+                payload = PING_MARKER + self._counter.to_bytes(4, "big") + os.urandom(4)
+                state.ping_payload = payload
+                state.ping_sent = now
+                actions.append(SendPing(leg, payload))
+        return actions
+
+
+def lifetime_with_jitter(max_lifetime: float, jitter: float, unit_random: float) -> float:
+    """Spread lifetimes so sessions opened together do not all end together.
+
+    `unit_random` in [0, 1) comes from the caller (tests pass fixed values): the result lies in
+    [max_lifetime * (1 - jitter), max_lifetime].
+    """
+    return max_lifetime * (1.0 - jitter * unit_random)
