@@ -184,8 +184,9 @@ class RawClient:
         subprotocols: list[str] | None = None,
         extensions: list | None = None,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
+        local_address: str | None = None,  # e.g. "127.0.0.2": another client address on loopback
     ) -> RawClient:
-        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=local_address)
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname="localhost")
         client = cls(stream)

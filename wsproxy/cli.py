@@ -1,4 +1,5 @@
-"""The command line: `wsproxy run|check|demo -c FILE`, `--version`. Exit codes: 0 ok, 2 bad config.
+"""The command line: `wsproxy run|check|reload|demo -c FILE`, `--version`. Exit codes: 0 ok,
+1 cannot start / cannot signal, 2 bad config.
 
 Other tooling drives wsproxy through these commands, so they are extended, never renamed.
 """
@@ -6,24 +7,27 @@ Other tooling drives wsproxy through these commands, so they are extended, never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 
 import trio
 
 from wsproxy import __version__
-from wsproxy.config import ConfigError, load_config
+from wsproxy.config import Config, ConfigError, load_config
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_BAD_CONFIG = 2
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from wsproxy.session_log import setup_logging
+
+    setup_logging(level, fmt, sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,9 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve in the foreground, logging to stderr")
     run.add_argument("-c", "--config", required=True, help="YAML configuration file")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default: log.level"
+    )
+    run.add_argument("--pid-file", default=None, help="write the process id here (default: pid_file of the config)")
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
+    reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    reload.add_argument("--pid-file", default=None, help="default: pid_file of the config")
     demo = sub.add_parser("demo", help="run two demo backends and the proxy on conf/demo.yaml")
     demo.add_argument("-c", "--config", default=None, help="default: conf/demo.yaml")
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -55,26 +66,65 @@ def main(argv: list[str] | None = None) -> int:
         print(config.summary())
         return EXIT_OK
     if args.command == "run":
-        _setup_logging(args.log_level)
         try:
             config = load_config(args.config)
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_CONFIG
-        from wsproxy import supervisor
-
-        try:
-            trio.run(supervisor.run, config)
-        except OSError as exc:
-            logging.getLogger("wsproxy").error("cannot start: %s", exc)
-            return 1
-        return EXIT_OK
+        _setup_logging(args.log_level or config.log.level, config.log.format)
+        return _run(config, args)
+    if args.command == "reload":
+        return _reload(args)
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
 
         return demo.main(args.config, self_check_only=args.self_check_only)
     return EXIT_BAD_CONFIG  # argparse rejects unknown commands before this
+
+
+def _run(config: Config, args: argparse.Namespace) -> int:
+    from wsproxy import supervisor
+
+    pid_file = None if args.worker else (Path(args.pid_file) if args.pid_file else config.pid_file)
+    try:
+        if pid_file is not None:
+            pid_file.write_text(f"{os.getpid()}\n")
+        if config.workers > 1 and not args.worker:
+            tail = ["--log-level", args.log_level] if args.log_level else []
+            trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)
+        else:
+            trio.run(supervisor.run, config, args.config)
+    except OSError as exc:
+        logging.getLogger("wsproxy").error("cannot start: %s", exc)
+        return EXIT_FAILED
+    finally:
+        if pid_file is not None:
+            with contextlib.suppress(OSError):
+                if pid_file.read_text().strip() == str(os.getpid()):
+                    pid_file.unlink()
+    return EXIT_OK
+
+
+def _reload(args: argparse.Namespace) -> int:
+    """Validate first (a bad file never reaches the running proxy), then SIGHUP it."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    pid_file = Path(args.pid_file) if args.pid_file else config.pid_file
+    if pid_file is None:
+        print(f"{args.config}: pid_file: not set; give --pid-file or set pid_file in the config", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"cannot signal the proxy named by {pid_file}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sent SIGHUP to wsproxy (pid {pid}); it logs whether the reload was applied")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

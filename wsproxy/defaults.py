@@ -24,6 +24,22 @@ MAX_HEADER_BYTES = 16384
 BUFFER_BYTES = 65536
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SLOW_CONSUMER_TIMEOUT: float | None = None  # off
+MAX_SESSIONS: int | None = None  # off: global, per pool (pools.NAME.max_sessions), per backend
+RETRY_AFTER = 1.0  # seconds, in the Retry-After of a 503 for a session cap
+
+# rate_limits (edge protection; see docs/edge.md): all off unless configured
+HANDSHAKES_PER_IP = None  # {rate, burst}: a new client request takes one token; none left: 429
+MAX_SESSIONS_PER_IP: int | None = None  # over it: 429
+MESSAGE_RATE = None  # {rate, burst}: client-to-backend messages per session; over it: backpressure
+BYTE_RATE = None  # {rate, burst}: client-to-backend bytes per session; over it: backpressure
+RATE_CLOSE_AFTER: float | None = 10.0  # continuously over a session rate this long: close 1008
+MAX_TRACKED_IPS = 100_000  # per-IP handshake buckets kept; the least recently seen is forgotten
+
+# auth before the upgrade (per listener / route `auth:`)
+AUTH_TIMEOUT = 2.0
+AUTH_PASS_HEADERS = ("authorization", "cookie")
+AUTH_CACHE: float | None = None  # off: ask the auth service for every handshake
+AUTH_CACHE_ENTRIES = 10_000
 
 # pools
 BALANCE = "round_robin"
@@ -36,5 +52,42 @@ HASH_FALLBACK = "least_conn"
 DEFLATE = True
 RELAY = "passthrough"
 
-# shutdown: how long SIGINT/SIGTERM waits for sessions to finish their closing handshakes
-SHUTDOWN_DEADLINE = 10.0
+# shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut
+SHUTDOWN_DEADLINE = 40.0
+SHUTDOWN_DRAIN_WINDOW = 30.0
+
+# reload (SIGHUP): sessions on removed backends get 1012 spread over this window
+RELOAD_DRAIN_WINDOW = 30.0
+
+# processes serving the listeners (SO_REUSEPORT); "auto" in the config means the CPU count
+WORKERS = 1
+
+# active health checks (pools.NAME.health): they run only when that mapping is present
+HEALTH_INTERVAL = 2.0
+HEALTH_TIMEOUT = 1.0  # never more than the interval: min(HEALTH_TIMEOUT, interval) when not given
+HEALTH_RISE = 2
+HEALTH_FALL = 3
+HEALTH_CHECK = "tcp"  # the one check every backend passes without knowing about it
+HEALTH_PATH = "/"
+HEALTH_SLOW_START: float | None = None  # off
+
+# passive health (pools.NAME.passive): failed connects/handshakes of real sessions eject a backend
+PASSIVE_FAILURES = 3
+PASSIVE_WINDOW = 10.0
+PASSIVE_EJECT_FOR = 30.0
+PASSIVE_MAX_EJECT_FOR = 300.0  # the cap of the doubling for repeat offenders
+
+# a backend marked down by the active checks: close its sessions (1012) spread over the window?
+CLOSE_SESSIONS_ON_DOWN = False
+DOWN_DRAIN_WINDOW = 10.0
+
+# admin listener (admin: {address}): off when absent; only loopback unless allow_remote is true
+ADMIN_ALLOW_REMOTE = False
+# fixed bounds of the admin HTTP server (not configurable): one small request per connection
+ADMIN_MAX_REQUEST_BYTES = 8192
+ADMIN_TIMEOUT = 5.0  # seconds for reading the request and sending the response
+ADMIN_MAX_CONNECTIONS = 32  # at once; further admin connections are closed at once
+
+# logging (log: {format, level})
+LOG_FORMAT = "text"
+LOG_LEVEL = "info"

@@ -209,11 +209,13 @@ def build_upstream_request(
     client_ip: str,
     scheme: str,
     extension_offer: str | None,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
     """The request to the backend: end-to-end headers as received, in order, plus forwarding.
 
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
-    offers for Sec-WebSocket-Extensions (None: no extensions).
+    offers for Sec-WebSocket-Extensions (None: no extensions). `extra_headers` are added after
+    the client's (the auth service's `copy_headers`; the caller removed the client's own).
     """
     listed = _connection_listed(list(upgrade.raw_headers))
     out: Headers = []
@@ -228,6 +230,7 @@ def build_upstream_request(
         if low == b"forwarded":
             continue  # re-added below with our element appended
         out.append((name, value))
+    out.extend(extra_headers)
     out.append((b"Connection", b"Upgrade"))
     out.append((b"Upgrade", b"websocket"))
     out.append((b"Sec-WebSocket-Key", key))

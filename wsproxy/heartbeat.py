@@ -84,11 +84,15 @@ class Schedule:
     def saw_data(self, now: float) -> None:
         self.last_data = now
 
-    def saw_own_pong(self, leg: str, payload: bytes, now: float) -> None:
+    def saw_own_pong(self, leg: str, payload: bytes, now: float) -> float | None:
+        """A pong the relay swallowed as ours: the round trip it measured (None: not the answer
+        to our outstanding ping on that leg, so nothing was measured)."""
         state = self._legs.get(leg)
         if state is not None and state.ping_payload is not None and payload == state.ping_payload:
             state.rtt = now - state.ping_sent
             state.ping_payload = None
+            return state.rtt
+        return None
 
     def ping_held(self, leg: str, now: float) -> None:
         """Our ping to `leg` still waits behind a frame the peer is receiving: its timeout

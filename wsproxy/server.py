@@ -1,37 +1,77 @@
-"""Listeners, the connection nursery, the live-session registry and graceful drain.
+"""Listeners, the connection nursery, the live-session registry, reload and graceful drain.
 
-One `Server` owns the current snapshot and every open session. Listeners accept into one
-connection nursery; each connection becomes a `Session` that registers itself for the time it
-runs. Shutdown cancels the listeners, asks every session to close with 1001, and gives them
-until the deadline to finish their closing handshakes.
+One `Server` owns the current snapshot and every open session. Each listener address has one
+`_Listening` slot: its sockets, its cancel scope, and the settings and TLS context that new
+connections on it get. A reload swaps the snapshot, updates kept slots in place (their sockets
+never close, so no connect is refused), opens and closes the others, and closes the sessions of
+removed backends with 1012 spread over a window. Shutdown stops accepting and spreads 1001 closes
+the same way, then cuts whatever is left at the deadline.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import random
+import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import trio
 
-from wsproxy.config import Config, ListenerConfig
-from wsproxy.relay import GOING_AWAY
+from wsproxy import proxy_protocol
+from wsproxy.admin import serve_admin
+from wsproxy.balancing import Backend, Pool
+from wsproxy.config import Address, Config, ListenerConfig, PoolConfig
+from wsproxy.gate import Edge, EdgeCollector
+from wsproxy.health_check import HealthMonitor
+from wsproxy.metrics import Metrics
+from wsproxy.relay import GOING_AWAY, SERVICE_RESTART
+from wsproxy.reload_plan import (
+    ListenerKey,
+    ReloadPlan,
+    drain_window,
+    listener_keys,
+    plan_reload,
+    rebalance_victim,
+    spread,
+)
 from wsproxy.session import Session, peer_address, tune_socket
 from wsproxy.snapshot import Snapshot
+from wsproxy.streams import PrefixedStream
 from wsproxy.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
 
+PROXY_HEADER_READ = 256  # a PROXY header is at most 107 (v1) or 16 + a few hundred (v2) bytes
+
 
 def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only."""
+    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only. Built once per listener
+    and again on reload (so renewed cert files on disk are picked up)."""
     assert listener.tls is not None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(listener.tls.cert), str(listener.tls.key))
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+class ReloadError(Exception):
+    """A valid config that still cannot be applied (a cert that does not load, a port in use)."""
+
+
+class _Listening:
+    """One listening address: its sockets and what new connections on it get."""
+
+    __slots__ = ("config", "scope", "sockets", "ssl_ctx")
+
+    def __init__(self, config: ListenerConfig, sockets: list[trio.SocketListener], ctx: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.ssl_ctx = ctx
+        self.scope = trio.CancelScope()
 
 
 class Server:
@@ -41,10 +81,20 @@ class Server:
         self.snapshot = Snapshot.build(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
+        self._listening: dict[ListenerKey, _Listening] = {}
         self._listen_scope = trio.CancelScope()
+        self._accepting: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
         self._all_gone = trio.Event()
         self.draining = False
         self.timers = Timers()
+        self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
+        self.reloads = 0
+        self.metrics = Metrics(pools=lambda: self.snapshot.pools, clock=trio.current_time)  # this server's own
+        self.metrics.config_loaded(config)
+        self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
+        self.metrics.registry.register(EdgeCollector(self.edge))
+        self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
 
     @contextmanager
     def _registered(self, session: Session) -> Iterator[None]:
@@ -56,69 +106,284 @@ class Server:
             if self.draining and not self.sessions:
                 self._all_gone.set()
 
-    async def _handle(self, stream: trio.abc.Stream, listener: ListenerConfig) -> None:
-        assert isinstance(stream, trio.SocketStream | trio.SSLStream)
+    # --- connections -----------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.SocketStream, slot: _Listening) -> None:
+        listener, ctx = slot.config, slot.ssl_ctx  # as of accept time: a reload may change the slot later
         tune_socket(stream)
+        client_addr = peer_address(stream)
+        conn: trio.abc.Stream = stream
+        got = None
+        if listener.proxy_protocol:
+            got = await self._read_proxy_header(stream, client_addr)
+            if got is None:
+                return
+            if got.source is not None:
+                client_addr = got.source
+            if got.rest:
+                conn = PrefixedStream(stream, got.rest)
+        if ctx is not None:
+            conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
+        local_addr = got.dest if listener.proxy_protocol and got.dest is not None else _local(stream)
         session = Session(
-            stream, client_addr=peer_address(stream), listener=listener, snapshot=self.snapshot, timers=self.timers
+            conn,
+            client_addr=client_addr,
+            listener=listener,
+            snapshot=self.snapshot,
+            timers=self.timers,
+            local_addr=local_addr,
+            metrics=self.metrics,
+            edge=self.edge,
         )
         with self._registered(session):
             await session.run()
 
-    async def _open_listener(self, listener: ListenerConfig) -> list[trio.abc.Listener]:
+    async def _read_proxy_header(
+        self, stream: trio.SocketStream, peer: tuple[str, int]
+    ) -> proxy_protocol.ProxyHeader | None:
+        """The PROXY header a listener with `proxy_protocol: true` requires; None: refused."""
+        reason = "no PROXY header within the handshake timeout"
+        with trio.move_on_after(self.snapshot.config.timeouts.handshake):
+            try:
+                got = await _receive_proxy_header(stream)
+            except ValueError as exc:
+                reason = str(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                reason = f"connection failed: {exc}"
+            else:
+                if got is not None:
+                    return got
+                reason = "connection closed before a PROXY header"
+        log.warning("connection from %s refused: %s", _fmt(peer), reason)
+        await trio.aclose_forcefully(stream)
+        return None
+
+    # --- listeners -------------------------------------------------------------------------
+
+    async def _open_sockets(self, listener: ListenerConfig) -> list[trio.SocketListener]:
         addr = listener.address
-        tcp = await trio.open_tcp_listeners(addr.port, host=addr.host, backlog=1024)
-        result: list[trio.abc.Listener] = list(tcp)
-        if listener.tls is not None:
-            ctx = server_ssl_context(listener)
-            result = [trio.SSLListener(t, ctx, https_compatible=True) for t in tcp]
-        for t in tcp:
-            sockname = t.socket.getsockname()
-            self.bound.append((listener, (sockname[0], sockname[1])))
-        return result
+        if self.snapshot.config.workers > 1:
+            return [_reuseport_listener(addr)]
+        return list(await trio.open_tcp_listeners(addr.port, host=addr.host, backlog=1024))
+
+    def _refresh_bound(self) -> None:
+        self.bound = [(slot.config, _sockname(sock)) for slot in self._listening.values() for sock in slot.sockets]
+
+    async def _accept(self, slot: _Listening, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._connections is not None
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await self._handle(stream, slot)
+
+        with slot.scope:
+            await trio.serve_listeners(
+                handler, slot.sockets, handler_nursery=self._connections, task_status=task_status
+            )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
         async with trio.open_nursery() as connections:
+            self._connections = connections
             await connections.start(self.timers.run)
-            opened: list[tuple[ListenerConfig, list[trio.abc.Listener]]] = []
-            for lst in self.snapshot.config.listeners:
-                opened.append((lst, await self._open_listener(lst)))
+            self.health.sync(self.snapshot)
+            await connections.start(self.health.run)
+            for key, lst in listener_keys(self.snapshot.config).items():
+                ctx = server_ssl_context(lst) if lst.tls is not None else None
+                self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
+            self._refresh_bound()
+            if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
+                self.admin_bound = await connections.start(serve_admin, self, self.snapshot.config.admin)
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
-                    for lst, listeners in opened:
-                        handler = _bind_handler(self._handle, lst)
-                        await accepting.start(_serve_listeners, handler, listeners, connections)
+                    self._accepting = accepting
+                    for slot in self._listening.values():
+                        await accepting.start(self._accept, slot)
                     for lst, (host, port) in self.bound:
                         log.info("listening on %s://%s:%d -> %s", lst.scheme, host, port, lst.pool or "routes")
                     task_status.started()
+                    await trio.sleep_forever()
             # listeners are closed; sessions finish in their own nursery, then the timers stop
             if self.sessions:
                 await self._all_gone.wait()
             connections.cancel_scope.cancel()
 
+    # --- reload ----------------------------------------------------------------------------
+
+    async def reload(self, config: Config) -> ReloadPlan:
+        """Apply a validated config; raises ReloadError (and changes nothing) if it cannot be.
+
+        Everything that can fail (TLS contexts, binding new ports) happens before the swap.
+        """
+        if self.draining or self._accepting is None or self._connections is None:
+            raise ReloadError("the proxy is shutting down")
+        old = self.snapshot.config
+        plan = plan_reload(old, config)
+        if config.workers != old.workers:
+            log.warning("workers changed (%d -> %d): takes effect on restart only", old.workers, config.workers)
+        contexts: dict[Address, ssl.SSLContext] = {}
+        for lst in config.listeners:
+            if lst.tls is not None:
+                try:
+                    contexts[lst.address] = server_ssl_context(lst)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ReloadError(f"listener {lst.address}: cannot load TLS cert/key: {exc}") from None
+        opened: list[tuple[ListenerKey, _Listening]] = []
+        try:
+            for key, lst in plan.open:
+                opened.append((key, _Listening(lst, await self._open_sockets(lst), contexts.get(lst.address))))
+        except OSError as exc:
+            for _, slot in opened:
+                for sock in slot.sockets:
+                    await sock.aclose()
+            raise ReloadError(f"cannot listen on {lst.address}: {exc}") from None
+        # the swap: from here on nothing fails
+        self.snapshot = Snapshot.build(config, previous=self.snapshot)
+        self.reloads += 1
+        self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
+        for key, lst in plan.keep:
+            slot = self._listening[key]
+            slot.config, slot.ssl_ctx = lst, contexts.get(lst.address)
+        for key in plan.close:
+            self._listening.pop(key).scope.cancel()
+        for key, slot in opened:
+            self._listening[key] = slot
+            await self._accepting.start(self._accept, slot)
+        self._refresh_bound()
+        doomed = [s for s in self.sessions if s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)]
+        if doomed:
+            self._connections.start_soon(
+                self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload"
+            )
+        for name, pool in self.snapshot.pools.items():
+            if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
+                self._connections.start_soon(self._rebalance, pool, self.reloads)
+        log.info(
+            "reloaded %s (sha256 %s): %s; %d session(s) on removed backends close over %gs",
+            config.source,
+            config.digest[:12],
+            plan.describe(),
+            len(doomed),
+            config.reload.drain_window,
+        )
+        return plan
+
+    def _backend_down(self, backend: Backend, pool: PoolConfig) -> None:
+        """Active checks marked `backend` down in a pool with close_sessions_on_down: close its
+        sessions with 1012, spread over the pool's drain_window so clients don't reconnect at once."""
+        doomed = [s for s in self.sessions if s.backend is backend]
+        if not doomed or self._connections is None:
+            return
+        log.info(
+            "closing %d session(s) on backend %s (pool %s) over %gs",
+            len(doomed),
+            backend.name,
+            pool.name,
+            pool.drain_window,
+        )
+        self._connections.start_soon(
+            self._spread_closes, doomed, pool.drain_window, SERVICE_RESTART, "backend marked down"
+        )
+
+    async def _spread_closes(self, sessions: Iterable[Session], window: float, code: int, reason: str) -> None:
+        """Close `sessions` with `code`, one by one at a flat rate over `window` (with jitter)."""
+        batch = list(sessions)
+        random.shuffle(batch)
+        start = trio.current_time()
+        for offset, session in zip(spread(len(batch), window, [random.random() for _ in batch]), batch, strict=True):
+            await trio.sleep_until(start + offset)
+            if session in self.sessions:
+                session.go_away(code, reason)
+
+    async def _rebalance(self, pool: Pool, generation: int) -> None:
+        """Move sessions off the most loaded backends of `pool`, one per 1/rate seconds, until the
+        spread is within weight. A newer reload or a shutdown ends it; it never moves more sessions
+        than the pool held when it started."""
+        assert pool.config.rebalance_rate is not None
+        period = 1.0 / pool.config.rebalance_rate
+        budget = pool.active
+        moved = 0
+        while moved < budget and self.reloads == generation and not self.draining:
+            index = rebalance_victim([(b.active, b.weight) for b in pool.backends])
+            if index is None:
+                break
+            backend = pool.backends[index]
+            on_it = [s for s in self.sessions if s.backend is backend and not s.closing]
+            if not on_it:
+                break
+            max(on_it, key=lambda s: s.started).go_away(SERVICE_RESTART, "rebalancing after a reload")
+            moved += 1
+            await trio.sleep(period)
+        if moved:
+            log.info("pool %s: rebalanced %d session(s) after a reload", pool.name, moved)
+
+    # --- shutdown --------------------------------------------------------------------------
+
     async def shutdown(self, deadline: float | None = None) -> None:
-        """Stop accepting, close sessions with 1001, wait up to the deadline, then cut the rest."""
+        """Stop accepting, close sessions with 1001 spread over the drain window, wait up to the
+        deadline, then cut the rest."""
+        cfg = self.snapshot.config
         self.draining = True
         self._listen_scope.cancel()
-        wait = self.snapshot.config.shutdown.deadline if deadline is None else deadline
-        log.info("shutting down: %d open session(s), deadline %gs", len(self.sessions), wait)
+        wait = cfg.shutdown.deadline if deadline is None else deadline
+        window = drain_window(cfg.shutdown.drain_window, wait, cfg.timeouts.close)
+        log.info("shutting down: %d open session(s), closes over %gs, deadline %gs", len(self.sessions), window, wait)
         if not self.sessions:
             return
-        for session in list(self.sessions):
-            session.go_away(GOING_AWAY, "proxy shutting down")
         with trio.move_on_after(wait):
-            await self._all_gone.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._spread_closes, list(self.sessions), window, GOING_AWAY, "proxy shutting down")
+                await self._all_gone.wait()
+                nursery.cancel_scope.cancel()
         for session in list(self.sessions):
-            session._scope.cancel()
+            session.cut()
 
 
-def _bind_handler(handle, listener: ListenerConfig):  # type: ignore[no-untyped-def]
-    async def handler(stream: trio.abc.Stream) -> None:
-        await handle(stream, listener)
+async def _receive_proxy_header(stream: trio.SocketStream) -> proxy_protocol.ProxyHeader | None:
+    data = b""
+    while True:
+        chunk = await stream.receive_some(PROXY_HEADER_READ)
+        if not chunk:
+            return None
+        data += chunk
+        got = proxy_protocol.parse(data)
+        if got is not None:
+            return got
+        if len(data) > proxy_protocol.V2_MAX_TLV + 16:
+            raise ValueError("PROXY header too long")
 
-    return handler
+
+def _reuseport_listener(addr: Address) -> trio.SocketListener:
+    """A listening socket that other workers bind too (SO_REUSEPORT: the kernel spreads connects)."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((addr.host, addr.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"{addr} is in use by another program") from None
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-async def _serve_listeners(handler, listeners, connections, *, task_status=trio.TASK_STATUS_IGNORED):  # type: ignore[no-untyped-def]
-    await trio.serve_listeners(handler, listeners, handler_nursery=connections, task_status=task_status)
+def _local(stream: trio.SocketStream) -> tuple[str, int] | None:
+    try:
+        name = stream.socket.getsockname()
+    except OSError:
+        return None
+    return (name[0], name[1])
+
+
+def _sockname(sock: trio.SocketListener) -> tuple[str, int]:
+    name = sock.socket.getsockname()
+    return (name[0], name[1])
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

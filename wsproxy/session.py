@@ -23,12 +23,25 @@ import h11
 import trio
 from wsproto.extensions import PerMessageDeflate
 
-from wsproxy import handshake, heartbeat, routing
+from wsproxy import gate, handshake, health, heartbeat, proxy_protocol, routing, session_log
+from wsproxy.admission import RATE_CLOSED, RATE_THROTTLED, Ticket
 from wsproxy.balancing import Backend, Pool
 from wsproxy.config import ListenerConfig
 from wsproxy.handshake import ClientUpgrade, Rejection
 from wsproxy.heartbeat import Expired, PeerDead, Schedule, SendPing
-from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, Relay
+from wsproxy.metrics import (
+    ABORTED,
+    BACKEND_RESPONSE,
+    BUFFER_FULL,
+    REJECTED,
+    SEND_STALL_SECONDS,
+    SEND_STALLED,
+    SLOW_CONSUMER_CLOSED,
+    UPGRADED,
+    Metrics,
+)
+from wsproxy.ratelimit import FlowLimiter
+from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay
 from wsproxy.relay_inspect import InspectRelay
 from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
@@ -66,19 +79,27 @@ class Session:
     """A client connection: handshake on both hops, then the relay."""
 
     __slots__ = (
+        "_active",
         "_backend_lock",
         "_backend_stream",
         "_client_lock",
         "_close_armed",
         "_closed",
+        "_edge",
+        "_flow",
+        "_metrics",
         "_nursery",
         "_schedule",
         "_scope",
+        "_ticket",
         "_timer",
         "_timers",
+        "_upstream_headers",
+        "backend",
         "client_addr",
         "client_stream",
         "listener",
+        "local_addr",
         "outcome",
         "relay",
         "snapshot",
@@ -93,13 +114,18 @@ class Session:
         listener: ListenerConfig,
         snapshot: Snapshot,
         timers: Timers,
+        local_addr: tuple[str, int] | None = None,
+        metrics: Metrics,
+        edge: gate.Edge | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
+        self.local_addr = local_addr  # the address the client connected to (for PROXY headers)
         self.listener = listener
         self.snapshot = snapshot
         self.outcome = Outcome()
         self.relay: Relay | None = None
+        self.backend: Backend | None = None  # the backend this session is relayed to (after its 101)
         self.started = trio.current_time()
         self._backend_stream: trio.SocketStream | None = None
         self._scope = trio.CancelScope()
@@ -110,7 +136,13 @@ class Session:
         self._close_armed = False
         self._timers = timers
         self._schedule: Schedule | None = None
+        self._metrics = metrics
+        self._active: tuple[str, str, str] | None = None  # sessions_active labels while counted
         self._timer: TimerEntry | None = None
+        self._edge = edge if edge is not None else gate.Edge()  # the server's: caps, buckets, auth caches
+        self._ticket: Ticket | None = None  # this session's place in the session counts, once admitted
+        self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
+        self._flow: FlowLimiter | None = None  # client-to-backend message/byte budget
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -129,7 +161,9 @@ class Session:
                 await trio.aclose_forcefully(self.client_stream)
                 if self._backend_stream is not None:
                     await trio.aclose_forcefully(self._backend_stream)
-            self._log()
+            if self._ticket is not None:
+                self._ticket.release()
+            self._finish()
 
     def go_away(self, code: int = GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Close this session from outside (shutdown): a closing handshake with `code`."""
@@ -139,6 +173,15 @@ class Session:
         self.relay.close(client_code=code, backend_code=code, reason=reason)
         with contextlib.suppress(RuntimeError):  # the relay phase may already have ended
             self._nursery.start_soon(self._flush)
+
+    @property
+    def closing(self) -> bool:
+        """A closing handshake has started (by either peer or the proxy)."""
+        return self.relay is not None and self.relay.closing
+
+    def cut(self) -> None:
+        """End this session now, without a closing handshake (a shutdown deadline passed)."""
+        self._scope.cancel()
 
     # --- handshake phase ---------------------------------------------------------------------
 
@@ -152,6 +195,11 @@ class Session:
             return
         if got is None:
             return  # the client left (or TLS failed) before sending a request
+        # Every request counts against its address's handshake rate, well-formed or not.
+        limited = self._edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
+        if limited is not None:
+            await self._reject(limited)
+            return
         if isinstance(got, Rejection):
             await self._reject(got)
             return
@@ -160,7 +208,19 @@ class Session:
         if isinstance(checked, Rejection):
             await self._reject(checked)
             return
-        await self._connect_backend(h, checked)
+        admitted = await gate.admit(
+            self._edge,
+            config=cfg,
+            pools=self.snapshot.pools,
+            listener=self.listener,
+            upgrade=checked,
+            client_ip=self.client_addr[0],
+        )
+        if isinstance(admitted, Rejection):
+            await self._reject(admitted)
+            return
+        self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
+        await self._connect_backend(h, admitted.upgrade)
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
         request: h11.Request | None = None
@@ -197,6 +257,7 @@ class Session:
 
     async def _reject(self, rejection: Rejection) -> None:
         self.outcome.status = rejection.status
+        self._metrics.handshake(str(self.listener.address), REJECTED, rejection.status)
         self.outcome.reason = rejection.reason
         log.warning(
             "client %s: %d %s (path %s)",
@@ -229,24 +290,42 @@ class Session:
             await self._reject(Rejection(503, f"pool {pool_name} has no backends"))
             return
         deadline = trio.current_time() + cfg.timeouts.handshake
-        last = Rejection(503, f"no backend available in pool {pool_name}", headers=((b"Retry-After", b"1"),))
-        for backend in itertools.islice(pool.candidates(key), 1 + pool.config.retries):
+        last: Rejection | None = None
+        # Only backends healthy now (not down, not ejected), at their slow-start weights.
+        for backend in itertools.islice(pool.candidates(key, trio.current_time()), 1 + pool.config.retries):
             self.outcome.attempts += 1
+            if self.outcome.attempts > 1:
+                self._metrics.retry(pool_name)
             self.outcome.backend = backend.name
             with pool.acquire(backend):
                 result = await self._try_backend(backend, pool, upgrade, deadline)
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
+                    self._metrics.upstream_failure(pool_name, backend.name, result.status)
+                    # A Rejection here is the proxy's verdict on this backend (connect failed, no
+                    # answer in time, not a valid 101): it counts against the backend (health.py).
+                    ejected = backend.health.attempt_failed(trio.current_time(), result.reason)
+                    if ejected is not None:
+                        log.warning(
+                            "backend %s (pool %s) ejected for %gs: %s",
+                            backend.name,
+                            pool_name,
+                            ejected.duration,
+                            ejected.reason,
+                        )
                     last = result
                     if trio.current_time() >= deadline:
                         break
                     continue
+                # The backend answered, a 101 or a normal HTTP response (401, 404): it is alive.
+                backend.health.attempt_succeeded(trio.current_time())
                 if result.accepted is None:
                     await self._pass_response(h, result.answer, deadline)
                     return
+                self.backend = backend
                 await self._open(h, upgrade, result)
                 return
-        await self._reject(last)
+        await self._reject(last if last is not None else _unavailable(pool))
 
     async def _try_backend(
         self, backend: Backend, pool: Pool, upgrade: ClientUpgrade, deadline: float
@@ -260,6 +339,13 @@ class Session:
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._backend_stream = stream
+        if pool.config.send_proxy_protocol is not None and self.local_addr is not None:
+            header = proxy_protocol.build(pool.config.send_proxy_protocol, self.client_addr, self.local_addr)
+            try:
+                await stream.send_all(header)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await self._drop_backend()
+                return Rejection(502, f"{backend.name}: connection failed: {exc}")
         key = handshake.new_key()
         offer = None
         ext = None
@@ -275,6 +361,7 @@ class Session:
             client_ip=self.client_addr[0],
             scheme="https" if self.listener.tls else "http",
             extension_offer=offer,
+            extra_headers=self._upstream_headers,
         )
         answer: UpstreamAnswer | None = None
         with trio.move_on_after(deadline - trio.current_time()):
@@ -327,6 +414,7 @@ class Session:
         resp = answer.response
         assert isinstance(resp, h11.Response)
         self.outcome.status = resp.status_code
+        self._metrics.handshake(str(self.listener.address), BACKEND_RESPONSE, resp.status_code)
         self.outcome.reason = "backend answered without upgrading"
         headers = handshake.passthrough_response_headers(resp)
         out = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
@@ -369,7 +457,11 @@ class Session:
             await self.client_stream.send_all(h.send(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.outcome.reason = "client left before the 101"
+            self._metrics.handshake(str(self.listener.address), ABORTED, 0)
             return
+        listener = str(self.listener.address)
+        self._metrics.handshake(listener, UPGRADED, 101)
+        self._active = self._metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
         relay: Relay
         if self.listener.relay == "passthrough":
             relay = PassthroughRelay(deflate=client_answer is not None, max_message_bytes=cfg.limits.max_message_bytes)
@@ -382,6 +474,7 @@ class Session:
             )
         self.relay = relay
         self._start_schedule()
+        self._flow = gate.flow_limiter(cfg, trio.current_time())
         client_trailing, _ = h.trailing_data
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -406,20 +499,53 @@ class Session:
                 return  # we closed this side ourselves
             except trio.BrokenResourceError:
                 data = b""
+            sent_before = relay.stats.messages_to_backend
             if schedule is not None and data:
                 schedule.saw_traffic(side, trio.current_time())
                 self._consume(feed, data)
             else:
                 feed(data)
             await self._flush()
-            while relay.backlog(side):  # inflated input waits until the other peer took some
-                if schedule is not None:
-                    self._consume(relay.resume, side)
-                else:
-                    relay.resume(side)
-                await self._flush()
+            if relay.backlog(side):  # inflated input waits until the other peer took some
+                self._metrics.backpressure_event("backend" if side == "client" else "client", BUFFER_FULL)
+                while relay.backlog(side):
+                    if schedule is not None:
+                        self._consume(relay.resume, side)
+                    else:
+                        relay.resume(side)
+                    await self._flush()
+            if self._flow is not None and side == "client" and data and not relay.closing:
+                await self._throttle(self._flow, len(data), relay.stats.messages_to_backend - sent_before)
             if not data:
                 return
+
+    async def _throttle(self, flow: FlowLimiter, nbytes: int, messages: int) -> None:
+        """Charge a client read to its budget; over it, stop reading (backpressure) for as long as
+        the budget needs, and close the client with 1008 once it has been over for close_after."""
+        relay = self.relay
+        assert relay is not None
+        was_limited = flow.limited_since is not None
+        flow.charge(trio.current_time(), messages=messages, nbytes=nbytes)
+        if flow.limited_since is None:
+            return
+        counts = self._edge.admission.counts
+        if not was_limited:
+            counts[RATE_THROTTLED] += 1
+        if await gate.hold_back(flow):
+            return
+        counts[RATE_CLOSED] += 1
+        rl = self.snapshot.config.rate_limits
+        log.warning(
+            "client %s: over its message/byte rate for %gs: closing with 1008",
+            _fmt_addr(self.client_addr),
+            rl.close_after or 0,
+        )
+        relay.close(
+            client_code=POLICY_VIOLATION,
+            backend_code=GOING_AWAY,
+            reason=f"client over its rate limit for {rl.close_after or 0:g}s",
+        )
+        await self._flush()
 
     def _consume(self, step: Callable[[Any], None], arg: Any) -> None:
         """Run one relay step and tell the schedule what it carried (data, our pongs)."""
@@ -431,7 +557,9 @@ class Session:
         if relay.stats.data_frames != frames:
             schedule.saw_data(now)
         for leg, payload in relay.take_pongs():
-            schedule.saw_own_pong(leg, payload, now)
+            rtt = schedule.saw_own_pong(leg, payload, now)
+            if rtt is not None:
+                self._metrics.rtt(leg, rtt)
 
     async def _flush(self) -> None:
         """Send what the relay queued, close finished sides, arm the close timeout."""
@@ -462,13 +590,14 @@ class Session:
                 return False
             assert self.relay is not None
             limit = self.snapshot.config.limits.slow_consumer_timeout
+            began = trio.current_time()
             try:
                 if limit is None:
                     await stream.send_all(data)
-                    return False
+                    return self._sent(side, began)
                 with trio.move_on_after(limit):
                     await stream.send_all(data)
-                    return False
+                    return self._sent(side, began)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 feed = self.relay.feed_client if side == "client" else self.relay.feed_backend
                 feed(b"")  # the peer is gone: the relay decides what the other side hears
@@ -477,10 +606,18 @@ class Session:
             # The peer took nothing for `limit` seconds while data waited. Its socket is mid-frame
             # now, so no close frame can follow: drop it, and tell the other peer why.
             log.warning("%s %s accepted nothing for %gs: closing it", side, self._peer_name(side), limit)
+            self._metrics.backpressure_event(side, SLOW_CONSUMER_CLOSED)
             self.relay.abandon(side, other_code=GOING_AWAY, reason=f"{side} too slow: nothing accepted for {limit:g}s")
             self._closed[side] = True
             await trio.aclose_forcefully(stream)
             return True
+
+    def _sent(self, side: str, began: float) -> bool:
+        """A send completed: count it as a stall if it waited for the peer's window (False: the
+        send changed nothing the caller must re-check)."""
+        if trio.current_time() - began >= SEND_STALL_SECONDS:
+            self._metrics.backpressure_event(side, SEND_STALLED)
+        return False
 
     async def _close_side(self, side: str, stream: Stream, lock: trio.Lock) -> None:
         if self._closed[side]:
@@ -536,8 +673,10 @@ class Session:
         for action in schedule.due(now):
             acted = True
             if isinstance(action, SendPing):
-                relay.send_ping(action.leg, action.payload)
+                if relay.send_ping(action.leg, action.payload):
+                    self._metrics.ping_sent(action.leg)
             elif isinstance(action, PeerDead):
+                self._metrics.dead_peer(action.leg)
                 log.warning(
                     "%s %s: no answer to our ping, silent for %.1fs: closing",
                     action.leg,
@@ -561,40 +700,50 @@ class Session:
 
     # --- log -----------------------------------------------------------------------------------
 
-    def _log(self) -> None:
+    def _finish(self) -> None:
+        """The session ended: its metrics and its one log line, from one record."""
+        record = self._record()
+        if self.outcome.status == 0:  # no answer reached the client (it left, or shutdown cut it)
+            self._metrics.handshake(record.listener, ABORTED, 0)
+        self._metrics.session_closed(self._active, record)
+        self._active = None
+        if self.outcome.status != 0:
+            session_log.emit(record)
+
+    def _record(self) -> session_log.SessionRecord:
         o = self.outcome
-        if o.status != 101:
-            return  # rejections were logged where they were decided
-        duration = trio.current_time() - self.started
-        st = self.relay.stats if self.relay else None
-        fields = {
-            "client": _fmt_addr(self.client_addr),
-            "listener": str(self.listener.address),
-            "pool": o.pool,
-            "backend": o.backend,
-            "path": o.path,
-            "subprotocol": o.subprotocol or "-",
-            "status": o.status,
-            "duration": f"{duration:.3f}s",
-            "attempts": o.attempts,
-        }
-        if st is not None:
-            fields.update(
-                bytes_in_client=st.client_bytes_in,
-                bytes_in_backend=st.backend_bytes_in,
-                msgs_to_backend=st.messages_to_backend,
-                msgs_to_client=st.messages_to_client,
-                client_close=_fmt_close(st.client_close),
-                backend_close=_fmt_close(st.backend_close),
-                proxy_close=_fmt_close(st.proxy_close),
-                first_closer=st.first_closer or "-",
-            )
+        r = session_log.SessionRecord(
+            client=_fmt_addr(self.client_addr),
+            listener=str(self.listener.address),
+            pool=o.pool,
+            backend=o.backend,
+            path=o.path,
+            subprotocol=o.subprotocol,
+            status=o.status,
+            duration=trio.current_time() - self.started,
+            attempts=o.attempts,
+            error=o.reason,
+        )
+        if self.relay is not None:
+            st = self.relay.stats
+            r.relayed = True
+            r.messages_to_backend, r.messages_to_client = st.messages_to_backend, st.messages_to_client
+            r.bytes_from_client, r.bytes_from_backend = st.client_bytes_in, st.backend_bytes_in
+            r.client_close, r.backend_close, r.proxy_close = st.client_close, st.backend_close, st.proxy_close
+            r.first_closer = st.first_closer
         if self._schedule is not None:
-            for leg in ("client", "backend"):
-                rtt = self._schedule.rtt(leg)
-                if rtt is not None:
-                    fields[f"rtt_{leg}"] = f"{rtt * 1000:.1f}ms"
-        log.info("session " + " ".join(f"{k}={v}" for k, v in fields.items()))
+            r.rtt_client, r.rtt_backend = self._schedule.rtt("client"), self._schedule.rtt("backend")
+        return r
+
+
+def _unavailable(pool: Pool) -> Rejection:
+    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
+    after = health.retry_after((b.health for b in pool.backends), trio.current_time())
+    return Rejection(
+        503,
+        f"no backend available in pool {pool.name} (all down or ejected)",
+        headers=((b"Retry-After", str(after).encode()),),
+    )
 
 
 def _is_deflate(offer: str) -> bool:
@@ -608,14 +757,6 @@ def _offers_deflate(upgrade: ClientUpgrade) -> bool:
 def _fmt_addr(addr: tuple[str, int]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _fmt_close(rec: object) -> str:
-    if rec is None:
-        return "-"
-    code = getattr(rec, "code", None)
-    reason = getattr(rec, "reason", "")
-    return f"{code if code is not None else 1005}:{reason!r}"
 
 
 def peer_address(stream: Stream) -> tuple[str, int]:

@@ -18,5 +18,8 @@ class Snapshot:
     pools: dict[str, Pool]
 
     @classmethod
-    def build(cls, config: Config) -> Snapshot:
-        return cls(config=config, pools={name: build_pool(p) for name, p in config.pools.items()})
+    def build(cls, config: Config, previous: Snapshot | None = None) -> Snapshot:
+        """A snapshot for `config`. On reload, pass the running one: backends that stay keep
+        their live objects (active sessions, health), so nothing about them resets."""
+        old = previous.pools if previous is not None else {}
+        return cls(config=config, pools={name: build_pool(p, old.get(name)) for name, p in config.pools.items()})

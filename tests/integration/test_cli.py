@@ -25,7 +25,7 @@ import wsproxy
 from tests.integration.test_relay import ProxyProcess, Recorder, recording_echo
 from tests.support import proxy_yaml, start_backend
 
-TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\n"
+TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\nshutdown: {drain_window: 500ms}\n"
 EXIT_BOUND = 10.0  # seconds from a signal to the process's exit
 DEMO_PORTS = (8080, 8443, 9001, 9002)
 ROOT = Path(wsproxy.__file__).resolve().parent.parent

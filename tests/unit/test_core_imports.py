@@ -36,11 +36,27 @@ CORE_CANDIDATES = (
     "wsproxy.heartbeat",
     "wsproxy.health",
     "wsproxy.limits",
+    "wsproxy.lru",
+    "wsproxy.origin",
+    "wsproxy.ratelimit",
+    "wsproxy.admission",
 )
 # The I/O shell (and anything else built on trio): no core module may import these.
 SHELL_MODULES = frozenset(
     f"wsproxy.{name}"
-    for name in ("server", "session", "upstream", "supervisor", "cli", "demo", "__main__", "admin", "timers")
+    for name in (
+        "server",
+        "session",
+        "upstream",
+        "supervisor",
+        "cli",
+        "demo",
+        "__main__",
+        "admin",
+        "timers",
+        "auth",
+        "gate",
+    )
 )
 
 

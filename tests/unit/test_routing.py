@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsproxy.config import Address, HashKey, ListenerConfig, Route, RouteMatch
+from wsproxy.config import Address, HashKey, ListenerConfig, Route, RouteMatch, parse_config
 from wsproxy.handshake import ClientUpgrade
 from wsproxy.routing import extract_hash_key, host_name, select_pool
 
@@ -150,6 +150,22 @@ def test_default_route_before_others_shadows_them() -> None:
 def test_no_match_means_none_for_a_404() -> None:
     lst = listener(route("chat", host="chat.example.com"), route("api", path_prefix="/api"))
     assert select_pool(lst, b"example.com", "/chat") is None
+
+
+@pytest.mark.parametrize("pattern", ["chat.example.com.", "Chat.Example.COM", "*.example.com."])
+def test_host_patterns_from_the_config_match_like_request_hosts(pattern: str) -> None:
+    """A pattern written in the fully qualified form or in capitals matches like the request does."""
+    config = parse_config(
+        "listeners:\n"
+        "  - address: 127.0.0.1:8080\n"
+        f"    routes: [{{match: {{host: '{pattern}'}}, pool: p}}]\n"
+        "pools:\n"
+        "  p: {backends: [{address: 127.0.0.1:9001}]}\n"
+    )
+    lst = config.listeners[0]
+    assert select_pool(lst, b"chat.example.com", "/") == "p"
+    assert select_pool(lst, b"CHAT.example.com.:443", "/") == "p"
+    assert select_pool(lst, b"example.net", "/") is None
 
 
 # --- extract_hash_key ----------------------------------------------------------------------

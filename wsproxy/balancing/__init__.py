@@ -17,8 +17,9 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def build_pool(config: PoolConfig) -> Pool:
-    return Pool(config, POLICIES[config.balance])
+def build_pool(config: PoolConfig, previous: Pool | None = None) -> Pool:
+    """A pool for `config`; backends also in `previous` (a reload) keep their live state."""
+    return Pool(config, POLICIES[config.balance], previous)
 
 
 __all__ = ["POLICIES", "Backend", "Policy", "Pool", "build_pool"]

@@ -13,14 +13,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from wsproxy.config import BackendConfig, PoolConfig
+from wsproxy.health import BackendHealth
 
 
 class Backend:
     """A backend's live state inside one pool."""
 
-    __slots__ = ("active", "address", "config", "index", "name", "weight")
+    __slots__ = ("active", "address", "config", "health", "index", "name", "weight")
 
-    def __init__(self, config: BackendConfig, index: int) -> None:
+    def __init__(self, config: BackendConfig, index: int, health: BackendHealth | None = None) -> None:
+        self.health = health if health is not None else BackendHealth()  # survives reloads with the object
         self.config = config
         self.address = config.address
         self.name = config.name
@@ -31,6 +33,12 @@ class Backend:
     def __repr__(self) -> str:
         return f"Backend({self.name}, weight={self.weight}, active={self.active})"
 
+    @property
+    def full(self) -> bool:
+        """At its `max_sessions`: the balancer skips it rather than accept and drop a session."""
+        cap = self.config.max_sessions
+        return cap is not None and self.active >= cap
+
 
 class Policy(ABC):
     """Orders backends for a new session. Policies read `Backend.active`, never change it."""
@@ -40,8 +48,13 @@ class Policy(ABC):
         self.config = config
 
     @abstractmethod
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
-        """Every backend at most once, most preferred first. `key` is the hash key, if any."""
+    def candidates(self, key: bytes | None = None, weights: Sequence[float] | None = None) -> Iterator[Backend]:
+        """Every backend at most once, most preferred first. `key` is the hash key, if any.
+
+        `weights` (one per backend, by position; None: every backend at its configured weight)
+        are the effective weights from health: 0 means unavailable, never yielded; less than the
+        configured weight means ramping up after a recovery (slow start).
+        """
 
 
 class Pool:
@@ -49,14 +62,43 @@ class Pool:
 
     __slots__ = ("backends", "config", "name", "policy")
 
-    def __init__(self, config: PoolConfig, policy_cls: type[Policy]) -> None:
+    def __init__(
+        self, config: PoolConfig, policy_cls: type[Policy], previous: Pool | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         self.backends = [Backend(b, i) for i, b in enumerate(config.backends)]
+        if previous is not None:
+            self._carry_over(previous)
+        for b in self.backends:
+            b.health.configure(config.health, config.passive)
         self.policy = policy_cls(self.backends, config)
 
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
-        return self.policy.candidates(key)
+    def _carry_over(self, previous: Pool) -> None:
+        """Keep the live objects of backends that survive a reload (same address), so their
+        active counts and health go on; their config (weight) is the new one."""
+        old = {b.address: b for b in previous.backends}
+        for i, fresh in enumerate(self.backends):
+            kept = old.get(fresh.address)
+            if kept is not None:
+                kept.config, kept.name, kept.weight, kept.index = fresh.config, fresh.name, fresh.weight, i
+                self.backends[i] = kept
+
+    def candidates(self, key: bytes | None = None, now: float | None = None) -> Iterator[Backend]:
+        """The policy's order; with `now`, only backends healthy at `now`, at their slow-start weight.
+        A full backend (`Backend.full`) is skipped, judged when the walk reaches it."""
+        ordered = self.policy.candidates(key, None if now is None else self.effective_weights(now))
+        return (b for b in ordered if not b.full)
+
+    def effective_weights(self, now: float) -> list[float] | None:
+        """Each backend's weight * its health factor; None while every backend is at full weight."""
+        backends = self.backends
+        for b in backends:
+            if b.health.full_at > now:
+                break
+        else:
+            return None
+        return [b.weight if b.health.full_at <= now else b.weight * b.health.weight_factor(now) for b in backends]
 
     @property
     def active(self) -> int:

@@ -83,14 +83,22 @@ class ConsistentHash(Policy):
         i = bisect_left(self._points, key_hash(key)) % len(self._points)
         return self.backends[self._owners[i]]
 
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
-        """Backends in ring-walk order from the key's point, under-cap ones first."""
+    def candidates(self, key: bytes | None = None, weights: Sequence[float] | None = None) -> Iterator[Backend]:
+        """Backends in ring-walk order from the key's point, under-cap ones first.
+
+        With `weights`, unavailable backends (weight 0) are passed over, so their keys go to the
+        next backend clockwise (and come back when they recover); caps use the effective weights
+        of the available backends, so a backend ramping up takes only part of its own keys.
+        """
         if key is None:
-            yield from self._fallback.candidates(None)
+            yield from self._fallback.candidates(None, weights)
             return
         backends = self.backends
         n = len(backends)
         if n == 0:
+            return
+        if weights is not None:
+            yield from self._walk(key, weights)
             return
         total_active = sum(b.active for b in backends)
         factor, total_weight = self._factor, self._total_weight
@@ -111,5 +119,33 @@ class ConsistentHash(Policy):
             else:
                 over_cap.append(b)
             if len(seen) == n:
+                break
+        yield from over_cap
+
+    def _walk(self, key: bytes, weights: Sequence[float]) -> Iterator[Backend]:
+        backends = self.backends
+        live = [i for i, w in enumerate(weights) if w > 0]
+        if not live:
+            return
+        total_active = sum(backends[i].active for i in live)
+        total_weight = sum(weights[i] for i in live)
+        factor = self._factor
+        points, owners = self._points, self._owners
+        size = len(points)
+        start = bisect_left(points, key_hash(key))
+        wanted = len(live)
+        seen: set[int] = set()
+        over_cap: list[Backend] = []
+        for step in range(size):
+            i = owners[(start + step) % size]
+            if i in seen or weights[i] <= 0:
+                continue
+            seen.add(i)
+            b = backends[i]
+            if b.active < cap(factor, total_active, weights[i], total_weight):
+                yield b
+            else:
+                over_cap.append(b)
+            if len(seen) == wanted:
                 break
         yield from over_cap

@@ -9,6 +9,7 @@ found with one O(n) scan; the rest (only needed for retries) are sorted lazily.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 from wsproxy.balancing.base import Backend, Policy
@@ -30,7 +31,7 @@ class LeastConn(Policy):
         super().__init__(backends, config)
         self._offset = 0
 
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
+    def candidates(self, key: bytes | None = None, weights: Sequence[float] | None = None) -> Iterator[Backend]:
         """The key is ignored: only load matters."""
         backends = self.backends
         n = len(backends)
@@ -38,6 +39,9 @@ class LeastConn(Policy):
             return
         start = self._offset
         self._offset = (start + 1) % n
+        if weights is not None:
+            yield from self._weighted(weights, start)
+            return
         # One scan from the rotating start: strict "<" keeps the earliest in rotation order.
         best = start
         best_load = load(backends[start])
@@ -53,6 +57,27 @@ class LeastConn(Policy):
         rest = sorted(
             (i for i in range(n) if i != best),
             key=lambda i: (load(backends[i]), (i - start) % n),
+        )
+        for i in rest:
+            yield backends[i]
+
+    def _weighted(self, weights: Sequence[float], start: int) -> Iterator[Backend]:
+        """Load against effective weights; unavailable backends (weight 0) are left out. A
+        backend ramping up (slow start) looks fuller than it is, so it fills gradually."""
+        backends = self.backends
+        n = len(backends)
+        best, best_load = -1, math.inf
+        for step in range(n):  # strict "<" keeps the earliest in rotation order, as above
+            i = (start + step) % n
+            w = weights[i]
+            if w > 0 and backends[i].active / w < best_load:
+                best, best_load = i, backends[i].active / w
+        if best < 0:
+            return
+        yield backends[best]
+        rest = sorted(
+            (i for i in range(n) if i != best and weights[i] > 0),
+            key=lambda i: (backends[i].active / weights[i], (i - start) % n),
         )
         for i in rest:
             yield backends[i]

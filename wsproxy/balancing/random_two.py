@@ -47,11 +47,14 @@ class RandomTwo(Policy):
                 r += excluded_weight
         return bisect_right(self._cumulative, r)
 
-    def candidates(self, key: bytes | None = None) -> Iterator[Backend]:
+    def candidates(self, key: bytes | None = None, weights: Sequence[float] | None = None) -> Iterator[Backend]:
         """The key is ignored: only load (and chance) matter."""
         backends = self.backends
         n = len(backends)
         if n == 0:
+            return
+        if weights is not None:
+            yield from self._weighted(weights)
             return
         if n == 1:
             yield backends[0]
@@ -61,5 +64,35 @@ class RandomTwo(Policy):
         best = b if load(backends[b]) < load(backends[a]) else a
         yield backends[best]
         rest = sorted((i for i in range(n) if i != best), key=lambda i: (load(backends[i]), i))
+        for i in rest:
+            yield backends[i]
+
+    def _weighted(self, weights: Sequence[float]) -> Iterator[Backend]:
+        """Draws and loads on effective weights (O(n): only while some backend is unavailable or
+        ramping up); unavailable backends (weight 0) are never drawn nor yielded."""
+        backends = self.backends
+        live = [i for i, w in enumerate(weights) if w > 0]
+        if not live:
+            return
+        best = live[0]
+        if len(live) > 1:
+            cumulative = list(accumulate(weights[i] for i in live))
+            total = cumulative[-1]
+            a = min(bisect_right(cumulative, self._rng.random() * total), len(live) - 1)
+            # the second draw, from the weight line with the first one's segment cut out
+            cut = weights[live[a]]
+            r = self._rng.random() * (total - cut)
+            if r >= cumulative[a] - cut:
+                r += cut
+            b = min(bisect_right(cumulative, r), len(live) - 1)
+            if b == a:  # float rounding at a segment edge: take any other
+                b = (a + 1) % len(live)
+            first, second = live[a], live[b]
+            if backends[second].active / weights[second] < backends[first].active / weights[first]:
+                best = second
+            else:
+                best = first
+        yield backends[best]
+        rest = sorted((i for i in live if i != best), key=lambda i: (backends[i].active / weights[i], i))
         for i in rest:
             yield backends[i]

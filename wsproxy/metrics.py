@@ -1,0 +1,273 @@
+"""Every Prometheus metric wsproxy exports, owned by one `Metrics` object per `Server`.
+
+Each server gets its own `CollectorRegistry` (never prometheus_client's global one), so many
+proxies in one process (the tests) never share or collide on counters. Sessions report events at
+their sources: a handshake's outcome, a retry, a proxy ping, a dead peer, a stalled send; what a
+session carried (messages, bytes, close codes, duration) is counted once, when it ends, from its
+`RelayStats` and `SessionRecord`, so the per-frame paths carry no metric calls. Backend health,
+weight and the loaded config are read at scrape time from the live objects. Nothing here reads
+a clock or touches a socket.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from wsproxy.config import Config
+    from wsproxy.session_log import SessionRecord
+
+# WebSocket sessions live from milliseconds to days.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
+RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Handshake outcomes (the `outcome` label of wsproxy_handshakes_total).
+UPGRADED = "upgraded"  # the client got a 101 and the relay ran
+REJECTED = "rejected"  # the proxy answered an error itself (bad request, no route, every backend failed)
+BACKEND_RESPONSE = "backend_response"  # the backend answered a normal HTTP response, passed on as is
+ABORTED = "aborted"  # the client left before it got an answer (or sent no request)
+
+# Backpressure events (the `event` label of wsproxy_backpressure_events_total).
+SEND_STALLED = "send_stalled"  # a send to the peer waited at least SEND_STALL_SECONDS for its TCP window
+BUFFER_FULL = "buffer_full"  # the relay's output queue was full: reading from the sender paused
+SLOW_CONSUMER_CLOSED = "slow_consumer_closed"  # the peer took nothing for limits.slow_consumer_timeout
+
+# A send on loopback or a healthy network completes in microseconds; one that took this long
+# waited for the peer to open its window, not for the scheduler.
+SEND_STALL_SECONDS = 0.1
+
+# Health states counted as "can take new sessions" when a health object has no `up` of its own.
+_UP_STATES = frozenset({"up", "healthy", "falling", "slow_start", "unchecked"})
+
+
+def status_label(status: int) -> str:
+    """The `status` label: the HTTP status, or "none" when the client got no answer."""
+    return str(status) if status else "none"
+
+
+def close_code_label(code: int | None) -> str:
+    """A close frame without a status code is 1005 (RFC 6455 section 7.1.5)."""
+    return str(code) if code is not None else "1005"
+
+
+def backend_health(backend: Any, now: float | None = None) -> tuple[str, bool]:
+    """(state name, may take new sessions) of a backend, from its optional `health` attribute.
+
+    Read defensively, so metrics work whatever shape health takes: no `health` (or None) is
+    "unchecked" and up; with `now`, a `status(now)` and `available(now)` (health.py's
+    BackendHealth: up, slow_start, ejected, down) are asked first; otherwise a `state` attribute,
+    or the health value itself, may be a string, an enum or a bool, and a bool `up` wins.
+    """
+    health = getattr(backend, "health", None)
+    if health is None:
+        return "unchecked", True
+    status = getattr(health, "status", None)
+    available = getattr(health, "available", None)
+    state = status(now) if now is not None and callable(status) else getattr(health, "state", health)
+    if isinstance(state, enum.Enum):
+        state = state.value if isinstance(state.value, str) else state.name
+    if isinstance(state, bool):
+        state = "up" if state else "down"
+    name = str(state).lower()
+    up = available(now) if now is not None and callable(available) else getattr(health, "up", None)
+    if not isinstance(up, bool):
+        up = name in _UP_STATES
+    return name, up
+
+
+class _BackendCollector(Collector):
+    """Backend state read at scrape time, so a reload or a health change shows at once."""
+
+    def __init__(self, pools: Callable[[], Mapping[str, Any]], clock: Callable[[], float] | None) -> None:
+        self._pools = pools
+        self._clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "wsproxy_backend_up", "1 if the backend may take new sessions (health), else 0", labels=["pool", "backend"]
+        )
+        state = GaugeMetricFamily(
+            "wsproxy_backend_health_state",
+            "1 for the backend's current health state (unchecked when no health check runs)",
+            labels=["pool", "backend", "state"],
+        )
+        weight = GaugeMetricFamily(
+            "wsproxy_backend_weight", "The backend's current balancing weight", labels=["pool", "backend"]
+        )
+        now = self._clock() if self._clock is not None else None
+        for pool_name, pool in self._pools().items():
+            for backend in pool.backends:
+                name, is_up = backend_health(backend, now)
+                up.add_metric([pool_name, backend.name], 1.0 if is_up else 0.0)
+                state.add_metric([pool_name, backend.name, name], 1.0)
+                weight.add_metric([pool_name, backend.name], float(backend.weight))
+        return [up, state, weight]
+
+
+class Metrics:
+    """The registry and every metric of one server; methods record one event each."""
+
+    def __init__(
+        self, *, pools: Callable[[], Mapping[str, Any]] | None = None, clock: Callable[[], float] | None = None
+    ) -> None:
+        """`pools` gives the live pools at scrape time; `clock` the time health is judged at."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions_active = Gauge(
+            "wsproxy_sessions_active",
+            "Sessions in the relay phase (after the 101)",
+            ["listener", "pool", "backend"],
+            registry=r,
+        )
+        self.handshakes = Counter(
+            "wsproxy_handshakes",
+            "Client handshakes by outcome (upgraded, rejected, backend_response, aborted) and HTTP status",
+            ["listener", "outcome", "status"],
+            registry=r,
+        )
+        self.session_duration = Histogram(
+            "wsproxy_session_duration_seconds",
+            "Time from accepting the connection to the end of an upgraded session",
+            ["listener", "pool"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.messages = Counter(
+            "wsproxy_messages",
+            "Data messages relayed, counted when the session ends",
+            ["listener", "pool", "direction"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "wsproxy_bytes",
+            "Bytes read from each peer (WebSocket frames on the wire), counted when the session ends",
+            ["listener", "pool", "direction"],
+            registry=r,
+        )
+        self.close_codes = Counter(
+            "wsproxy_close_codes",
+            "Close codes by who sent them: client, backend, or proxy (1006: the peer vanished without a close)",
+            ["side", "code"],
+            registry=r,
+        )
+        self.first_closer = Counter(
+            "wsproxy_sessions_closed",
+            "Ended upgraded sessions by who closed first (client, backend, proxy, none)",
+            ["first_closer"],
+            registry=r,
+        )
+        self.pings_sent = Counter(
+            "wsproxy_pings_sent", "Pings the proxy itself sent on a silent leg", ["leg"], registry=r
+        )
+        self.pong_rtt = Histogram(
+            "wsproxy_pong_rtt_seconds",
+            "Round trip of the proxy's own pings, per leg",
+            ["leg"],
+            buckets=RTT_BUCKETS,
+            registry=r,
+        )
+        self.dead_peers = Counter(
+            "wsproxy_dead_peers", "Peers that did not answer the proxy's ping in time", ["leg"], registry=r
+        )
+        self.retries = Counter(
+            "wsproxy_retries",
+            "Further backends tried after a failed connect or upstream handshake",
+            ["pool"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "wsproxy_upstream_failures",
+            "Failed connects or upstream handshakes, by the status the client would get",
+            ["pool", "backend", "status"],
+            registry=r,
+        )
+        self.backpressure = Counter(
+            "wsproxy_backpressure_events",
+            "Buffer-full events toward a peer: send_stalled, buffer_full, slow_consumer_closed",
+            ["side", "event"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
+        )
+        self.config_info = Info("wsproxy_config", "The loaded configuration: file and sha256", registry=r)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)  # both series exist from the start, at 0
+        if pools is not None:
+            r.register(_BackendCollector(pools, clock))
+
+    # --- handshake phase ---------------------------------------------------------------------
+
+    def handshake(self, listener: str, outcome: str, status: int) -> None:
+        self.handshakes.labels(listener, outcome, status_label(status)).inc()
+
+    def retry(self, pool: str) -> None:
+        self.retries.labels(pool).inc()
+
+    def upstream_failure(self, pool: str, backend: str, status: int) -> None:
+        self.upstream_failures.labels(pool, backend, status_label(status)).inc()
+
+    # --- relay phase -------------------------------------------------------------------------
+
+    def session_opened(self, listener: str, pool: str, backend: str) -> tuple[str, str, str]:
+        """Count an upgraded session as active; give the labels back to `session_closed`."""
+        labels = (listener, pool, backend)
+        self.sessions_active.labels(*labels).inc()
+        return labels
+
+    def session_closed(self, active: tuple[str, str, str] | None, record: SessionRecord) -> None:
+        """One upgraded session ended: everything it carried, counted once."""
+        if active is not None:
+            self.sessions_active.labels(*active).dec()
+        if not record.relayed:
+            return
+        listener, pool = record.listener, record.pool or "-"
+        self.session_duration.labels(listener, pool).observe(record.duration)
+        self.messages.labels(listener, pool, "client_to_backend").inc(record.messages_to_backend)
+        self.messages.labels(listener, pool, "backend_to_client").inc(record.messages_to_client)
+        self.bytes.labels(listener, pool, "client_to_backend").inc(record.bytes_from_client)
+        self.bytes.labels(listener, pool, "backend_to_client").inc(record.bytes_from_backend)
+        closes = (("client", record.client_close), ("backend", record.backend_close), ("proxy", record.proxy_close))
+        for side, rec in closes:
+            if rec is not None:
+                self.close_codes.labels(side, close_code_label(rec.code)).inc()
+        self.first_closer.labels(record.first_closer or "none").inc()
+
+    def ping_sent(self, leg: str) -> None:
+        self.pings_sent.labels(leg).inc()
+
+    def rtt(self, leg: str, seconds: float) -> None:
+        self.pong_rtt.labels(leg).observe(seconds)
+
+    def dead_peer(self, leg: str) -> None:
+        self.dead_peers.labels(leg).inc()
+
+    def backpressure_event(self, side: str, event: str) -> None:
+        self.backpressure.labels(side, event).inc()
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def config_loaded(self, config: Config) -> None:
+        """The snapshot now serving: its file and sha256 (wsproxy_config_info)."""
+        self.config_info.info({"source": config.source, "sha256": config.digest})
+
+    def reload_ok(self, config: Config) -> None:
+        """A reload validated and swapped in `config`."""
+        self.reloads.labels("ok").inc()
+        self.config_loaded(config)
+
+    def reload_failed(self) -> None:
+        """A reload was refused (invalid file): the old snapshot keeps serving."""
+        self.reloads.labels("failed").inc()
+
+    # --- exposition --------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of this server's registry."""
+        return generate_latest(self.registry)
