@@ -87,6 +87,9 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     from wsproxy import supervisor
 
     pid_file = None if args.worker else (Path(args.pid_file) if args.pid_file else config.pid_file)
+    # Until the signal receiver is up, a SIGHUP (an early `wsproxy reload`, or one passed on to a
+    # starting worker) must not kill the process: the config it is about to serve is already fresh.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if pid_file is not None:
             pid_file.write_text(f"{os.getpid()}\n")
@@ -95,8 +98,12 @@ def _run(config: Config, args: argparse.Namespace) -> int:
             trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)
         else:
             trio.run(supervisor.run, config, args.config)
-    except OSError as exc:
-        logging.getLogger("wsproxy").error("cannot start: %s", exc)
+    except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
+        errors = _leaves(exc)
+        if not all(isinstance(e, OSError) for e in errors):
+            raise
+        for err in errors:
+            logging.getLogger("wsproxy").error("cannot start: %s", err)
         return EXIT_FAILED
     finally:
         if pid_file is not None:
@@ -104,6 +111,12 @@ def _run(config: Config, args: argparse.Namespace) -> int:
                 if pid_file.read_text().strip() == str(os.getpid()):
                     pid_file.unlink()
     return EXIT_OK
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
+    return [group]
 
 
 def _reload(args: argparse.Namespace) -> int:

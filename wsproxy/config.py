@@ -79,7 +79,7 @@ class RouteMatch:
 
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
-    """Ask an HTTP service whether a handshake may go on (see docs/edge.md)."""
+    """Ask an HTTP service whether a handshake may go on (see docs/security.md)."""
 
     url: str
     host: str  # where to connect, and the Host header
@@ -514,7 +514,7 @@ def _path_prefix(value: Any) -> str:
     return value
 
 
-# --- edge protection: rates, caps, origins, subprotocols, auth (docs/edge.md) -------------------
+# --- edge protection: rates, caps, origins, subprotocols, auth (docs/security.md) -------------------
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB)?\s*/\s*(s|m|h)\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30}

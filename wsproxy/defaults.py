@@ -27,7 +27,7 @@ SLOW_CONSUMER_TIMEOUT: float | None = None  # off
 MAX_SESSIONS: int | None = None  # off: global, per pool (pools.NAME.max_sessions), per backend
 RETRY_AFTER = 1.0  # seconds, in the Retry-After of a 503 for a session cap
 
-# rate_limits (edge protection; see docs/edge.md): all off unless configured
+# rate_limits (edge protection; see docs/security.md): all off unless configured
 HANDSHAKES_PER_IP = None  # {rate, burst}: a new client request takes one token; none left: 429
 MAX_SESSIONS_PER_IP: int | None = None  # over it: 429
 MESSAGE_RATE = None  # {rate, burst}: client-to-backend messages per session; over it: backpressure

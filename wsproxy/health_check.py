@@ -20,6 +20,7 @@ import h11
 import trio
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ProtocolError
 
 from wsproxy import defaults, handshake
@@ -104,8 +105,13 @@ async def _websocket(address: Address, check: ActiveHealth) -> str | None:
         ws = Connection(ConnectionType.CLIENT, trailing_data=answer.trailing)
         await stream.send_all(ws.send(CloseConnection(code=NORMAL, reason="health check")))
         while True:
-            if any(isinstance(event, CloseConnection) for event in ws.events()):
-                return None
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    # wsproto reports bytes it cannot parse as a close of its own (1002/1007):
+                    # only a well-formed close frame from the backend is a pass
+                    if event.code in (CloseReason.PROTOCOL_ERROR, CloseReason.INVALID_FRAME_PAYLOAD_DATA):
+                        return f"websocket check: the backend answered our close with invalid frames ({event.reason})"
+                    return None
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return "websocket check: the backend dropped the connection instead of answering our close"

@@ -59,6 +59,8 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _ip(text: str, family: int) -> str:
+    if "%" in text:  # ipaddress takes any bytes after % as a scope id; they would become the client address
+        raise ValueError(f"bad address {text!r} in PROXY header (no scope id)")
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:

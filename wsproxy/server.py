@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -122,6 +123,9 @@ class Server:
                 client_addr = got.source
             if got.rest:
                 conn = PrefixedStream(stream, got.rest)
+        if self.draining:  # accepted before the shutdown, not yet a session: the drain would never close it
+            await trio.aclose_forcefully(stream)
+            return
         if ctx is not None:
             conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
         local_addr = got.dest if listener.proxy_protocol and got.dest is not None else _local(stream)
@@ -254,6 +258,9 @@ class Server:
             self._connections.start_soon(
                 self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload"
             )
+        connecting = [s for s in self.sessions if s.backend is None and s.snapshot is not self.snapshot]
+        if connecting and plan.removed:
+            self._connections.start_soon(self._doom_late, connecting, plan, config)
         for name, pool in self.snapshot.pools.items():
             if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
                 self._connections.start_soon(self._rebalance, pool, self.reloads)
@@ -284,6 +291,21 @@ class Server:
             self._spread_closes, doomed, pool.drain_window, SERVICE_RESTART, "backend marked down"
         )
 
+    async def _doom_late(self, connecting: list[Session], plan: ReloadPlan, config: Config) -> None:
+        """Sessions still in their handshake at the reload chose from the old snapshot and may yet
+        land on a removed backend. Their handshake is bounded by `timeouts.handshake`: after that,
+        each has a backend or is gone, and those on removed backends close like the others."""
+        # reading the request and reaching a backend each get their own timeouts.handshake
+        await trio.sleep(2 * max(s.snapshot.config.timeouts.handshake for s in connecting))
+        late = [
+            s
+            for s in connecting
+            if s in self.sessions and s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)
+        ]
+        if late:
+            log.info("closing %d session(s) that reached a removed backend during the reload", len(late))
+            await self._spread_closes(late, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload")
+
     async def _spread_closes(self, sessions: Iterable[Session], window: float, code: int, reason: str) -> None:
         """Close `sessions` with `code`, one by one at a flat rate over `window` (with jitter)."""
         batch = list(sessions)
@@ -303,7 +325,10 @@ class Server:
         budget = pool.active
         moved = 0
         while moved < budget and self.reloads == generation and not self.draining:
-            index = rebalance_victim([(b.active, b.weight) for b in pool.backends])
+            # A session already closing still counts on its backend until its closing handshake
+            # ends, while its client may already be back elsewhere: count it as moved.
+            closing = Counter(s.backend for s in self.sessions if s.closing and s.backend is not None)
+            index = rebalance_victim([(b.active - closing[b], b.weight) for b in pool.backends])
             if index is None:
                 break
             backend = pool.backends[index]

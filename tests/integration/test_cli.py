@@ -302,3 +302,56 @@ def test_demo_serves_until_sigint_then_stops_everything() -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert_demo_ports_free()
+
+
+def test_run_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.yaml"
+        path.write_text(proxy_yaml([9]).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+        result = run_cli("run", "-c", str(path))
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reload_as_soon_as_the_pid_file_exists_does_not_kill_the_proxy(tmp_path, backends, proxy_run) -> None:
+    """systemd's ExecReload may fire right after start: the pid file must not name a process that a
+    SIGHUP would still kill (the default action) because its signal receiver is not up yet."""
+    backends.append(start_backend())
+    path = tmp_path / "proxy.yaml"
+    pid_file = tmp_path / "wsproxy.pid"
+    path.write_text(proxy_yaml([backends[0].port], extra=TIMEOUTS + f"pid_file: {pid_file}\n"))
+    proc = ProxyProcess(path)
+    proxy_run.append(proc)
+    deadline = time.monotonic() + 15
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(int(pid_file.read_text()), signal.SIGHUP)
+    proc.wait_ready()
+    time.sleep(0.2)
+    assert proc.proc.poll() is None
+
+
+def test_a_second_signal_during_the_drain_stops_at_once(tmp_path, backends, proxy_run) -> None:
+    backends.append(start_backend())
+    slow_drain = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\nshutdown: {drain_window: 20s, deadline: 30s}\n"
+    proc, port = start_run(tmp_path, proxy_yaml([backends[0].port], extra=slow_drain), proxy_run)
+    sessions = [connect(f"ws://127.0.0.1:{port}/s{i}", proxy=None, open_timeout=5) for i in range(20)]
+    try:
+        proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while "draining" not in "".join(proc.lines) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert proc.proc.poll() is None, "20 sessions over a 20 s window cannot have drained yet"
+        signalled = time.monotonic()
+        proc.proc.send_signal(signal.SIGINT)
+        wait_exit(proc.proc, 5)
+        assert time.monotonic() - signalled < 3
+        assert "stopping now" in "".join(proc.lines)
+    finally:
+        for ws in sessions:
+            ws.close_socket()

@@ -542,6 +542,8 @@ async def test_the_websocket_probe_passes_against_another_librarys_server(backen
         ("websocket", lambda h: _101(h), False, "no answer within 0.2s"),  # never answers the close
         ("websocket", lambda h: b"", False, "no answer within 0.2s"),  # never answers the upgrade
         ("websocket", lambda h: _101(h) + b"\x88\x02\x03\xe8", True, None),  # close 1000 right after the 101
+        # garbage after the 101 (here a frame with reserved bits set) is not an answer to our close
+        ("websocket", lambda h: _101(h) + b"\xf8\x02\x03\xe8", False, "invalid frames"),
     ],
 )
 async def test_probe_verdicts(nursery, check: str, answer, then_close: bool, expected: str | None) -> None:  # type: ignore[no-untyped-def]

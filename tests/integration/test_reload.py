@@ -236,6 +236,56 @@ async def test_rebalance_moves_sessions_to_an_added_backend_at_the_configured_ra
         clients.cancel_scope.cancel()
 
 
+async def test_a_session_mid_handshake_that_lands_on_a_removed_backend_is_closed_too(nursery, tmp_path) -> None:
+    """It picked from the old snapshot just before the reload and got its 101 just after."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection
+
+    answered = trio.Event()
+
+    async def slow_backend(stream: trio.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            ws.receive_data(data)
+            for ev in ws.events():
+                if isinstance(ev, Request):
+                    await trio.sleep(0.5)  # the reload happens while we think
+                    await stream.send_all(ws.send(AcceptConnection()))
+                    answered.set()
+                elif isinstance(ev, CloseConnection):
+                    await stream.send_all(ws.send(ev.response()))
+                    return
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    slow = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(functools.partial(trio.serve_listeners, slow_backend, listeners))
+    other = await start_backends(nursery, 1)
+    port = free_port()
+    path = tmp_path / "wsproxy.yaml"
+    extra = "reload: {drain_window: 100ms}\n"
+    path.write_text(config_text(port, [slow], extra=extra).replace("handshake: 5s", "handshake: 1s"))
+    proxy = await start_proxy(nursery, path.read_text())
+    got: list[RawClient] = []
+
+    async def connect() -> None:
+        got.append(await RawClient.connect(port, "/late"))
+
+    nursery.start_soon(connect)
+    await wait_for(lambda: len(proxy.server.sessions) == 1)
+    await trio.sleep(0.1)
+    path.write_text(config_text(port, other, extra=extra).replace("handshake: 5s", "handshake: 1s"))
+    assert await reload_from_file(proxy.server, path)
+    await answered.wait()
+    await wait_for(lambda: len(got) == 1)
+    assert got[0].accept is not None
+    with trio.fail_after(5):
+        ev = await got[0].wait_close()
+    assert ev.code == 1012
+
+
 # --------------------------------------------------------------------------------------------
 # real processes and signals
 
@@ -391,11 +441,11 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(nursery, tmp_path) -> None:
-    backends = await start_backends(nursery, 1)
+async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nursery, tmp_path) -> None:
+    backends = await start_backends(nursery, 2)
     path = tmp_path / "wsproxy.yaml"
     port = free_port()
-    path.write_text(config_text(port, backends, extra="workers: 2\nshutdown: {drain_window: 0s, deadline: 3s}\n"))
+    path.write_text(config_text(port, backends[:1], extra="workers: 2\nshutdown: {drain_window: 0s, deadline: 3s}\n"))
     proc = ProxyProcess(path)
     try:
         await wait_for(lambda: len([ln for ln in proc.lines if "wsproxy ready" in ln]) >= 2, timeout=20)
@@ -412,6 +462,12 @@ async def test_two_workers_share_one_port_and_a_killed_worker_is_restarted(nurse
         assert any(re.search(rf"worker \d \(pid {victim}\) died", ln) for ln in proc.lines)
         for _ in range(10):
             assert await whoami(await RawClient.connect(port)) == "b0"
+        # a reload reaches every worker: each logs it, and every new session goes to the new backend
+        path.write_text(path.read_text().replace(f"127.0.0.1:{backends[0]}", f"127.0.0.1:{backends[1]}"))
+        proc.proc.send_signal(signal.SIGHUP)
+        await wait_for(lambda: len([ln for ln in proc.lines if "reloaded" in ln]) == 2, timeout=10)
+        for _ in range(20):
+            assert await whoami(await RawClient.connect(port)) == "b1"
         proc.proc.send_signal(signal.SIGTERM)
         code = await trio.to_thread.run_sync(functools.partial(proc.proc.wait, timeout=15))
         assert code == 0

@@ -1,4 +1,4 @@
-"""Config keys of edge protection (docs/edge.md): defaults, shapes, and every error with its key path."""
+"""Config keys of edge protection (docs/security.md): defaults, shapes, and every error with its key path."""
 
 from __future__ import annotations
 
@@ -210,6 +210,6 @@ def test_every_edge_key_is_documented():
         "cache_entries",
     ]
     assert [k for k in keys if f"| `{k}` |" not in doc] == []
-    edge = (Path(__file__).resolve().parents[2] / "docs" / "edge.md").read_text(encoding="utf-8")
+    edge = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
     for limit in ("handshakes_per_ip", "max_sessions_per_ip", "close_after", "allowed_origins", "max_tracked_ips"):
         assert limit in edge

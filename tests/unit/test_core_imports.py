@@ -40,6 +40,11 @@ CORE_CANDIDATES = (
     "wsproxy.origin",
     "wsproxy.ratelimit",
     "wsproxy.admission",
+    "wsproxy.proxy_protocol",
+    "wsproxy.reload_plan",
+    "wsproxy.metrics",
+    "wsproxy.session_log",
+    "wsproxy.status",
 )
 # The I/O shell (and anything else built on trio): no core module may import these.
 SHELL_MODULES = frozenset(

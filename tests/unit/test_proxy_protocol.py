@@ -41,6 +41,8 @@ def test_v2_local_keeps_the_peer_address() -> None:
         b"PROXY TCP4 192.0.2.7 10.0.0.1 99999 443\r\n",
         b"PROXY TCP4 192.0.2.7 10.0.0.1 0443 443\r\n",
         b"PROXY TCP5 192.0.2.7 10.0.0.1 1 2\r\n",
+        b"PROXY TCP6 fe80::1%a\nb ::1 1 2\r\n",  # a scope id: any bytes would become the client address
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
         b"PROXY " + b"A" * 120,
         pp.V2_SIGNATURE + bytes((0x10, 0x11, 0x00, 0x0C)) + bytes(12),  # version 1 in a v2 header
         pp.V2_SIGNATURE + bytes((0x21, 0x11, 0x00, 0x04)) + bytes(4),  # address block too short
