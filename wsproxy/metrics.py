@@ -3,8 +3,10 @@
 Each server gets its own `CollectorRegistry` (never prometheus_client's global one), so many
 proxies in one process (the tests) never share or collide on counters. Sessions report events at
 their sources: a handshake's outcome, a retry, a proxy ping, a dead peer, a stalled send; what a
-session carried (messages, bytes, close codes, duration) is counted once, when it ends, from its
-`RelayStats` and `SessionRecord`, so the per-frame paths carry no metric calls. Backend health,
+session carried (close codes, duration) is counted once, when it ends, from its `SessionRecord`.
+Messages and bytes are summed at scrape time: the totals of ended sessions plus each open
+session's live `RelayStats`, so an hours-long session shows its traffic as it flows and the
+per-frame paths still carry no metric calls. Backend health,
 weight and the loaded config are read at scrape time from the live objects. Nothing here reads
 a clock or touches a socket.
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -110,13 +112,63 @@ class _BackendCollector(Collector):
         return [up, state, weight]
 
 
+Traffic = tuple[str, str, Any]  # (listener, pool, RelayStats) of one open, counted session
+_DIRECTIONS = ("client_to_backend", "backend_to_client")
+
+
+class _TrafficCollector(Collector):
+    """wsproxy_messages_total and wsproxy_bytes_total: ended sessions' totals plus live ones.
+
+    A session leaves `live` in the same step that adds it to the totals (no await between), so a
+    scrape never counts it twice or drops it, and the counters never go down.
+    """
+
+    def __init__(self, live: Callable[[], Iterable[Traffic]]) -> None:
+        self._live = live
+        self.ended_messages: dict[tuple[str, str, str], int] = {}
+        self.ended_bytes: dict[tuple[str, str, str], int] = {}
+
+    def add_ended(self, listener: str, pool: str, messages: tuple[int, int], octets: tuple[int, int]) -> None:
+        for direction, m, b in zip(_DIRECTIONS, messages, octets, strict=True):
+            key = (listener, pool, direction)
+            self.ended_messages[key] = self.ended_messages.get(key, 0) + m
+            self.ended_bytes[key] = self.ended_bytes.get(key, 0) + b
+
+    def collect(self) -> Iterable[Metric]:
+        messages, octets = dict(self.ended_messages), dict(self.ended_bytes)
+        for listener, pool, stats in self._live():
+            live_m = (stats.messages_to_backend, stats.messages_to_client)
+            live_b = (stats.client_bytes_in, stats.backend_bytes_in)
+            for direction, m, b in zip(_DIRECTIONS, live_m, live_b, strict=True):
+                key = (listener, pool, direction)
+                messages[key] = messages.get(key, 0) + m
+                octets[key] = octets.get(key, 0) + b
+        labels = ["listener", "pool", "direction"]
+        msg = CounterMetricFamily("wsproxy_messages", "Data messages relayed, open sessions included", labels=labels)
+        byt = CounterMetricFamily(
+            "wsproxy_bytes",
+            "Bytes read from each peer (WebSocket frames on the wire), open sessions included",
+            labels=labels,
+        )
+        for key, value in sorted(messages.items()):
+            msg.add_metric(list(key), float(value))
+        for key, value in sorted(octets.items()):
+            byt.add_metric(list(key), float(value))
+        return [msg, byt]
+
+
 class Metrics:
     """The registry and every metric of one server; methods record one event each."""
 
     def __init__(
-        self, *, pools: Callable[[], Mapping[str, Any]] | None = None, clock: Callable[[], float] | None = None
+        self,
+        *,
+        pools: Callable[[], Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] | None = None,
+        live: Callable[[], Iterable[Traffic]] | None = None,
     ) -> None:
-        """`pools` gives the live pools at scrape time; `clock` the time health is judged at."""
+        """`pools` gives the live pools at scrape time; `clock` the time health is judged at;
+        `live` the open sessions' traffic (listener, pool, RelayStats)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.sessions_active = Gauge(
@@ -138,18 +190,8 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.messages = Counter(
-            "wsproxy_messages",
-            "Data messages relayed, counted when the session ends",
-            ["listener", "pool", "direction"],
-            registry=r,
-        )
-        self.bytes = Counter(
-            "wsproxy_bytes",
-            "Bytes read from each peer (WebSocket frames on the wire), counted when the session ends",
-            ["listener", "pool", "direction"],
-            registry=r,
-        )
+        self.traffic = _TrafficCollector(live if live is not None else tuple)
+        r.register(self.traffic)
         self.close_codes = Counter(
             "wsproxy_close_codes",
             "Close codes by who sent them: client, backend, or proxy (1006: the peer vanished without a close)",
@@ -229,10 +271,12 @@ class Metrics:
             return
         listener, pool = record.listener, record.pool or "-"
         self.session_duration.labels(listener, pool).observe(record.duration)
-        self.messages.labels(listener, pool, "client_to_backend").inc(record.messages_to_backend)
-        self.messages.labels(listener, pool, "backend_to_client").inc(record.messages_to_client)
-        self.bytes.labels(listener, pool, "client_to_backend").inc(record.bytes_from_client)
-        self.bytes.labels(listener, pool, "backend_to_client").inc(record.bytes_from_backend)
+        self.traffic.add_ended(
+            listener,
+            pool,
+            (record.messages_to_backend, record.messages_to_client),
+            (record.bytes_from_client, record.bytes_from_backend),
+        )
         closes = (("client", record.client_close), ("backend", record.backend_close), ("proxy", record.proxy_close))
         for side, rec in closes:
             if rec is not None:

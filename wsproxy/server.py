@@ -91,7 +91,11 @@ class Server:
         self.timers = Timers()
         self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
         self.reloads = 0
-        self.metrics = Metrics(pools=lambda: self.snapshot.pools, clock=trio.current_time)  # this server's own
+        self.metrics = Metrics(
+            pools=lambda: self.snapshot.pools,
+            clock=trio.current_time,
+            live=lambda: (t for s in self.sessions if (t := s.live_traffic()) is not None),
+        )  # this server's own
         self.metrics.config_loaded(config)
         self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
         self.metrics.registry.register(EdgeCollector(self.edge))

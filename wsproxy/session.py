@@ -41,7 +41,7 @@ from wsproxy.metrics import (
     Metrics,
 )
 from wsproxy.ratelimit import FlowLimiter
-from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay
+from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.relay_inspect import InspectRelay
 from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
@@ -173,6 +173,12 @@ class Session:
         self.relay.close(client_code=code, backend_code=code, reason=reason)
         with contextlib.suppress(RuntimeError):  # the relay phase may already have ended
             self._nursery.start_soon(self._flush)
+
+    def live_traffic(self) -> tuple[str, str, RelayStats] | None:
+        """(listener, pool, stats) while this session counts as active in the metrics."""
+        if self._active is None or self.relay is None:
+            return None
+        return (self._active[0], self._active[1], self.relay.stats)
 
     @property
     def closing(self) -> bool:

@@ -204,7 +204,9 @@ async def test_metrics_and_session_log_count_a_scripted_scenario_exactly(nursery
     live = await scrape(admin)
     assert live.value("wsproxy_sessions_active", listener=listener, pool="p", backend=bname) == 3
     assert live.value("wsproxy_handshakes_total", listener=listener, outcome="upgraded", status="101") == 3
-    assert live.total("wsproxy_messages_total") == 0  # counted when sessions end, not per frame
+    # open sessions' traffic shows while it flows (an hours-long session must not look idle)
+    assert live.value("wsproxy_messages_total", listener=listener, pool="p", direction="client_to_backend") == 6
+    assert live.value("wsproxy_messages_total", listener=listener, pool="p", direction="backend_to_client") == 6
 
     # the status page sees the same three sessions
     status, _, body = await http(admin, "/status.json")

@@ -231,3 +231,22 @@ def test_exposition_follows_prometheus_naming() -> None:
     assert families["wsproxy_pong_rtt_seconds"].type == "histogram"
     assert families["wsproxy_bytes"].type == "counter"
     assert {s.name for s in families["wsproxy_bytes"].samples} >= {"wsproxy_bytes_total"}
+
+
+def test_traffic_counts_open_sessions_live_and_never_goes_down_when_they_end() -> None:
+    from wsproxy.relay import RelayStats
+
+    stats = RelayStats(client_bytes_in=100, backend_bytes_in=40, messages_to_backend=3, messages_to_client=2)
+    live: list[tuple[str, str, RelayStats]] = [("l", "p", stats)]
+    m = Metrics(live=lambda: list(live))
+    up = {"listener": "l", "pool": "p", "direction": "client_to_backend"}
+    assert m.registry.get_sample_value("wsproxy_messages_total", up) == 3
+    assert m.registry.get_sample_value("wsproxy_bytes_total", up) == 100
+    stats.messages_to_backend += 1  # traffic flows: the next scrape sees it
+    assert m.registry.get_sample_value("wsproxy_messages_total", up) == 4
+    # the session ends: it leaves `live` as its totals are added, in one step
+    m.traffic.add_ended("l", "p", (4, 2), (100, 40))
+    live.clear()
+    assert m.registry.get_sample_value("wsproxy_messages_total", up) == 4
+    down = {"listener": "l", "pool": "p", "direction": "backend_to_client"}
+    assert m.registry.get_sample_value("wsproxy_bytes_total", down) == 40
