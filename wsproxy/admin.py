@@ -171,10 +171,16 @@ class Admin:
 
 
 async def serve_admin(
-    server: Server, config: AdminConfig, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    server: Server,
+    config: AdminConfig,
+    port_offset: int = 0,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind the admin address, report the bound (host, port), serve until cancelled."""
-    listeners = await trio.open_tcp_listeners(config.address.port, host=config.address.host)
+    """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
+    port + i), report the bound (host, port), serve until cancelled."""
+    port = config.address.port + port_offset if config.address.port else 0
+    listeners = await trio.open_tcp_listeners(port, host=config.address.host)
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()

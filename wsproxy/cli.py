@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default=None, choices=["debug", "info", "warning", "error"], help="default: log.level"
     )
     run.add_argument("--pid-file", default=None, help="write the process id here (default: pid_file of the config)")
-    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # its index, from the supervisor
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
@@ -86,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(config: Config, args: argparse.Namespace) -> int:
     from wsproxy import supervisor
 
-    pid_file = None if args.worker else (Path(args.pid_file) if args.pid_file else config.pid_file)
+    pid_file = None if args.worker is not None else (Path(args.pid_file) if args.pid_file else config.pid_file)
     # Until the signal receiver is up, a SIGHUP (an early `wsproxy reload`, or one passed on to a
     # starting worker) must not kill the process: the config it is about to serve is already fresh.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if pid_file is not None:
             pid_file.write_text(f"{os.getpid()}\n")
-        if config.workers > 1 and not args.worker:
+        if config.workers > 1 and args.worker is None:
             tail = ["--log-level", args.log_level] if args.log_level else []
             trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)
         else:
-            trio.run(supervisor.run, config, args.config)
+            trio.run(supervisor.run, config, args.config, args.worker or 0)
     except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
         errors = _leaves(exc)
         if not all(isinstance(e, OSError) for e in errors):

@@ -1136,8 +1136,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             if lst.address.port == 0:
                 ck.fail(f"listeners[{i}].address", "workers > 1 needs a fixed port (every worker binds the same one)")
     admin, log_config = _parse_admin_and_log(ck, top)
-    if admin is not None and workers > 1:  # each worker has its own metrics; one port cannot show them all
-        ck.fail("admin", "the admin listener needs workers: 1 (every worker would bind it, each with its own metrics)")
+    # worker i serves its own metrics on admin port + i
+    if admin is not None and workers > 1 and (admin.address.port == 0 or admin.address.port + workers - 1 > 65535):
+        ck.fail("admin.address", f"with workers: {workers}, worker i listens on this port + i: give a fixed port")
     if ck.problems:
         raise ConfigError(source, ck.problems)
     return Config(

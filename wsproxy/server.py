@@ -78,7 +78,8 @@ class _Listening:
 class Server:
     """Everything a running proxy holds: snapshot, listeners, sessions."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker_index: int = 0) -> None:
+        self.worker_index = worker_index  # with workers > 1: this worker's admin port is admin's + index
         self.snapshot = Snapshot.build(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
@@ -200,7 +201,9 @@ class Server:
                 self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
             self._refresh_bound()
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
-                self.admin_bound = await connections.start(serve_admin, self, self.snapshot.config.admin)
+                self.admin_bound = await connections.start(
+                    serve_admin, self, self.snapshot.config.admin, self.worker_index
+                )
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
                     self._accepting = accepting

@@ -34,12 +34,13 @@ HEALTHY_AFTER = 10.0  # a worker that ran this long resets its back-off
 async def run(
     config: Config,
     config_path: str | Path | None = None,
+    worker_index: int = 0,
     *,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `config` in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
     path = Path(config_path) if config_path is not None else Path(config.source)
-    server = Server(config)
+    server = Server(config, worker_index=worker_index)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             await nursery.start(server.serve)
@@ -104,7 +105,7 @@ class Supervisor:
 
     def __init__(self, count: int, config_path: str | Path, argv_tail: list[str]) -> None:
         self.config_path = config_path
-        self.cmd = [sys.executable, "-m", "wsproxy", "run", "-c", str(config_path), "--worker", *argv_tail]
+        self.cmd = [sys.executable, "-m", "wsproxy", "run", "-c", str(config_path), *argv_tail]
         self.procs: list[trio.Process | None] = [None] * count
         self.stopping = False
         self.restarts = 0
@@ -152,7 +153,8 @@ class Supervisor:
         while not self.stopping:
             started = trio.current_time()
             # own session: a terminal's Ctrl-C reaches the supervisor only, which passes it on once
-            proc = await trio.lowlevel.open_process(self.cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            cmd = [*self.cmd, "--worker", str(index)]
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
             self.procs[index] = proc
             if self.stopping:  # the stop signal went out while this one was starting
                 proc.send_signal(signal.SIGTERM)

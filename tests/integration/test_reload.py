@@ -19,7 +19,7 @@ import trio
 from wsproto.events import CloseConnection, Request
 
 from tests.integration.test_relay import ProxyProcess
-from tests.support import RawClient, free_port, make_tls_files, proxy_yaml, start_proxy
+from tests.support import RawClient, free_port, make_tls_files, proxy_yaml, raw_http, start_proxy, status_of
 from wsproxy import proxy_protocol
 from wsproxy.config import parse_config
 from wsproxy.demo import demo_backend
@@ -445,7 +445,11 @@ async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nur
     backends = await start_backends(nursery, 2)
     path = tmp_path / "wsproxy.yaml"
     port = free_port()
-    path.write_text(config_text(port, backends[:1], extra="workers: 2\nshutdown: {drain_window: 0s, deadline: 3s}\n"))
+    admin = free_port()
+    while admin + 1 == port:
+        admin = free_port()
+    extra = f"workers: 2\nshutdown: {{drain_window: 0s, deadline: 3s}}\nadmin: {{address: 127.0.0.1:{admin}}}\n"
+    path.write_text(config_text(port, backends[:1], extra=extra))
     proc = ProxyProcess(path)
     try:
         await wait_for(lambda: len([ln for ln in proc.lines if "wsproxy ready" in ln]) >= 2, timeout=20)
@@ -455,6 +459,9 @@ async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nur
             c = await RawClient.connect(port)
             assert await whoami(c) == "b0"
             await c.close()
+        for admin_port in (admin, admin + 1):  # worker i serves its own metrics on admin + i
+            reply = await raw_http(admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(reply) == 200, reply
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         await wait_for(lambda: len(_children(proc.proc.pid) - {victim}) == 2, timeout=15)

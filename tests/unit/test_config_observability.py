@@ -58,10 +58,12 @@ def test_admin_and_log_errors_name_the_key_path(extra: str, path: str, words: st
     assert len(problems) == 1, problems
 
 
-def test_admin_with_several_workers_is_refused() -> None:
+def test_admin_with_several_workers_needs_a_fixed_port_range() -> None:
     fixed = BASE.replace("127.0.0.1:0", "127.0.0.1:8080")
-    with pytest.raises(ConfigError) as err:
-        parse_config(fixed + "workers: 2\nadmin: {address: 127.0.0.1:9900}\n")
-    assert err.value.problems == [
-        ("admin", "the admin listener needs workers: 1 (every worker would bind it, each with its own metrics)")
-    ]
+    config = parse_config(fixed + "workers: 2\nadmin: {address: 127.0.0.1:9900}\n")
+    assert config.admin is not None and config.admin.address.port == 9900  # worker i: 9900 + i
+    for admin in ("127.0.0.1:0", "127.0.0.1:65535"):
+        with pytest.raises(ConfigError) as err:
+            parse_config(fixed + f"workers: 2\nadmin: {{address: {admin}}}\n")
+        assert [p for p, _ in err.value.problems] == ["admin.address"]
+        assert "port + i" in err.value.problems[0][1]
