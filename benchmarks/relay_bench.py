@@ -1,0 +1,859 @@
+"""wsproxy against a direct connection, a trio byte pump, HAProxy and nginx, side by side.
+
+One command runs every cell on every target in turn and prints each figure with its ratio to
+the direct connection measured in the same run (ratios, not absolute numbers: the machines are
+shared and noisy):
+
+- round trips: 64 B / 1 KiB / 64 KiB x 1 / 100 / 1000 connections, closed loop, one message in
+  flight per connection (round trips/s, RTT p50/p99), and 1 KiB x 100 over TLS;
+- handshakes/s, plain and TLS (full handshakes, no session resumption);
+- resident memory per idle session with N sessions open, each after echoing one message
+  (plain and TLS; a freshly started target for each).
+
+Targets: `direct` (the load generator talks to the echo backends itself), `passthrough` and
+`inspect` (wsproxy's two relay paths, heartbeats on at their 20 s default), `passthrough-no-hb`
+(heartbeats off; key cells only, to show what the heartbeat bookkeeping costs), `byte-pump`
+(benchmarks/byte_pump.py, the yardstick) and `haproxy` / `nginx` when installed (both one
+process, one thread). Everything listens on 127.0.0.1. The target under test is pinned to
+CPU 0 and the load generator and backends to CPU 1 with `taskset` (no pinning, with a note,
+when taskset is missing or there is one CPU). The backends and the load generator are picows
+on uvloop (`pip install -e '.[bench]'`). Per cell it prints the CPU use of the target, the
+generator and the backends, and how busy each CPU was over the window (by anything), and flags:
+`gen-sat` (generator + backends used >= 90 % of CPU 1: the target may not have been the
+bottleneck; expected for `direct`, whose ceiling is CPU 1), `cpu1-full` (CPU 1 was full but with
+other work: the generator was starved), `cpu0-shared` / `cpu1-shared` (other processes took more
+than 15 % of a pinned CPU: noise on a shared machine).
+
+    python benchmarks/relay_bench.py                 # the full run (about 15 minutes)
+    python benchmarks/relay_bench.py --quick         # a small subset, short cells (< 2 minutes)
+    python benchmarks/relay_bench.py --json out.json --targets direct,passthrough
+    python benchmarks/relay_bench.py --profile prof.json   # py-spy on passthrough, 1 KiB x 100
+
+Only processes it starts are stopped (by their own handle); each exits on its own when this
+script goes away (their stdin closes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+KEY_CELL = "rt 1KiB x100"
+
+SIZES = {"64B": 64, "1KiB": 1024, "64KiB": 65536}
+CONNS = (1, 100, 1000)
+HANDSHAKE_CONCURRENCY = 50
+CELL_PAUSE = 0.5  # seconds between cells
+GEN_SATURATED = 0.9  # CPU 1 (generator + backends) busier than this: the target may not be the bottleneck
+SHARED = 0.15  # a pinned CPU this much busier than our processes on it: other work shared it (noise)
+
+
+@dataclass
+class Cell:
+    name: str
+    mode: str  # rt | hs | idle
+    tls: bool = False
+    size: int = 1024
+    conns: int = 100
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    warmup: float
+    duration: float
+    idle_sessions: int
+    targets: list[str]
+
+
+def build_plan(args: argparse.Namespace, idle_sessions: int) -> Plan:
+    if args.quick:
+        cells = [
+            Cell(KEY_CELL, "rt", size=1024, conns=100),
+            Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
+            Cell("hs plain", "hs", conns=HANDSHAKE_CONCURRENCY),
+            Cell("idle plain", "idle", conns=min(idle_sessions, 300), size=64),
+        ]
+        return Plan(cells, warmup=0.3, duration=1.0, idle_sessions=min(idle_sessions, 300), targets=args.targets)
+    cells = [Cell(f"rt {label} x{n}", "rt", size=size, conns=n) for label, size in SIZES.items() for n in CONNS]
+    cells += [
+        Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
+        Cell("hs plain", "hs", conns=HANDSHAKE_CONCURRENCY),
+        Cell("hs tls", "hs", tls=True, conns=HANDSHAKE_CONCURRENCY),
+        Cell("idle plain", "idle", conns=idle_sessions, size=64),
+        Cell("idle tls", "idle", tls=True, conns=idle_sessions, size=64),
+    ]
+    if args.cells:
+        unknown = set(args.cells) - {c.name for c in cells}
+        if unknown:
+            sys.exit(f"unknown cells {sorted(unknown)}; known: {', '.join(c.name for c in cells)}")
+        cells = [c for c in cells if c.name in args.cells]
+    return Plan(cells, warmup=args.warmup, duration=args.duration, idle_sessions=idle_sessions, targets=args.targets)
+
+
+# --------------------------------------------------------------------------------------------
+# processes we start
+
+
+@dataclass
+class Proc:
+    """A child process; stopped through its own handle only."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path | None = None
+
+    def stop(self, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            if self.popen.stdin is not None:
+                self.popen.stdin.close()
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(sig)
+        try:
+            self.popen.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Pinning:
+    def __init__(self, enabled: bool) -> None:
+        self.note = ""
+        taskset = shutil.which("taskset")
+        cpus = os.cpu_count() or 1
+        if not enabled:
+            self.note = "pinning off (--no-pin)"
+        elif taskset is None:
+            self.note = "taskset not found: no CPU pinning (install util-linux)"
+        elif cpus < 2:
+            self.note = "one CPU: no pinning, target and load generator share it"
+        self.on = not self.note
+        self.target = [taskset, "-c", "0"] if self.on else []
+        self.load = [taskset, "-c", "1"] if self.on else []
+
+
+def spawn(name: str, argv: list[str], *, workdir: Path, json_line: bool = False) -> tuple[Proc, dict]:
+    """Start a child with a log file; with json_line, wait for its first stdout line (ready)."""
+    log = workdir / f"{name}.log"
+    popen = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE if json_line else subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=ROOT,
+    )
+    proc = Proc(name, popen, log)
+    info: dict = {}
+    if json_line:
+        assert popen.stdout is not None
+        line = popen.stdout.readline()
+        if not line:
+            proc.stop()
+            raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}")
+        info = json.loads(line)
+    return proc, info
+
+
+def wait_listening(port: int, proc: Proc, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-2000:] if proc.log else ''}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} is not listening on {port} after {timeout:g}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass
+class Endpoint:
+    plain: list[str]
+    tls: list[str]
+    pids: list[int] = field(default_factory=list)  # the target's own processes (CPU, RSS)
+
+
+@dataclass
+class Env:
+    workdir: Path
+    pin: Pinning
+    backend_plain: list[int]
+    backend_tls: list[int]
+    cert: Path
+    key: Path
+    combined: Path  # cert chain + key in one file (HAProxy)
+    ca: Path
+    idle_sessions: int
+
+
+class Target:
+    name = ""
+    only: tuple[str, ...] | None = None  # cell names this target runs (None: all)
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.procs: list[Proc] = []
+
+    def available(self) -> str | None:
+        """None, or why this target is skipped."""
+        return None
+
+    def start(self) -> Endpoint:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+        self.procs.clear()
+
+
+class Direct(Target):
+    name = "direct"
+
+    def start(self) -> Endpoint:
+        e = self.env
+        return Endpoint(
+            [f"ws://127.0.0.1:{p}/" for p in e.backend_plain], [f"wss://127.0.0.1:{p}/" for p in e.backend_tls]
+        )
+
+
+class WsProxy(Target):
+    def __init__(self, env: Env, name: str, relay: str, heartbeat: bool = True, only: tuple[str, ...] | None = None):
+        super().__init__(env)
+        self.name, self.relay, self.heartbeat, self.only = name, relay, heartbeat, only
+
+    def start(self) -> Endpoint:
+        e = self.env
+        plain, tls = free_port(), free_port()
+        backends = ", ".join(f"127.0.0.1:{p}" for p in e.backend_plain)
+        hb = "heartbeat: {interval: 20s}" if self.heartbeat else "heartbeat: {legs: none}"
+        cfg = e.workdir / f"{self.name}.yaml"
+        cfg.write_text(
+            f"listeners:\n"
+            f"  - {{address: '127.0.0.1:{plain}', pool: echo, relay: {self.relay}}}\n"
+            f"  - {{address: '127.0.0.1:{tls}', pool: echo, relay: {self.relay},"
+            f" tls: {{cert: '{e.cert}', key: '{e.key}'}}}}\n"
+            f"pools:\n  echo:\n    backends: [{backends}]\n"
+            f"{hb}\n"
+            f"shutdown: {{drain_window: 1s, deadline: 3s}}\n"
+            f"log: {{level: warning}}\n"
+        )
+        proc, _ = spawn(self.name, [*e.pin.target, PY, "-m", "wsproxy", "run", "-c", str(cfg)], workdir=e.workdir)
+        self.procs.append(proc)
+        wait_listening(plain, proc)
+        wait_listening(tls, proc)
+        return Endpoint([f"ws://127.0.0.1:{plain}/"], [f"wss://127.0.0.1:{tls}/"], [proc.popen.pid])
+
+
+class BytePump(Target):
+    name = "byte-pump"
+
+    def start(self) -> Endpoint:
+        e = self.env
+        argv = [*e.pin.target, PY, str(HERE / "byte_pump.py"), "--cert", str(e.cert), "--key", str(e.key)]
+        for p in e.backend_plain:
+            argv += ["--backend", f"127.0.0.1:{p}"]
+        proc, info = spawn(self.name, argv, workdir=e.workdir, json_line=True)
+        self.procs.append(proc)
+        return Endpoint([f"ws://127.0.0.1:{info['plain']}/"], [f"wss://127.0.0.1:{info['tls']}/"], [info["pid"]])
+
+
+class HAProxy(Target):
+    name = "haproxy"
+    binary = "/usr/sbin/haproxy"
+
+    def available(self) -> str | None:
+        path = shutil.which("haproxy") or (self.binary if Path(self.binary).exists() else None)
+        if path is None:
+            return "not installed (Debian: apt-get install haproxy)"
+        self.binary = path
+        return None
+
+    def start(self) -> Endpoint:
+        e = self.env
+        plain, tls = free_port(), free_port()
+        servers = "\n".join(f"  server b{i} 127.0.0.1:{p}" for i, p in enumerate(e.backend_plain))
+        cfg = e.workdir / "haproxy.cfg"
+        cfg.write_text(
+            f"global\n  nbthread 1\n  maxconn {e.idle_sessions + 500}\n"
+            f"defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+            f"  timeout tunnel 1h\n"
+            f"frontend fe\n  bind 127.0.0.1:{plain}\n  bind 127.0.0.1:{tls} ssl crt {e.combined} alpn http/1.1\n"
+            f"  default_backend be\n"
+            f"backend be\n  balance roundrobin\n{servers}\n"
+        )
+        proc, _ = spawn(self.name, [*e.pin.target, self.binary, "-db", "-f", str(cfg)], workdir=e.workdir)
+        self.procs.append(proc)
+        wait_listening(plain, proc)
+        wait_listening(tls, proc)
+        return Endpoint([f"ws://127.0.0.1:{plain}/"], [f"wss://127.0.0.1:{tls}/"], [proc.popen.pid])
+
+
+class Nginx(Target):
+    name = "nginx"
+    binary = "/usr/sbin/nginx"
+
+    def available(self) -> str | None:
+        path = shutil.which("nginx") or (self.binary if Path(self.binary).exists() else None)
+        if path is None:
+            return "not installed (Debian: apt-get install nginx)"
+        self.binary = path
+        return None
+
+    def start(self) -> Endpoint:
+        e = self.env
+        plain, tls = free_port(), free_port()
+        prefix = e.workdir / "nginx"
+        prefix.mkdir(exist_ok=True)
+        servers = "".join(f" server 127.0.0.1:{p};" for p in e.backend_plain)
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        conns = min(2 * e.idle_sessions + 2000, nofile - 100)  # two per session, and closing ones linger
+        cfg = prefix / "nginx.conf"
+        cfg.write_text(
+            f"daemon off;\nmaster_process off;\nworker_processes 1;\nworker_rlimit_nofile {nofile};\n"
+            f"error_log {prefix}/error.log warn;\npid {prefix}/nginx.pid;\n"
+            f"events {{ worker_connections {conns}; }}\n"
+            f"http {{\n  access_log off;\n"
+            f"  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;\n"
+            f"  fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;\n"
+            f"  upstream echo {{{servers} }}\n"
+            f"  server {{\n    listen 127.0.0.1:{plain};\n    listen 127.0.0.1:{tls} ssl;\n"
+            f"    ssl_certificate {e.cert};\n    ssl_certificate_key {e.key};\n"
+            f"    location / {{\n      proxy_pass http://echo;\n      proxy_http_version 1.1;\n"
+            f"      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection upgrade;\n"
+            f"      proxy_read_timeout 1h;\n      proxy_send_timeout 1h;\n    }}\n  }}\n}}\n"
+        )
+        argv = [*e.pin.target, self.binary, "-p", str(prefix), "-c", str(cfg), "-e", str(prefix / "error.log")]
+        proc, _ = spawn(self.name, argv, workdir=e.workdir)
+        self.procs.append(proc)
+        wait_listening(plain, proc)
+        wait_listening(tls, proc)
+        return Endpoint([f"ws://127.0.0.1:{plain}/"], [f"wss://127.0.0.1:{tls}/"], [proc.popen.pid])
+
+
+def make_targets(env: Env) -> dict[str, Target]:
+    key = (KEY_CELL, "rt 64KiB x100", "rt 1KiB x100 tls")
+    targets: list[Target] = [
+        Direct(env),
+        WsProxy(env, "passthrough", "passthrough"),
+        WsProxy(env, "inspect", "inspect"),
+        WsProxy(env, "passthrough-no-hb", "passthrough", heartbeat=False, only=key),
+        BytePump(env),
+        HAProxy(env),
+        Nginx(env),
+    ]
+    return {t.name: t for t in targets}
+
+
+# --------------------------------------------------------------------------------------------
+# cells
+
+
+def run_cell(env: Env, plan: Plan, cell: Cell, ep: Endpoint, backend_pid: int) -> dict:
+    urls = ep.tls if cell.tls else ep.plain
+    watch = [*ep.pids, backend_pid]
+    argv = [*env.pin.load, PY, str(HERE / "load_client.py"), cell.mode, "--conns", str(cell.conns)]
+    argv += ["--size", str(cell.size), "--warmup", str(plan.warmup), "--duration", str(plan.duration)]
+    argv += ["--watch", ",".join(map(str, watch)), "--ca", str(env.ca)]
+    if cell.mode == "idle":
+        argv += ["--settle", "0.5" if plan.duration < 2 else "1.5", "--max-seconds", "600"]
+    for url in urls:
+        argv += ["--url", url]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=700, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": "load generator timed out"}
+    if done.returncode != 0 or not done.stdout.strip():
+        return {"error": f"load generator failed ({done.returncode}): {done.stderr.strip()[-600:]}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    if done.stderr.strip():
+        result["stderr"] = done.stderr.strip()[-600:]
+    # name the watched processes
+    cpu = result.pop("cpu", None)
+    if cpu is not None:
+        result["cpu_gen"] = round(cpu.get("self", 0.0), 3)
+        result["cpu_backend"] = round(cpu.get(str(backend_pid), 0.0), 3)
+        result["cpu_target"] = round(sum(cpu.get(str(p), 0.0) for p in ep.pids), 3) if ep.pids else None
+        busy = result.pop("cpu_busy", {})
+        result["cpu0_busy"], result["cpu1_busy"] = busy.get("cpu0"), busy.get("cpu1")
+        flags = []
+        if env.pin.on:
+            # CPU 1 runs the generator and the backends; busy (by them or by anything else) means
+            # the target may not have been the bottleneck.
+            others0 = (result["cpu0_busy"] or 0.0) - (result["cpu_target"] or 0.0)
+            others1 = (result["cpu1_busy"] or 0.0) - result["cpu_gen"] - result["cpu_backend"]
+            if result["cpu_gen"] + result["cpu_backend"] >= GEN_SATURATED:
+                flags.append("gen-sat")
+            elif (result["cpu1_busy"] or 0.0) >= GEN_SATURATED and others1 > SHARED:
+                flags.append(f"cpu1-full (others {others1:.0%})")  # the generator side was starved
+            elif others1 > SHARED:
+                flags.append(f"cpu1-shared {others1:.0%}")
+            if others0 > SHARED:
+                flags.append(f"cpu0-shared {others0:.0%}")
+        elif result["cpu_gen"] >= GEN_SATURATED:
+            flags.append("gen-sat")
+        result["flags"] = flags
+    if cell.mode == "idle":
+        per = result.get("bytes_per_session", {})
+        pids = ep.pids or [backend_pid]  # direct: what the backend itself holds per session
+        result["value"] = round(sum(per.get(str(p), 0.0) for p in pids) / 1024, 2)  # KiB per session
+        result["backend_kib_per_session"] = round(per.get(str(backend_pid), 0.0) / 1024, 2)
+    else:
+        result["value"] = result.get("rate")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+TARGET_CHECKS = [
+    # (what, cell, target, kind, bound): kind "ratio" = value / direct's, "pump" = / byte pump's, "kib" absolute
+    ("1 KiB x100 round trips vs direct", KEY_CELL, "passthrough", "ratio", 0.55),
+    ("1 KiB x100 round trips vs byte pump", KEY_CELL, "passthrough", "pump", 0.90),
+    ("64 KiB x100 round trips vs direct", "rt 64KiB x100", "passthrough", "ratio", 0.70),
+    ("1 KiB x1000 round trips vs direct", "rt 1KiB x1000", "passthrough", "ratio", 0.40),
+    ("1 KiB x100 over TLS vs direct TLS", "rt 1KiB x100 tls", "passthrough", "ratio", 0.60),
+    ("handshakes/s plain vs direct", "hs plain", "passthrough", "ratio", 0.45),
+    ("handshakes/s TLS vs direct", "hs tls", "passthrough", "ratio", 0.85),
+    ("idle KiB per session, plain", "idle plain", "passthrough", "kib", 10.0),
+    ("idle KiB per session, TLS", "idle tls", "passthrough", "kib", 30.0),
+    ("inspect 1 KiB x100 vs direct", KEY_CELL, "inspect", "ratio", 0.25),
+]
+
+
+def add_ratios(results: dict[str, dict[str, dict]]) -> None:
+    direct = results.get("direct", {})
+    for cells in results.values():
+        for name, r in cells.items():
+            base = direct.get(name, {}).get("value")
+            v = r.get("value")
+            r["ratio"] = round(v / base, 3) if v is not None and base else None
+
+
+def verdicts(results: dict[str, dict[str, dict]]) -> list[dict]:
+    out = []
+    for what, cell, target, kind, bound in TARGET_CHECKS:
+        r = results.get(target, {}).get(cell)
+        if r is None or r.get("value") is None:
+            continue
+        if kind == "ratio":
+            got = r.get("ratio")
+            met = got is not None and got >= bound
+        elif kind == "pump":
+            pump = results.get("byte-pump", {}).get(cell, {}).get("value")
+            got = round(r["value"] / pump, 3) if pump else None
+            met = got is not None and got >= bound
+        else:
+            got = r["value"]
+            met = got <= bound
+        noisy = [f for f in r.get("flags", []) if f.startswith(("gen-sat", "cpu1-full", "cpu0-shared"))]
+        out.append({"target": what, "bound": bound, "kind": kind, "measured": got, "met": met, "caveats": noisy})
+    on, off = results.get("passthrough", {}), results.get("passthrough-no-hb", {})
+    for cell, r in off.items():
+        if cell in on and on[cell].get("value") and r.get("value"):
+            moved = round(on[cell]["value"] / r["value"] - 1, 3)
+            out.append(
+                {
+                    "target": f"heartbeats on vs off, {cell}",
+                    "bound": 0.05,
+                    "kind": "moved",
+                    "measured": moved,
+                    "met": abs(moved) <= 0.05,
+                    "caveats": [],
+                }
+            )
+    return out
+
+
+def fmt_value(cell: Cell, r: dict) -> str:
+    if "error" in r:
+        return "error"
+    v = r.get("value")
+    if v is None:
+        return "-"
+    if cell.mode == "idle":
+        return f"{v:.1f} KiB/sess"
+    return f"{v:,.0f}/s"
+
+
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1000:.2f}ms" if v >= 1000 else f"{v:.0f}us"
+
+
+def table(plan: Plan, results: dict[str, dict[str, dict]], order: list[str]) -> str:
+    head = ["cell", "target", "value", "x direct", "p50", "p99", "target CPU", "CPU0 busy", "gen+backend", "CPU1 busy"]
+    head.append("flags")
+    rows = [head]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    for cell in plan.cells:
+        for t in order:
+            r = results.get(t, {}).get(cell.name)
+            if r is None:
+                continue
+            ratio = r.get("ratio")
+            flags = list(r.get("flags", []))
+            if r.get("errors"):
+                flags.append(f"errors={r['errors']}")
+            if "error" in r:
+                flags = [r["error"][:60]]
+            gen = None if r.get("cpu_gen") is None else r["cpu_gen"] + r["cpu_backend"]
+            rows.append(
+                [
+                    cell.name,
+                    t,
+                    fmt_value(cell, r),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    fmt_us(r.get("p50_us")),
+                    fmt_us(r.get("p99_us")),
+                    pct(r.get("cpu_target")),
+                    pct(r.get("cpu0_busy")),
+                    pct(gen),
+                    pct(r.get("cpu1_busy")),
+                    ", ".join(flags),
+                ]
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def verdict_table(checks: list[dict]) -> str:
+    lines = ["| target | bound | measured | met | caveat |", "|---|---|---|---|---|"]
+    for c in checks:
+        if c["kind"] == "kib":
+            bound, got = f"<= {c['bound']:g} KiB", f"{c['measured']:.1f} KiB"
+        elif c["kind"] == "moved":
+            bound, got = f"within {c['bound']:.0%}", f"{c['measured']:+.1%}"
+        else:
+            unit = "x direct" if c["kind"] == "ratio" else "x byte pump"
+            bound = f">= {c['bound']:.2f} {unit}"
+            got = "-" if c["measured"] is None else f"{c['measured']:.2f}"
+        caveat = ", ".join(c.get("caveats", []))
+        lines.append(f"| {c['target']} | {bound} | {got} | {'met' if c['met'] else 'NOT met'} | {caveat} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    info: dict = {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        mem = Path("/proc/meminfo").read_text().split()[1]
+        info["memory_gib"] = round(int(mem) / 1024 / 1024, 1)
+    for pkg in ("trio", "picows", "uvloop", "wsproto"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[pkg] = importlib.metadata.version(pkg)
+    for tool, argv in (("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"])):
+        if shutil.which(tool):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            info[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
+    return info
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def raise_fd_limit(wanted: int) -> tuple[int, str]:
+    """Raise the soft RLIMIT_NOFILE (children inherit it); returns the limit and a note."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, wanted)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    note = f"open files: soft {soft} -> {target} (hard {hard})"
+    return target, note
+
+
+def make_certs(workdir: Path) -> tuple[Path, Path, Path, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key, combined, ca_file = (workdir / n for n in ("cert.pem", "key.pem", "combined.pem", "ca.pem"))
+    leaf.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    combined.write_bytes(cert.read_bytes() + key.read_bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, combined, ca_file
+
+
+def check_tools() -> None:
+    missing = [m for m in ("picows", "uvloop", "trustme") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(
+            f"missing {', '.join(missing)}: install the benchmark extra first:\n"
+            f"  {PY} -m pip install -e '{ROOT}[bench]'"
+        )
+
+
+def run(args: argparse.Namespace) -> dict:
+    check_tools()
+    limit, fd_note = raise_fd_limit(2 * args.idle_sessions + 1000)
+    idle = min(args.idle_sessions, (limit - 500) // 2)
+    notes = [fd_note]
+    if idle < args.idle_sessions:
+        notes.append(f"idle sessions lowered from {args.idle_sessions} to {idle} by the open-files limit")
+    pin = Pinning(not args.no_pin)
+    if pin.note:
+        notes.append(pin.note)
+    plan = build_plan(args, idle)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="relay-bench-")))
+        cert, key, combined, ca = make_certs(workdir)
+        backend, ports = spawn(
+            "echo-backends",
+            [*pin.load, PY, str(HERE / "echo_server.py"), "--count", "2", "--cert", str(cert), "--key", str(key)],
+            workdir=workdir,
+            json_line=True,
+        )
+        env = Env(workdir, pin, ports["plain"], ports["tls"], cert, key, combined, ca, idle)
+        all_targets = make_targets(env)
+        unknown = [t for t in plan.targets if t not in all_targets]
+        if unknown:
+            backend.stop()
+            sys.exit(f"unknown targets {unknown}; known: {', '.join(all_targets)}")
+        results: dict[str, dict[str, dict]] = {}
+        skipped: dict[str, str] = {}
+        report = {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "machine": machine(),
+            "loadavg_start": loadavg(),
+            "notes": notes,
+            "plan": {"warmup": plan.warmup, "duration": plan.duration, "idle_sessions": plan.idle_sessions},
+        }
+        for note in notes:
+            print(f"note: {note}", flush=True)
+        print(f"load average at start: {report['loadavg_start']}", flush=True)
+        try:
+            for name in plan.targets:
+                target = all_targets[name]
+                why = target.available()
+                if why is not None:
+                    skipped[name] = why
+                    print(f"-- {name}: skipped, {why}", flush=True)
+                    continue
+                results[name] = run_target(env, plan, target, ports["pid"])
+            if args.profile:
+                report["profile"] = profile(env, plan, all_targets["passthrough"], ports["pid"], Path(args.profile))
+        finally:
+            for t in all_targets.values():
+                t.stop()
+            backend.stop()
+    add_ratios(results)
+    report["loadavg_end"] = loadavg()
+    report["skipped"] = skipped
+    report["results"] = results
+    report["verdicts"] = verdicts(results)
+    order = [t for t in plan.targets if t in results]
+    report["table"] = table(plan, results, order)
+    return report
+
+
+def run_target(env: Env, plan: Plan, target: Target, backend_pid: int) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    cells = [c for c in plan.cells if target.only is None or c.name in target.only]
+    shared = [c for c in cells if c.mode != "idle"]
+    print(f"-- {target.name} (load average {loadavg()})", flush=True)
+    if shared:
+        ep = target.start()
+        try:
+            for cell in shared:
+                out[cell.name] = r = run_cell(env, plan, cell, ep, backend_pid)
+                show(target.name, cell, r)
+                time.sleep(CELL_PAUSE)  # let the target finish closing the cell's sessions
+        finally:
+            target.stop()
+    for cell in (c for c in cells if c.mode == "idle"):
+        ep = target.start()  # a fresh process: memory freed by earlier cells would hide the cost
+        try:
+            out[cell.name] = r = run_cell(env, plan, cell, ep, backend_pid)
+            show(target.name, cell, r)
+        finally:
+            target.stop()
+    return out
+
+
+def show(target: str, cell: Cell, r: dict) -> None:
+    if "error" in r:
+        print(f"   {cell.name:<18} ERROR {r['error']}", flush=True)
+        return
+    extra = ""
+    if cell.mode != "idle":
+        extra = f" p50 {fmt_us(r.get('p50_us'))} p99 {fmt_us(r.get('p99_us'))}"
+    tcpu = r.get("cpu_target")
+    cpus = f"target {tcpu:.0%} " if tcpu is not None else ""
+    if r.get("cpu_gen") is not None:
+        cpus += f"gen {r['cpu_gen']:.0%} backend {r['cpu_backend']:.0%} "
+    if r.get("cpu0_busy") is not None:
+        cpus += f"cpu0 {r['cpu0_busy']:.0%} cpu1 {r['cpu1_busy']:.0%}"
+    flags = " ".join(r.get("flags", []))
+    print(f"   {cell.name:<18} {fmt_value(cell, r):>16}{extra}  {cpus} {flags}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# py-spy
+
+
+def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path) -> dict:
+    """py-spy on the passthrough proxy during the key cell; summary of the hottest frames."""
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        return {"error": "py-spy not installed (pip install py-spy)"}
+    seconds = max(3, int(plan.duration) + 2)
+    cell = Cell(KEY_CELL, "rt", size=1024, conns=100)
+    ep = target.start()
+    try:
+        argv = [*env.pin.load, spy, "record", "--pid", str(ep.pids[0]), "--duration", str(seconds)]
+        argv += ["--rate", "200", "--format", "speedscope", "--output", str(out)]
+        spy_proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        long_plan = Plan(plan.cells, warmup=0.5, duration=seconds, idle_sessions=0, targets=[])
+        r = run_cell(env, long_plan, cell, ep, backend_pid)
+        try:
+            _, err = spy_proc.communicate(timeout=seconds + 30)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+            _, err = spy_proc.communicate()
+    finally:
+        target.stop()
+    if not out.exists():
+        return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
+    summary = summarise_speedscope(out)
+    summary["cell_rate_under_profiler"] = r.get("value")
+    print("\n" + render_profile(summary), flush=True)
+    return summary
+
+
+def summarise_speedscope(path: Path, top: int = 25) -> dict:
+    """Share of samples per function (lines of one function merged): self and inclusive."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+
+    def label(f: dict) -> str:
+        file = f.get("file") or ""
+        short = "/".join(Path(file).parts[-2:]) if file else "?"
+        return f"{f['name']} ({short})"
+
+    names = [label(f) for f in frames]
+    self_w: Counter[str] = Counter()
+    total_w: Counter[str] = Counter()
+    weight = 0.0
+    for prof in data["profiles"]:
+        weights = prof.get("weights") or [1] * len(prof["samples"])
+        for stack, w in zip(prof["samples"], weights, strict=True):
+            if not stack:
+                continue
+            weight += w
+            self_w[names[stack[-1]]] += w
+            for name in {names[i] for i in stack}:
+                total_w[name] += w
+
+    def ranked(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(w / weight, 4)) for name, w in c.most_common(top)]
+
+    return {"sampled": round(weight, 2), "self": ranked(self_w), "inclusive": ranked(total_w), "file": str(path)}
+
+
+def render_profile(summary: dict) -> str:
+    if "error" in summary:
+        return f"profile: {summary['error']}"
+    lines = [f"py-spy, {summary['sampled']:g} s sampled (passthrough, {KEY_CELL}); share of samples per function:"]
+    for title in ("self", "inclusive"):
+        lines.append(f"  {title}:")
+        lines += [f"    {share:6.1%}  {name}" for name, share in summary[title]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    default_targets = "direct,passthrough,inspect,passthrough-no-hb,byte-pump,haproxy,nginx"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small subset with short cells (checks the script works)")
+    p.add_argument("--json", help="write the full results here")
+    p.add_argument("--targets", default=default_targets, type=lambda s: [t for t in s.split(",") if t])
+    p.add_argument("--idle-sessions", type=int, default=9000, help="sessions held open in the idle cells")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds before each measured window")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds of each measured window")
+    p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
+    p.add_argument(
+        "--cells",
+        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
+        default=None,
+        help='only these cells, e.g. "rt 1KiB x100,idle plain"',
+    )
+    p.add_argument("--workdir", help="keep configs, certs and the targets' logs here (default: a temporary directory)")
+    p.add_argument("--profile", help="afterwards, py-spy the passthrough proxy in the key cell; speedscope JSON here")
+    args = p.parse_args()
+    if "direct" not in args.targets:
+        args.targets.insert(0, "direct")  # every ratio needs it
+    started = time.monotonic()
+    report = run(args)
+    report["wall_seconds"] = round(time.monotonic() - started, 1)
+    print()
+    print(report["table"])
+    if report["verdicts"]:
+        print()
+        print(verdict_table(report["verdicts"]))
+    for name, why in report["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(f"\nload average: start {report['loadavg_start']}, end {report['loadavg_end']}; {report['wall_seconds']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
