@@ -193,6 +193,17 @@ class Session:
     # --- handshake phase ---------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        """Handshake, then relay. The relay runs after the handshake's frames have returned, so
+        an idle session does not keep the request, both h11 connections and the balancer's
+        iterator alive for hours; `held` carries what must outlive them (the backend's count)."""
+        with contextlib.ExitStack() as held:
+            trailing = await self._handshake(held)
+            if trailing is not None:
+                await self._relay(*trailing)
+
+    async def _handshake(self, held: contextlib.ExitStack) -> tuple[bytes, bytes] | None:
+        """Both handshakes; (client bytes, backend bytes) already read past them once the client
+        has its 101, else None (the client got its answer, or left)."""
         cfg = self.snapshot.config
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.limits.max_header_bytes)
         with trio.move_on_after(cfg.timeouts.handshake) as waited:
@@ -227,7 +238,7 @@ class Session:
             await self._reject(admitted)
             return
         self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
-        await self._connect_backend(h, admitted.upgrade)
+        return await self._connect_backend(h, admitted.upgrade, held)
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
         request: h11.Request | None = None
@@ -277,14 +288,16 @@ class Session:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.client_stream.send_all(rejection.to_bytes())
 
-    async def _connect_backend(self, h: h11.Connection, upgrade: ClientUpgrade) -> None:
+    async def _connect_backend(
+        self, h: h11.Connection, upgrade: ClientUpgrade, held: contextlib.ExitStack
+    ) -> tuple[bytes, bytes] | None:
         cfg = self.snapshot.config
         pool_name = routing.select_pool(self.listener, upgrade.host, upgrade.path)
         if pool_name is None:
             await self._reject(
                 Rejection(404, f"no route for host {upgrade.host.decode('latin-1')} path {upgrade.path}")
             )
-            return
+            return None
         pool = self.snapshot.pools[pool_name]
         self.outcome.pool = pool_name
         key: bytes | None = None
@@ -292,10 +305,10 @@ class Session:
             key = routing.extract_hash_key(pool.config.hash_key, upgrade, self.client_addr[0])
             if key is None and pool.config.hash_fallback == "reject":
                 await self._reject(Rejection(400, f"request has no {pool.config.hash_key} to choose a backend by"))
-                return
+                return None
         if not pool.backends:
             await self._reject(Rejection(503, f"pool {pool_name} has no backends"))
-            return
+            return None
         deadline = trio.current_time() + cfg.timeouts.handshake
         last: Rejection | None = None
         # Only backends healthy now (not down, not ejected), at their slow-start weights.
@@ -304,7 +317,8 @@ class Session:
             if self.outcome.attempts > 1:
                 self._metrics.retry(pool_name)
             self.outcome.backend = backend.name
-            with pool.acquire(backend):
+            with contextlib.ExitStack() as attempt:
+                attempt.enter_context(pool.acquire(backend))
                 result = await self._try_backend(backend, pool, upgrade, deadline)
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
@@ -328,11 +342,12 @@ class Session:
                 backend.health.attempt_succeeded(trio.current_time())
                 if result.accepted is None:
                     await self._pass_response(h, result.answer, deadline)
-                    return
+                    return None
                 self.backend = backend
-                await self._open(h, upgrade, result)
-                return
+                held.enter_context(attempt.pop_all())  # the count lasts as long as the session
+                return await self._open(h, upgrade, result)
         await self._reject(last if last is not None else _unavailable(pool))
+        return None
 
     async def _try_backend(
         self, backend: Backend, pool: Pool, upgrade: ClientUpgrade, deadline: float
@@ -448,7 +463,9 @@ class Session:
 
     # --- relay phase ---------------------------------------------------------------------------
 
-    async def _open(self, h: h11.Connection, upgrade: ClientUpgrade, upstream: Upstream) -> None:
+    async def _open(self, h: h11.Connection, upgrade: ClientUpgrade, upstream: Upstream) -> tuple[bytes, bytes] | None:
+        """Send the client its 101 and build the relay; the bytes each peer sent past its
+        handshake go back to `_serve` for `_relay` (None: the client left)."""
         accepted, backend_ext, answer = upstream.accepted, upstream.extension, upstream.answer
         assert accepted is not None
         cfg = self.snapshot.config
@@ -465,7 +482,7 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.outcome.reason = "client left before the 101"
             self._metrics.handshake(str(self.listener.address), ABORTED, 0)
-            return
+            return None
         listener = str(self.listener.address)
         self._metrics.handshake(listener, UPGRADED, 101)
         self._active = self._metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
@@ -482,7 +499,11 @@ class Session:
         self.relay = relay
         self._start_schedule()
         self._flow = gate.flow_limiter(cfg, trio.current_time())
-        client_trailing, _ = h.trailing_data
+        return bytes(h.trailing_data[0]), answer.trailing
+
+    async def _relay(self, client_trailing: bytes, backend_trailing: bytes) -> None:
+        relay = self.relay
+        assert relay is not None
         # The relay phase moves bytes on plain sockets without a scheduler trip per call (TLS
         # stays on trio's SSLStream).
         if isinstance(self.client_stream, trio.SocketStream):
@@ -492,9 +513,9 @@ class Session:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if client_trailing:
-                relay.feed_client(bytes(client_trailing))
-            if answer.trailing:
-                relay.feed_backend(answer.trailing)
+                relay.feed_client(client_trailing)
+            if backend_trailing:
+                relay.feed_backend(backend_trailing)
             await self._flush()
             assert self._backend_stream is not None
             nursery.start_soon(self._pump, self._backend_stream, relay.feed_backend, "backend")
