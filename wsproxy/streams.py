@@ -59,15 +59,17 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         self._streak = 0
 
     async def _fair(self) -> None:
+        """After a call that did not wait: yield every FAIR_EVERY of them. Shielded, as trio's own
+        calls are once they succeeded: a cancellation here would drop bytes already received or
+        report a finished send as cut; the next call's check sees it instead."""
         self._streak += 1
         if self._streak >= FAIR_EVERY:
             self._streak = 0
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = max_bytes if max_bytes is not None else 65536
+        await trio.lowlevel.checkpoint_if_cancelled()  # before the call: a cancelled receive takes nothing
         while True:
             try:
                 data = self._raw.recv(size)
@@ -82,6 +84,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        await trio.lowlevel.checkpoint_if_cancelled()  # before the call: a cancelled send sends nothing
         while view:
             try:
                 sent = self._raw.send(view)
