@@ -6,6 +6,7 @@ the deadline for the backend's answer); every decision about the answer is hands
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass
 
@@ -35,16 +36,42 @@ class UpstreamAnswer:
 
 
 async def connect(address: Address, timeout: float) -> trio.SocketStream:
-    """Open a TCP stream to the backend within `timeout` seconds."""
+    """Open a TCP stream to the backend within `timeout` seconds.
+
+    Backends are usually given by IP address: those skip name resolution and the happy-eyeballs
+    machinery of trio.open_tcp_stream (a tenth of a handshake's CPU in the profile), and connect
+    one socket directly. Names still go through open_tcp_stream.
+    """
+    family = _ip_family(address.host)
     with trio.move_on_after(timeout) as scope:
         try:
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            if family is None:
+                stream = await trio.open_tcp_stream(address.host, address.port)
+            else:
+                stream = await _connect_numeric(family, address.host, address.port)
         except OSError as exc:
             raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     return stream
+
+
+def _ip_family(host: str) -> int | None:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
+async def _connect_numeric(family: int, host: str, port: int) -> trio.SocketStream:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def request_upgrade(

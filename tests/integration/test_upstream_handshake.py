@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection
 
-from tests.support import proxy_yaml, start_backend, start_proxy
+from tests.support import free_port, proxy_yaml, start_backend, start_proxy
+from wsproxy.config import parse_address
+from wsproxy.demo import demo_backend
+from wsproxy.upstream import UpstreamError
+from wsproxy.upstream import connect as connect_backend
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLIENT_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -445,3 +451,28 @@ async def test_end_to_end_headers_of_backend_101_reach_client(nursery) -> None:
     lines = head.split(b"\r\n")
     assert b"Set-Cookie: sticky=b1; Path=/" in lines
     assert b"X-Backend: b1" in lines
+
+
+async def test_backends_by_ipv4_ipv6_and_name_all_connect(nursery) -> None:
+    """Numeric backends connect directly (no resolver); names still resolve."""
+    v4 = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    v4_port = v4[0].socket.getsockname()[1]
+    await v4[0].aclose()
+    await nursery.start(functools.partial(demo_backend, "127.0.0.1", v4_port, "v4"))
+    try:
+        v6 = await trio.open_tcp_listeners(0, host="::1")
+    except OSError:
+        v6 = []
+    targets = [f"127.0.0.1:{v4_port}", f"localhost:{v4_port}"]
+    if v6:
+        v6_port = v6[0].socket.getsockname()[1]
+        await v6[0].aclose()
+        await nursery.start(functools.partial(demo_backend, "::1", v6_port, "v6"))
+        targets.append(f"[::1]:{v6_port}")
+    for target in targets:
+        stream = await connect_backend(parse_address(target), 2.0)
+        peer = stream.socket.getpeername()
+        assert peer[1] == parse_address(target).port
+        await stream.aclose()
+    with pytest.raises(UpstreamError, match="failed"):
+        await connect_backend(parse_address(f"127.0.0.1:{free_port()}"), 2.0)
