@@ -40,7 +40,7 @@ from wsproxy.reload_plan import (
 )
 from wsproxy.session import Session, peer_address, tune_socket
 from wsproxy.snapshot import Snapshot
-from wsproxy.streams import PrefixedStream
+from wsproxy.streams import FastTLSStream, PrefixedStream
 from wsproxy.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
@@ -132,7 +132,10 @@ class Server:
             await trio.aclose_forcefully(stream)
             return
         if ctx is not None:
-            conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
+            if conn is stream:  # OpenSSL on the socket itself: no Python in the record path
+                conn = FastTLSStream(stream, ctx)
+            else:  # bytes already read after a PROXY header: they must go through a BIO
+                conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
         local_addr = got.dest if listener.proxy_protocol and got.dest is not None else _local(stream)
         session = Session(
             conn,

@@ -45,13 +45,13 @@ from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, R
 from wsproxy.relay_inspect import InspectRelay
 from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
-from wsproxy.streams import FastSocketStream
+from wsproxy.streams import FastSocketStream, FastTLSStream
 from wsproxy.timers import TimerEntry, Timers
 from wsproxy.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
 
-Stream = trio.SocketStream | trio.SSLStream | FastSocketStream
+Stream = trio.SocketStream | trio.SSLStream | FastSocketStream | FastTLSStream
 
 
 @dataclass(slots=True)
@@ -505,7 +505,7 @@ class Session:
         relay = self.relay
         assert relay is not None
         # The relay phase moves bytes on plain sockets without a scheduler trip per call (TLS
-        # stays on trio's SSLStream).
+        # client streams arrive as streams.FastTLSStream already, from Server._handle).
         if isinstance(self.client_stream, trio.SocketStream):
             self.client_stream = FastSocketStream(self.client_stream)
         if isinstance(self._backend_stream, trio.SocketStream):

@@ -1,6 +1,10 @@
-"""A stream that first returns bytes already read from it (after a PROXY header), then the rest."""
+"""Streams of the shell: a prefix replayed after a PROXY header, and the relay's fast plain-TCP
+and TLS streams."""
 
 from __future__ import annotations
+
+import contextlib
+import ssl
 
 import trio
 
@@ -110,3 +114,102 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class FastTLSStream(trio.abc.Stream):
+    """Server-side TLS on a non-blocking `ssl.SSLSocket` over the kernel socket.
+
+    trio.SSLStream pushes every record through two MemoryBIOs in Python; here OpenSSL reads and
+    writes the socket itself and Python only waits when it says SSL_WANT_READ/WRITE, like
+    FastSocketStream does for plain TCP. The handshake runs on first use (the session's first
+    read), as SSLStream's does. A write that wants a read while the reader task already waits
+    for readability (a TLS 1.3 key update, say) polls briefly instead of waiting twice on one
+    socket, which trio does not allow. Missing close_notify from a client is a normal end of
+    stream (`suppress_ragged_eofs`), as with SSLStream's https_compatible.
+    """
+
+    __slots__ = ("_handshaken", "_ssl", "_streak")
+
+    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+        raw = stream.socket._sock  # taken over: from here on this object owns the descriptor
+        self._ssl = context.wrap_socket(
+            raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
+        )
+        self._ssl.setblocking(False)
+        self._handshaken = False
+        self._streak = 0
+
+    async def _wait(self, exc: ssl.SSLError) -> None:
+        self._streak = 0
+        try:
+            if isinstance(exc, ssl.SSLWantWriteError):
+                await trio.lowlevel.wait_writable(self._ssl)
+            else:
+                await trio.lowlevel.wait_readable(self._ssl)
+        except trio.BusyResourceError:
+            await trio.sleep(0.001)  # the other task waits on this socket: let it, then retry
+
+    async def _handshake(self) -> None:
+        while not self._handshaken:
+            try:
+                self._ssl.do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                await self._wait(exc)
+                continue
+            except (ssl.SSLError, OSError) as exc:
+                raise self._translate(exc) from exc
+            self._handshaken = True
+
+    async def _fair(self) -> None:
+        self._streak += 1
+        if self._streak >= FAIR_EVERY:
+            self._streak = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._handshake()
+        size = max_bytes if max_bytes is not None else 65536
+        while True:
+            try:
+                data = self._ssl.recv(size)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                await self._wait(exc)
+                continue
+            except (ssl.SSLError, OSError) as exc:
+                raise self._translate(exc) from exc
+            await self._fair()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._handshake()
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._ssl.send(view)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                await self._wait(exc)
+                continue
+            except (ssl.SSLError, OSError) as exc:
+                raise self._translate(exc) from exc
+            view = view[sent:]
+        await self._fair()
+
+    def _translate(self, exc: BaseException) -> trio.ClosedResourceError | trio.BrokenResourceError:
+        if self._ssl.fileno() == -1:
+            return trio.ClosedResourceError("the socket was closed")
+        return trio.BrokenResourceError(f"TLS connection broken: {exc}")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._ssl)
+
+    async def aclose(self) -> None:
+        """Send close_notify if the socket takes it at once, then close; never waits for the peer."""
+        if self._ssl.fileno() != -1:
+            if self._handshaken:
+                with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                    self._ssl.unwrap()
+            trio.lowlevel.notify_closing(self._ssl)
+            self._ssl.close()
+        await trio.lowlevel.checkpoint()
