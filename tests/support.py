@@ -158,6 +158,40 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# a one-task wsproto backend with byte-level control
+
+
+async def serve_wsproto(stream: trio.SocketStream, on_event: Callable[[WSConnection, Event], bytes]) -> None:
+    """Serve one WebSocket connection in one task: accept the Upgrade, answer the peer's close,
+    and hand every other event to `on_event`, which returns the bytes to send (b"" for none).
+    One task on purpose: while it is blocked sending it reads nothing, as a slow backend would."""
+    ws = WSConnection(ConnectionType.SERVER)
+    async with stream:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            ws.receive_data(data or None)
+            out = b""
+            for ev in ws.events():
+                if isinstance(ev, Request):
+                    out += ws.send(AcceptConnection())
+                elif isinstance(ev, CloseConnection):
+                    if ws.state.name == "REMOTE_CLOSING":
+                        out += ws.send(ev.response())
+                else:
+                    out += on_event(ws, ev)
+            if out:
+                try:
+                    await stream.send_all(out)
+                except trio.BrokenResourceError:
+                    return
+            if not data or ws.state.name == "CLOSED":
+                return
+
+
+# --------------------------------------------------------------------------------------------
 # a raw trio client with byte-level control (wsproto high-level client)
 
 

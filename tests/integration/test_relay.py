@@ -30,19 +30,18 @@ import trio
 import trio.testing
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection
-from wsproto import ConnectionType, WSConnection
+from wsproto import WSConnection
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     Pong,
-    Request,
     TextMessage,
 )
 from wsproto.extensions import PerMessageDeflate
 
-from tests.support import RawClient, TLSFiles, echo_handler, proxy_yaml, start_backend, start_proxy
+from tests.support import RawClient, TLSFiles, echo_handler, proxy_yaml, serve_wsproto, start_backend, start_proxy
 from wsproxy.config import ListenerConfig
 
 # Listener YAML per relay path. Add `"passthrough": "relay: passthrough"` here to run every test
@@ -610,32 +609,15 @@ async def start_fragment_echo_backend(nursery: trio.Nursery, sockbuf: int) -> in
     a proxy that couples its two directions deadlock instead of merely slowing down.
     """
 
+    def echo_pieces(ws: WSConnection, ev: Event) -> bytes:
+        if isinstance(ev, BytesMessage):
+            return ws.send(BytesMessage(data=ev.data, message_finished=ev.message_finished))
+        return b""
+
     async def conn(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sockbuf)
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockbuf)
-        ws = WSConnection(ConnectionType.SERVER)
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                ws.receive_data(data or None)
-                out = b""
-                for ev in ws.events():
-                    if isinstance(ev, Request):
-                        out += ws.send(AcceptConnection())
-                    elif isinstance(ev, BytesMessage):
-                        out += ws.send(BytesMessage(data=ev.data, message_finished=ev.message_finished))
-                    elif isinstance(ev, CloseConnection) and ws.state.name == "REMOTE_CLOSING":
-                        out += ws.send(ev.response())
-                if out:
-                    try:
-                        await stream.send_all(out)
-                    except trio.BrokenResourceError:
-                        return
-                if not data or ws.state.name == "CLOSED":
-                    return
+        await serve_wsproto(stream, echo_pieces)
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, conn, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
@@ -684,31 +666,14 @@ async def start_ping_recording_backend(nursery: trio.Nursery) -> PingBackend:
     """A wsproto backend that records every ping it gets and answers with a pong."""
     pings: list[bytes] = []
 
+    def record_pings(ws: WSConnection, ev: Event) -> bytes:
+        if isinstance(ev, Ping):
+            pings.append(bytes(ev.payload))
+            return ws.send(ev.response())
+        return b""
+
     async def conn(stream: trio.SocketStream) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
-        async with stream:
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                ws.receive_data(data or None)
-                out = b""
-                for ev in ws.events():
-                    if isinstance(ev, Request):
-                        out += ws.send(AcceptConnection())
-                    elif isinstance(ev, Ping):
-                        pings.append(bytes(ev.payload))
-                        out += ws.send(ev.response())
-                    elif isinstance(ev, CloseConnection) and ws.state.name == "REMOTE_CLOSING":
-                        out += ws.send(ev.response())
-                if out:
-                    try:
-                        await stream.send_all(out)
-                    except trio.BrokenResourceError:
-                        return
-                if not data or ws.state.name == "CLOSED":
-                    return
+        await serve_wsproto(stream, record_pings)
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, conn, 0, host="127.0.0.1"))
     return PingBackend(listeners[0].socket.getsockname()[1], pings)
