@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -430,6 +431,21 @@ async def test_sigterm_drains_with_1001_spread_over_the_window(nursery, tmp_path
         proc.stop()
 
 
+def free_port_pair(avoid: set[int]) -> int:
+    """A port p such that p and p + 1 are both free now (worker i's admin listener is on p + i)."""
+    for _ in range(100):
+        p = free_port()
+        if p in avoid or p + 1 in avoid or p + 1 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two consecutive free ports found")
+
+
 def _children(pid: int) -> set[int]:
     """Live child processes of `pid` (any of its threads may have started them)."""
     found: set[int] = set()
@@ -445,14 +461,15 @@ async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nur
     backends = await start_backends(nursery, 2)
     path = tmp_path / "wsproxy.yaml"
     port = free_port()
-    admin = free_port()
-    while admin + 1 == port:
-        admin = free_port()
+    admin = free_port_pair(avoid={port, *backends})
     extra = f"workers: 2\nshutdown: {{drain_window: 0s, deadline: 3s}}\nadmin: {{address: 127.0.0.1:{admin}}}\n"
     path.write_text(config_text(port, backends[:1], extra=extra))
     proc = ProxyProcess(path)
     try:
-        await wait_for(lambda: len([ln for ln in proc.lines if "wsproxy ready" in ln]) >= 2, timeout=20)
+        try:
+            await wait_for(lambda: len([ln for ln in proc.lines if "wsproxy ready" in ln]) >= 2, timeout=20)
+        except trio.TooSlowError:
+            raise AssertionError("two workers did not report ready:\n" + "".join(proc.lines)) from None
         workers = _children(proc.proc.pid)
         assert len(workers) == 2, proc.lines
         for _ in range(40):
