@@ -16,8 +16,7 @@ import random
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import trio
 
@@ -28,6 +27,8 @@ from wsproxy.config import Address, Config, ListenerConfig, PoolConfig
 from wsproxy.gate import Edge, EdgeCollector
 from wsproxy.health_check import HealthMonitor
 from wsproxy.metrics import Metrics
+from wsproxy.reactor import AVAILABLE as REACTOR_AVAILABLE
+from wsproxy.reactor import Reactor
 from wsproxy.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.reload_plan import (
     ListenerKey,
@@ -90,6 +91,7 @@ class Server:
         self._all_gone = trio.Event()
         self.draining = False
         self.timers = Timers()
+        self.reactor = Reactor()  # the relay phase of every session, on one readiness loop (Linux)
         self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
         self.reloads = 0
         self.metrics = Metrics(
@@ -102,15 +104,10 @@ class Server:
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
 
-    @contextmanager
-    def _registered(self, session: Session) -> Iterator[None]:
-        self.sessions.add(session)
-        try:
-            yield
-        finally:
-            self.sessions.discard(session)
-            if self.draining and not self.sessions:
-                self._all_gone.set()
+    def _unregister(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self.draining and not self.sessions:
+            self._all_gone.set()
 
     # --- connections -----------------------------------------------------------------------
 
@@ -146,9 +143,13 @@ class Server:
             local_addr=local_addr,
             metrics=self.metrics,
             edge=self.edge,
+            reactor=self.reactor,
         )
-        with self._registered(session):
+        self.sessions.add(session)
+        try:  # not a generator context manager: an idle session would hold one for hours
             await session.run()
+        finally:
+            self._unregister(session)
 
     async def _read_proxy_header(
         self, stream: trio.SocketStream, peer: tuple[str, int]
@@ -197,6 +198,8 @@ class Server:
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.timers.run)
+            if REACTOR_AVAILABLE:
+                await connections.start(self.reactor.run)
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
             for key, lst in listener_keys(self.snapshot.config).items():

@@ -26,9 +26,11 @@ from wsproto.extensions import PerMessageDeflate
 from wsproxy import gate, handshake, health, heartbeat, proxy_protocol, routing, session_log
 from wsproxy.admission import RATE_CLOSED, RATE_THROTTLED, Ticket
 from wsproxy.balancing import Backend, Pool
+from wsproxy.balancing.base import Lease
 from wsproxy.config import ListenerConfig
 from wsproxy.handshake import ClientUpgrade, Rejection
 from wsproxy.heartbeat import Expired, PeerDead, Schedule, SendPing
+from wsproxy.link import Link
 from wsproxy.metrics import (
     ABORTED,
     BACKEND_RESPONSE,
@@ -41,11 +43,12 @@ from wsproxy.metrics import (
     Metrics,
 )
 from wsproxy.ratelimit import FlowLimiter
+from wsproxy.reactor import Reactor
 from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.relay_inspect import InspectRelay
 from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
-from wsproxy.streams import FastSocketStream, FastTLSStream
+from wsproxy.streams import FastSocketStream, FastTLSStream, raw_socket
 from wsproxy.timers import TimerEntry, Timers
 from wsproxy.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
@@ -88,8 +91,11 @@ class Session:
         "_closed",
         "_edge",
         "_flow",
+        "_lease",
+        "_link",
         "_metrics",
         "_nursery",
+        "_reactor",
         "_schedule",
         "_scope",
         "_ticket",
@@ -118,6 +124,7 @@ class Session:
         local_addr: tuple[str, int] | None = None,
         metrics: Metrics,
         edge: gate.Edge | None = None,
+        reactor: Reactor | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -131,8 +138,8 @@ class Session:
         self._backend_stream: trio.SocketStream | FastSocketStream | None = None
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
-        self._client_lock = trio.Lock()
-        self._backend_lock = trio.Lock()
+        self._client_lock: trio.Lock | None = None  # the task-driven relay's send locks (not the reactor's)
+        self._backend_lock: trio.Lock | None = None
         self._closed = {"client": False, "backend": False}
         self._close_armed = False
         self._timers = timers
@@ -144,6 +151,9 @@ class Session:
         self._ticket: Ticket | None = None  # this session's place in the session counts, once admitted
         self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
         self._flow: FlowLimiter | None = None  # client-to-backend message/byte budget
+        self._reactor = reactor if reactor is not None and reactor.running else None
+        self._lease: Lease | None = None  # this session's count on its backend, once chosen
+        self._link: Link | None = None  # the relay phase on the reactor (else: two pump tasks)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -168,6 +178,10 @@ class Session:
 
     def go_away(self, code: int = GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Close this session from outside (shutdown): a closing handshake with `code`."""
+        if self.relay is not None and self._link is not None:
+            self.relay.close(client_code=code, backend_code=code, reason=reason)
+            self._link.settle()
+            return
         if self.relay is None or self._nursery is None:
             self._scope.cancel()  # still in the handshake: nothing to close gracefully
             return
@@ -195,13 +209,17 @@ class Session:
     async def _serve(self) -> None:
         """Handshake, then relay. The relay runs after the handshake's frames have returned, so
         an idle session does not keep the request, both h11 connections and the balancer's
-        iterator alive for hours; `held` carries what must outlive them (the backend's count)."""
-        with contextlib.ExitStack() as held:
-            trailing = await self._handshake(held)
+        iterator alive for hours; `self._lease` is what must outlive them (the backend's count)."""
+        try:
+            trailing = await self._handshake()
             if trailing is not None:
                 await self._relay(*trailing)
+        finally:
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
 
-    async def _handshake(self, held: contextlib.ExitStack) -> tuple[bytes, bytes] | None:
+    async def _handshake(self) -> tuple[bytes, bytes] | None:
         """Both handshakes; (client bytes, backend bytes) already read past them once the client
         has its 101, else None (the client got its answer, or left)."""
         cfg = self.snapshot.config
@@ -238,7 +256,7 @@ class Session:
             await self._reject(admitted)
             return
         self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
-        return await self._connect_backend(h, admitted.upgrade, held)
+        return await self._connect_backend(h, admitted.upgrade)
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
         request: h11.Request | None = None
@@ -288,9 +306,7 @@ class Session:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.client_stream.send_all(rejection.to_bytes())
 
-    async def _connect_backend(
-        self, h: h11.Connection, upgrade: ClientUpgrade, held: contextlib.ExitStack
-    ) -> tuple[bytes, bytes] | None:
+    async def _connect_backend(self, h: h11.Connection, upgrade: ClientUpgrade) -> tuple[bytes, bytes] | None:
         cfg = self.snapshot.config
         pool_name = routing.select_pool(self.listener, upgrade.host, upgrade.path)
         if pool_name is None:
@@ -317,8 +333,8 @@ class Session:
             if self.outcome.attempts > 1:
                 self._metrics.retry(pool_name)
             self.outcome.backend = backend.name
-            with contextlib.ExitStack() as attempt:
-                attempt.enter_context(pool.acquire(backend))
+            lease: Lease | None = pool.acquire(backend)
+            try:
                 result = await self._try_backend(backend, pool, upgrade, deadline)
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
@@ -344,8 +360,11 @@ class Session:
                     await self._pass_response(h, result.answer, deadline)
                     return None
                 self.backend = backend
-                held.enter_context(attempt.pop_all())  # the count lasts as long as the session
+                self._lease, lease = lease, None  # the count lasts as long as the session
                 return await self._open(h, upgrade, result)
+            finally:
+                if lease is not None:
+                    lease.release()
         await self._reject(last if last is not None else _unavailable(pool))
         return None
 
@@ -504,8 +523,14 @@ class Session:
     async def _relay(self, client_trailing: bytes, backend_trailing: bytes) -> None:
         relay = self.relay
         assert relay is not None
+        client_sock = raw_socket(self.client_stream)
+        backend_sock = raw_socket(self._backend_stream) if self._backend_stream is not None else None
+        if self._reactor is not None and self._reactor.running and client_sock and backend_sock:
+            await self._relay_on_reactor(self._reactor, client_sock, backend_sock, client_trailing, backend_trailing)
+            return
         # The relay phase moves bytes on plain sockets without a scheduler trip per call (TLS
         # client streams arrive as streams.FastTLSStream already, from Server._handle).
+        self._client_lock, self._backend_lock = trio.Lock(), trio.Lock()
         if isinstance(self.client_stream, trio.SocketStream):
             self.client_stream = FastSocketStream(self.client_stream)
         if isinstance(self._backend_stream, trio.SocketStream):
@@ -522,6 +547,61 @@ class Session:
             # the client pump runs in this task: one task fewer per session (most of an idle
             # session's memory is its tasks)
             await self._pump(self.client_stream, relay.feed_client, "client")
+
+    async def _relay_on_reactor(
+        self,
+        reactor: Reactor,
+        client_sock: socket.socket,
+        backend_sock: socket.socket,
+        client_trailing: bytes,
+        backend_trailing: bytes,
+    ) -> None:
+        """The relay phase on the shared readiness loop: this task only waits for its end."""
+        relay = self.relay
+        assert relay is not None
+        cfg = self.snapshot.config
+        link = Link(
+            reactor=reactor,
+            relay=relay,
+            client=client_sock,
+            backend=backend_sock,
+            timers=self._timers,
+            metrics=self._metrics,
+            receive_size=cfg.limits.buffer_bytes,
+            close_timeout=cfg.timeouts.close,
+            slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
+            consume=self._consume if self._schedule is not None else None,
+            schedule=self._schedule,
+            flow=self._flow,
+            on_throttled=self._rate_throttled,
+            on_rate_close=self._rate_close,
+            peer_name=self._peer_name,
+        )
+        self._link = link
+        link.start(client_trailing, backend_trailing)
+        await link.wait()
+        if link.failed:
+            self.outcome.reason = self.outcome.reason or "internal error"
+
+    def _rate_throttled(self) -> None:
+        self._edge.admission.counts[RATE_THROTTLED] += 1
+
+    def _rate_close(self) -> None:
+        """Over its message/byte rate for close_after: 1008 to the client, 1001 to the backend."""
+        relay = self.relay
+        assert relay is not None
+        self._edge.admission.counts[RATE_CLOSED] += 1
+        rl = self.snapshot.config.rate_limits
+        log.warning(
+            "client %s: over its message/byte rate for %gs: closing with 1008",
+            _fmt_addr(self.client_addr),
+            rl.close_after or 0,
+        )
+        relay.close(
+            client_code=POLICY_VIOLATION,
+            backend_code=GOING_AWAY,
+            reason=f"client over its rate limit for {rl.close_after or 0:g}s",
+        )
 
     async def _pump(self, stream: Stream, feed: Callable[[bytes], None], side: str) -> None:
         size = self.snapshot.config.limits.buffer_bytes
@@ -558,29 +638,15 @@ class Session:
     async def _throttle(self, flow: FlowLimiter, nbytes: int, messages: int) -> None:
         """Charge a client read to its budget; over it, stop reading (backpressure) for as long as
         the budget needs, and close the client with 1008 once it has been over for close_after."""
-        relay = self.relay
-        assert relay is not None
         was_limited = flow.limited_since is not None
         flow.charge(trio.current_time(), messages=messages, nbytes=nbytes)
         if flow.limited_since is None:
             return
-        counts = self._edge.admission.counts
         if not was_limited:
-            counts[RATE_THROTTLED] += 1
+            self._rate_throttled()
         if await gate.hold_back(flow):
             return
-        counts[RATE_CLOSED] += 1
-        rl = self.snapshot.config.rate_limits
-        log.warning(
-            "client %s: over its message/byte rate for %gs: closing with 1008",
-            _fmt_addr(self.client_addr),
-            rl.close_after or 0,
-        )
-        relay.close(
-            client_code=POLICY_VIOLATION,
-            backend_code=GOING_AWAY,
-            reason=f"client over its rate limit for {rl.close_after or 0:g}s",
-        )
+        self._rate_close()
         await self._flush()
 
     def _consume(self, step: Callable[[Any], None], arg: Any) -> None:
@@ -601,6 +667,7 @@ class Session:
         """Send what the relay queued, close finished sides, arm the close timeout."""
         relay = self.relay
         assert relay is not None and self._nursery is not None
+        assert self._client_lock is not None and self._backend_lock is not None
         while True:
             sent_c = await self._send("client", self.client_stream, self._client_lock, relay.take_for_client)
             assert self._backend_stream is not None
@@ -711,8 +778,8 @@ class Session:
 
     def _on_timer(self, now: float) -> None:
         self._timer = None
-        relay, schedule, nursery = self.relay, self._schedule, self._nursery
-        if relay is None or schedule is None or nursery is None:
+        relay, schedule, nursery, link = self.relay, self._schedule, self._nursery, self._link
+        if relay is None or schedule is None or (nursery is None and link is None):
             return
         if relay.client_done and relay.backend_done:
             return
@@ -740,8 +807,12 @@ class Session:
                 log.info("session from %s: %s", _fmt_addr(self.client_addr), reason)
                 relay.close(client_code=GOING_AWAY, backend_code=GOING_AWAY, reason=reason)
         if acted:
-            with contextlib.suppress(RuntimeError):  # the relay phase may have just ended
-                nursery.start_soon(self._flush)
+            if link is not None:
+                link.settle()
+            else:
+                assert nursery is not None
+                with contextlib.suppress(RuntimeError):  # the relay phase may have just ended
+                    nursery.start_soon(self._flush)
         if not relay.closing:
             self._arm_timer()
 

@@ -4,6 +4,7 @@ and TLS streams."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import ssl
 
 import trio
@@ -132,9 +133,7 @@ class FastTLSStream(trio.abc.Stream):
 
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
         raw = stream.socket._sock  # taken over: from here on this object owns the descriptor
-        self._ssl = context.wrap_socket(
-            raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True
-        )
+        self._ssl = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True)
         self._ssl.setblocking(False)
         self._handshaken = False
         self._streak = 0
@@ -213,3 +212,17 @@ class FastTLSStream(trio.abc.Stream):
             trio.lowlevel.notify_closing(self._ssl)
             self._ssl.close()
         await trio.lowlevel.checkpoint()
+
+
+def raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The non-blocking socket under a plain or FastTLS stream, for the reactor to drive; None
+    for a stream whose bytes pass through Python first (trio.SSLStream, a PROXY prefix)."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket._sock  # type: ignore[attr-defined]
+    if isinstance(stream, FastSocketStream):
+        return stream._raw
+    if isinstance(stream, FastTLSStream):
+        return stream._ssl if stream._handshaken else None
+    if isinstance(stream, PrefixedStream) and not stream._prefix:
+        return raw_socket(stream.inner)
+    return None

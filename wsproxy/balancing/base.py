@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 from wsproxy.config import BackendConfig, PoolConfig
 from wsproxy.health import BackendHealth
@@ -62,9 +61,7 @@ class Pool:
 
     __slots__ = ("backends", "config", "name", "policy")
 
-    def __init__(
-        self, config: PoolConfig, policy_cls: type[Policy], previous: Pool | None = None
-    ) -> None:
+    def __init__(self, config: PoolConfig, policy_cls: type[Policy], previous: Pool | None = None) -> None:
         self.config = config
         self.name = config.name
         self.backends = [Backend(b, i) for i, b in enumerate(config.backends)]
@@ -104,11 +101,30 @@ class Pool:
     def active(self) -> int:
         return sum(b.active for b in self.backends)
 
-    @contextmanager
-    def acquire(self, backend: Backend) -> Iterator[Backend]:
-        """Count a session on `backend` for as long as the block runs."""
+    def acquire(self, backend: Backend) -> Lease:
+        """Count a session on `backend` until the lease is released (or its block ends)."""
+        return Lease(backend)
+
+
+class Lease:
+    """One session counted on a backend. A plain object rather than a generator context
+    manager: an idle session holds its lease for hours, and this is 56 bytes, not 600."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: Backend) -> None:
         backend.active += 1
-        try:
-            yield backend
-        finally:
-            backend.active -= 1
+        self.backend: Backend | None = backend
+
+    def release(self) -> None:
+        """Stop counting; harmless when already released."""
+        if self.backend is not None:
+            self.backend.active -= 1
+            self.backend = None
+
+    def __enter__(self) -> Backend:
+        assert self.backend is not None
+        return self.backend
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
