@@ -85,6 +85,18 @@ class Plan:
     targets: list[str]
 
 
+def all_cells(idle_sessions: int) -> list[Cell]:
+    cells = [Cell(f"rt {label} x{n}", "rt", size=size, conns=n) for label, size in SIZES.items() for n in CONNS]
+    return [
+        *cells,
+        Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
+        Cell("hs plain", "hs", conns=HANDSHAKE_CONCURRENCY),
+        Cell("hs tls", "hs", tls=True, conns=HANDSHAKE_CONCURRENCY),
+        Cell("idle plain", "idle", conns=idle_sessions, size=64),
+        Cell("idle tls", "idle", tls=True, conns=idle_sessions, size=64),
+    ]
+
+
 def build_plan(args: argparse.Namespace, idle_sessions: int) -> Plan:
     if args.quick:
         cells = [
@@ -94,14 +106,7 @@ def build_plan(args: argparse.Namespace, idle_sessions: int) -> Plan:
             Cell("idle plain", "idle", conns=min(idle_sessions, 300), size=64),
         ]
         return Plan(cells, warmup=0.3, duration=1.0, idle_sessions=min(idle_sessions, 300), targets=args.targets)
-    cells = [Cell(f"rt {label} x{n}", "rt", size=size, conns=n) for label, size in SIZES.items() for n in CONNS]
-    cells += [
-        Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
-        Cell("hs plain", "hs", conns=HANDSHAKE_CONCURRENCY),
-        Cell("hs tls", "hs", tls=True, conns=HANDSHAKE_CONCURRENCY),
-        Cell("idle plain", "idle", conns=idle_sessions, size=64),
-        Cell("idle tls", "idle", tls=True, conns=idle_sessions, size=64),
-    ]
+    cells = all_cells(idle_sessions)
     if args.cells:
         unknown = set(args.cells) - {c.name for c in cells}
         if unknown:
@@ -689,7 +694,9 @@ def run(args: argparse.Namespace) -> dict:
                     continue
                 results[name] = run_target(env, plan, target, ports["pid"])
             if args.profile:
-                report["profile"] = profile(env, plan, all_targets["passthrough"], ports["pid"], Path(args.profile))
+                target = all_targets[args.profile_target]
+                cell = next(c for c in all_cells(plan.idle_sessions) if c.name == args.profile_cell)
+                report["profile"] = profile(env, plan, target, ports["pid"], Path(args.profile), cell)
         finally:
             for t in all_targets.values():
                 t.stop()
@@ -749,13 +756,13 @@ def show(target: str, cell: Cell, r: dict) -> None:
 # py-spy
 
 
-def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path) -> dict:
-    """py-spy on the passthrough proxy during the key cell; summary of the hottest frames."""
+def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path, cell: Cell) -> dict:
+    """py-spy on one target during one cell (default: passthrough, the key cell); summary of the
+    hottest frames."""
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         return {"error": "py-spy not installed (pip install py-spy)"}
     seconds = max(3, int(plan.duration) + 2)
-    cell = Cell(KEY_CELL, "rt", size=1024, conns=100)
     ep = target.start()
     try:
         argv = [*env.pin.load, spy, "record", "--pid", str(ep.pids[0]), "--duration", str(seconds)]
@@ -774,6 +781,7 @@ def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path) -
         return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
     summary = summarise_speedscope(out)
     summary["cell_rate_under_profiler"] = r.get("value")
+    summary["cell"], summary["target"] = cell.name, target.name
     print("\n" + render_profile(summary), flush=True)
     return summary
 
@@ -811,7 +819,8 @@ def summarise_speedscope(path: Path, top: int = 25) -> dict:
 def render_profile(summary: dict) -> str:
     if "error" in summary:
         return f"profile: {summary['error']}"
-    lines = [f"py-spy, {summary['sampled']:g} s sampled (passthrough, {KEY_CELL}); share of samples per function:"]
+    where = f"{summary.get('target', 'passthrough')}, {summary.get('cell', KEY_CELL)}"
+    lines = [f"py-spy, {summary['sampled']:g} s sampled ({where}); share of samples per function:"]
     for title in ("self", "inclusive"):
         lines.append(f"  {title}:")
         lines += [f"    {share:6.1%}  {name}" for name, share in summary[title]]
@@ -836,6 +845,8 @@ def main() -> None:
     )
     p.add_argument("--workdir", help="keep configs, certs and the targets' logs here (default: a temporary directory)")
     p.add_argument("--profile", help="afterwards, py-spy the passthrough proxy in the key cell; speedscope JSON here")
+    p.add_argument("--profile-cell", default=KEY_CELL, help="the cell --profile runs (a round-trip or handshake cell)")
+    p.add_argument("--profile-target", default="passthrough", help="the target --profile samples")
     args = p.parse_args()
     if "direct" not in args.targets:
         args.targets.insert(0, "direct")  # every ratio needs it

@@ -42,6 +42,7 @@ class Side:
     """One peer's socket and what is owed to it."""
 
     __slots__ = (
+        "again",
         "closed",
         "eof",
         "fd",
@@ -75,6 +76,7 @@ class Side:
         self.write_wants_read = False  # TLS: the last send needs the socket readable first
         self.stall_began: float | None = None  # when the pending bytes stopped fitting
         self.stall_timer: TimerEntry | None = None
+        self.again = False  # TLS: a read of OpenSSL's buffered plaintext is already asked for
 
 
 class Link:
@@ -85,6 +87,9 @@ class Link:
         "_consume",
         "_done",
         "_flow",
+        "_may_backlog",
+        "_now",
+        "_on_pongs",
         "_on_rate_close",
         "_on_throttled",
         "_peer_name",
@@ -117,6 +122,7 @@ class Link:
         close_timeout: float,
         slow_consumer_timeout: float | None,
         consume: Callable[[Callable[[Any], None], Any], None] | None,
+        on_pongs: Callable[[list[tuple[str, bytes]], float], None],
         flow: FlowLimiter | None,
         on_throttled: Callable[[], None],
         on_rate_close: Callable[[], None],
@@ -133,7 +139,10 @@ class Link:
         self.close_timeout = close_timeout
         self._slow_limit = slow_consumer_timeout
         self._consume = consume  # session._consume (heartbeat bookkeeping) or None: feed directly
-        self._schedule = schedule
+        self._schedule = schedule  # heartbeat.Schedule (None: nothing timed), told what each read carried
+        self._on_pongs = on_pongs  # the proxy's own pongs a read carried, with the time they arrived
+        self._now = trio.lowlevel.current_clock().current_time  # trio.current_time, one call shorter
+        self._may_backlog = getattr(relay, "may_backlog", True)  # passthrough never keeps a backlog
         self._flow = flow
         self._on_throttled = on_throttled  # the client went over its budget (counted once per run)
         self._on_rate_close = on_rate_close  # ... and stayed over it for close_after: 1008
@@ -203,17 +212,29 @@ class Link:
     def _may_read(self, s: Side) -> bool:
         if s.eof or s.closed:
             return False
-        other = self.backend if s is self.client else self.client
-        if other.out or self.relay.backlog(s.name):
+        if (self.backend if s is self.client else self.client).out:
             return False  # backpressure: what s sent before is not out yet
+        if self._may_backlog and self.relay.backlog(s.name):
+            return False  # inflated input waits until the other peer took some
         return not (self._throttled and s is self.client)
 
     def _feed(self, s: Side, data: bytes) -> None:
-        if self._consume is not None:
-            self._schedule.saw_traffic(s.name, trio.current_time())
-            self._consume(s.feed, data)
-        else:
+        """Feed one read to the relay; tell the heartbeat schedule what it carried (inline: this
+        runs for every read)."""
+        schedule = self._schedule
+        if schedule is None:
             s.feed(data)
+            return
+        now = self._now()
+        schedule.saw_traffic(s.name, now)
+        stats = self.relay.stats
+        frames = stats.data_frames
+        s.feed(data)
+        if stats.data_frames != frames:
+            schedule.saw_data(now)
+        pongs = self.relay.take_pongs()
+        if pongs:
+            self._on_pongs(pongs, now)
 
     def _read(self, s: Side) -> None:
         try:
@@ -231,15 +252,12 @@ class Link:
             s.eof = True
             s.feed(b"")
             return
+        flow = self._flow if s is self.client else None
         sent_before = self.relay.stats.messages_to_backend
         self._feed(s, data)
-        if s.tls and s.sock.pending():  # decrypted already: the socket may never wake us for it
-            fd = s.fd
-            self._reactor.soon(lambda: self._done or self.on_event(fd, IN))
-        if self.relay.backlog(s.name):
+        if self._may_backlog and self.relay.backlog(s.name):
             self.metrics.backpressure_event("backend" if s is self.client else "client", BUFFER_FULL)
-        if s is self.client and self._flow is not None and not self.relay.closing:
-            flow = self._flow
+        if flow is not None and not self.relay.closing:
             was_limited = flow.limited_since is not None
             messages = self.relay.stats.messages_to_backend - sent_before
             flow.charge(trio.current_time(), messages=messages, nbytes=len(data))
@@ -285,6 +303,12 @@ class Link:
             s.stall_timer = None
             if self._done or not s.out:
                 return
+            try:
+                drop()
+            except Exception:
+                self._crash()
+
+        def drop() -> None:
             limit = self._slow_limit
             # The peer took nothing for `limit` seconds while data waited. Its socket is mid-frame,
             # so no close frame can follow: drop it, and tell the other peer why.
@@ -331,7 +355,11 @@ class Link:
         self._throttle_timer = None
         if self._done:
             return
-        self._hold_back(newly=False)
+        try:
+            self._hold_back(newly=False)
+        except Exception:
+            self._crash()
+            return
         self.settle()
 
     def _settle(self) -> None:
@@ -347,23 +375,25 @@ class Link:
                 closed = s.closed
                 self._write(s)
                 changed = changed or s.closed != closed
-            for s, other in ((client, backend), (backend, client)):
-                if relay.backlog(s.name) and not other.out and not other.closed:
-                    self._step(relay.resume, s.name)  # inflated input, as far as the other side has room
-                    changed = True
+            if self._may_backlog:
+                for s, other in ((client, backend), (backend, client)):
+                    if relay.backlog(s.name) and not other.out:  # (a finished side's output is dropped)
+                        self._step(relay.resume, s.name)  # inflated input, as far as the other side has room
+                        changed = True
             if not changed:
                 break
         else:
             self._reactor.soon(self.settle)  # a long backlog: the rest in the next round, fairly
-        if relay.closing and self._close_timer is None:
-            self._close_timer = self._timers.schedule(trio.current_time() + self.close_timeout, self._close_expired)
-        if relay.client_done and not client.out:
-            self._close(client)
-        if relay.backend_done and not backend.out:
-            self._close(backend)
-        if client.closed and backend.closed:
-            self._finish()
-            return
+        if relay.closing:  # (a side can only be done once a close or a failure started)
+            if self._close_timer is None:
+                self._close_timer = self._timers.schedule(self._now() + self.close_timeout, self._close_expired)
+            if relay.client_done and not client.out:
+                self._close(client)
+            if relay.backend_done and not backend.out:
+                self._close(backend)
+            if client.closed and backend.closed:
+                self._finish()
+                return
         self._aim(client)
         self._aim(backend)
 
@@ -383,11 +413,17 @@ class Link:
         read), writable for pending bytes (or a TLS read that wants a write)."""
         if s.closed:
             return
+        reading = self._may_read(s)
         mask = 0
-        if s.write_wants_read or self._may_read(s):
+        if reading or (s.write_wants_read and s.out):
             mask |= IN
-        if (s.out and not s.write_wants_read) or s.read_wants_write:
+        if (s.out and not s.write_wants_read) or (s.read_wants_write and reading):
             mask |= OUT
+        if reading and s.tls and not s.again and s.sock.pending():  # type: ignore[attr-defined]
+            # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
+            # the handshake): the kernel socket may be empty, so epoll would never say so.
+            s.again = True
+            self._reactor.soon(lambda: self._read_again(s))
         if mask == s.mask:
             return
         if mask == 0:  # not even registered: a hung-up socket would report itself every round
@@ -397,6 +433,10 @@ class Link:
         else:
             self._reactor.modify(s.fd, mask)
         s.mask = mask
+
+    def _read_again(self, s: Side) -> None:
+        s.again = False
+        self.on_event(s.fd, IN)
 
     def _close(self, s: Side) -> None:
         if s.closed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 from collections.abc import Callable
 from typing import Protocol
@@ -25,7 +26,7 @@ import trio
 
 log = logging.getLogger("wsproxy.reactor")
 
-AVAILABLE = hasattr(select, "epoll")
+AVAILABLE = hasattr(select, "epoll") and hasattr(os, "eventfd")
 MAX_EVENTS = 512  # events taken per round; the rest wait for the next round (level-triggered)
 
 
@@ -40,12 +41,14 @@ class Watcher(Protocol):
 class Reactor:
     """The loop (`run`, one task in the server's nursery) and its registrations."""
 
-    __slots__ = ("_ep", "_soon", "_watchers", "running")
+    __slots__ = ("_ep", "_in_round", "_soon", "_wake", "_watchers", "running")
 
     def __init__(self) -> None:
         self._ep: select.epoll | None = None
         self._watchers: dict[int, Watcher] = {}
         self._soon: list[Callable[[], None]] = []  # run next round without waiting for the kernel
+        self._wake = -1  # an eventfd in the epoll: `soon` from outside a round wakes the loop
+        self._in_round = False
         self.running = False
 
     def register(self, fd: int, mask: int, watcher: Watcher) -> None:
@@ -67,6 +70,8 @@ class Reactor:
         """Call `callback` in the next round even if no socket is ready (TLS plaintext OpenSSL
         has already decrypted, work a watcher split to stay fair)."""
         self._soon.append(callback)
+        if not self._in_round and self._wake >= 0 and len(self._soon) == 1:
+            os.eventfd_write(self._wake, 1)  # the loop may be asleep in wait_readable
 
     def __len__(self) -> int:
         return len(self._watchers)
@@ -75,20 +80,29 @@ class Reactor:
         """One round: each ready socket's watcher once, then what was asked for `soon`. A method
         of its own so that no loop variable keeps the last session alive once it ended."""
         watchers = self._watchers
-        for fd, mask in events:
-            watcher = watchers.get(fd)
-            if watcher is not None:  # else unregistered by an earlier watcher this round
-                watcher.on_event(fd, mask)
-        if self._soon:
-            soon, self._soon = self._soon, []
-            for callback in soon:
-                try:
-                    callback()
-                except Exception:
-                    log.exception("reactor callback failed")
+        self._in_round = True
+        try:
+            for fd, mask in events:
+                watcher = watchers.get(fd)
+                if watcher is not None:  # else unregistered by an earlier watcher this round
+                    watcher.on_event(fd, mask)
+                elif fd == self._wake:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(fd)
+            if self._soon:
+                soon, self._soon = self._soon, []
+                for callback in soon:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("reactor callback failed")
+        finally:
+            self._in_round = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._ep = ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ep.register(self._wake, select.EPOLLIN)
         self.running = True
         task_status.started()
         try:
@@ -109,3 +123,5 @@ class Reactor:
             self._soon.clear()
             self._ep = None
             ep.close()
+            os.close(self._wake)
+            self._wake = -1

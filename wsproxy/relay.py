@@ -68,7 +68,9 @@ class Relay(Protocol):
 
     def backlog(self, side: str) -> bool:
         """Did the relay keep some of what `side` sent unprocessed (its output queue is full)?
-        The session then sends what is queued and calls `resume(side)` before reading more."""
+        The session then sends what is queued and calls `resume(side)` before reading more.
+        A relay whose backlog is always empty says so with a class attribute `may_backlog =
+        False`, and the shell stops asking after every read."""
 
     def resume(self, side: str) -> None:
         """Process more of `side`'s backlog, as far as the output queue has room."""
@@ -103,4 +105,5 @@ class Relay(Protocol):
 
     @property
     def closing(self) -> bool:
-        """A closing handshake has started on some hop: the close timeout now runs."""
+        """A closing handshake has started on some hop: the close timeout now runs. True
+        whenever client_done or backend_done is (the shell checks those only then)."""

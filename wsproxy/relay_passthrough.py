@@ -103,6 +103,7 @@ class PassthroughRelay:
     """
 
     __slots__ = ("_backend", "_client", "_marker", "_pongs", "stats")
+    may_backlog = False  # every read is forwarded at once: backlog() is always False
 
     def __init__(
         self,

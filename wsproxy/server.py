@@ -41,7 +41,7 @@ from wsproxy.reload_plan import (
 )
 from wsproxy.session import Session, peer_address, tune_socket
 from wsproxy.snapshot import Snapshot
-from wsproxy.streams import FastTLSStream, PrefixedStream
+from wsproxy.streams import FastSocketStream, FastTLSStream, PrefixedStream
 from wsproxy.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
@@ -133,6 +133,8 @@ class Server:
                 conn = FastTLSStream(stream, ctx)
             else:  # bytes already read after a PROXY header: they must go through a BIO
                 conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
+        elif conn is stream:  # the system call first, a scheduler trip only when it must wait
+            conn = FastSocketStream(stream)
         local_addr = got.dest if listener.proxy_protocol and got.dest is not None else _local(stream)
         session = Session(
             conn,

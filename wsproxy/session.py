@@ -48,7 +48,7 @@ from wsproxy.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, R
 from wsproxy.relay_inspect import InspectRelay
 from wsproxy.relay_passthrough import PassthroughRelay
 from wsproxy.snapshot import Snapshot
-from wsproxy.streams import FastSocketStream, FastTLSStream, raw_socket
+from wsproxy.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
 from wsproxy.timers import TimerEntry, Timers
 from wsproxy.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
@@ -168,10 +168,10 @@ class Session:
         finally:
             self._timers.cancel(self._timer)  # free this session now, not at its next deadline
             self._timer = None
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.client_stream)
-                if self._backend_stream is not None:
-                    await trio.aclose_forcefully(self._backend_stream)
+            for stream in (self.client_stream, self._backend_stream):
+                if stream is not None and not close_now(stream):
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
             if self._ticket is not None:
                 self._ticket.release()
             self._finish()
@@ -376,7 +376,7 @@ class Session:
         if remaining <= 0:
             return Rejection(504, "handshake deadline passed before trying this backend")
         try:
-            stream = await connect(backend.address, min(cfg.timeouts.connect, remaining))
+            stream = FastSocketStream(await connect(backend.address, min(cfg.timeouts.connect, remaining)))
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._backend_stream = stream
@@ -447,7 +447,8 @@ class Session:
 
     async def _drop_backend(self) -> None:
         if self._backend_stream is not None:
-            await trio.aclose_forcefully(self._backend_stream)
+            if not close_now(self._backend_stream):
+                await trio.aclose_forcefully(self._backend_stream)
             self._backend_stream = None
 
     async def _pass_response(self, h: h11.Connection, answer: UpstreamAnswer, deadline: float) -> None:
@@ -571,6 +572,7 @@ class Session:
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
             consume=self._consume if self._schedule is not None else None,
+            on_pongs=self._own_pongs,
             schedule=self._schedule,
             flow=self._flow,
             on_throttled=self._rate_throttled,
@@ -658,7 +660,15 @@ class Session:
         step(arg)
         if relay.stats.data_frames != frames:
             schedule.saw_data(now)
-        for leg, payload in relay.take_pongs():
+        pongs = relay.take_pongs()
+        if pongs:
+            self._own_pongs(pongs, now)
+
+    def _own_pongs(self, pongs: list[tuple[str, bytes]], now: float) -> None:
+        """Pongs that answered the proxy's pings: the round trips they measured."""
+        schedule = self._schedule
+        assert schedule is not None
+        for leg, payload in pongs:
             rtt = schedule.saw_own_pong(leg, payload, now)
             if rtt is not None:
                 self._metrics.rtt(leg, rtt)

@@ -205,13 +205,16 @@ class FastTLSStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         """Send close_notify if the socket takes it at once, then close; never waits for the peer."""
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
         if self._ssl.fileno() != -1:
             if self._handshaken:
                 with contextlib.suppress(ssl.SSLError, OSError, ValueError):
                     self._ssl.unwrap()
             trio.lowlevel.notify_closing(self._ssl)
             self._ssl.close()
-        await trio.lowlevel.checkpoint()
 
 
 def raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
@@ -226,3 +229,18 @@ def raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
     if isinstance(stream, PrefixedStream) and not stream._prefix:
         return raw_socket(stream.inner)
     return None
+
+
+def close_now(stream: trio.abc.Stream) -> bool:
+    """Close a socket-backed stream without waiting (True), as aclose_forcefully would but
+    without its cancel scope and checkpoint: a handshake-rate cost. False: not one of ours,
+    close it with trio.aclose_forcefully."""
+    if isinstance(stream, FastSocketStream):
+        stream = stream.stream
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()  # trio's close: wakes any waiter with ClosedResourceError
+        return True
+    if isinstance(stream, FastTLSStream):
+        stream.close_now()
+        return True
+    return False

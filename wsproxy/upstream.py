@@ -29,7 +29,7 @@ class UpstreamError(Exception):
 class UpstreamAnswer:
     """What the backend said: a 101 (with bytes that followed it) or a normal HTTP response."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     conn: h11.Connection
     response: h11.InformationalResponse | h11.Response
     trailing: bytes = b""
@@ -75,7 +75,7 @@ async def _connect_numeric(family: int, host: str, port: int) -> trio.SocketStre
 
 
 async def request_upgrade(
-    stream: trio.SocketStream, request: h11.Request, *, max_header_bytes: int, receive_size: int
+    stream: trio.abc.Stream, request: h11.Request, *, max_header_bytes: int, receive_size: int
 ) -> UpstreamAnswer:
     """Send the Upgrade request and read the backend's response head (not its body).
 
