@@ -170,6 +170,9 @@ class Metrics:
         """`pools` gives the live pools at scrape time; `clock` the time health is judged at;
         `live` the open sessions' traffic (listener, pool, RelayStats)."""
         self.registry = CollectorRegistry()
+        # labelled children by (metric, label values): prometheus-client's labels() validates and
+        # locks on every call, a few per session; label values come from the config, so bounded
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.sessions_active = Gauge(
             "wsproxy_sessions_active",
@@ -246,31 +249,38 @@ class Metrics:
 
     # --- handshake phase ---------------------------------------------------------------------
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def handshake(self, listener: str, outcome: str, status: int) -> None:
-        self.handshakes.labels(listener, outcome, status_label(status)).inc()
+        self._child(self.handshakes, listener, outcome, status_label(status)).inc()
 
     def retry(self, pool: str) -> None:
-        self.retries.labels(pool).inc()
+        self._child(self.retries, pool).inc()
 
     def upstream_failure(self, pool: str, backend: str, status: int) -> None:
-        self.upstream_failures.labels(pool, backend, status_label(status)).inc()
+        self._child(self.upstream_failures, pool, backend, status_label(status)).inc()
 
     # --- relay phase -------------------------------------------------------------------------
 
     def session_opened(self, listener: str, pool: str, backend: str) -> tuple[str, str, str]:
         """Count an upgraded session as active; give the labels back to `session_closed`."""
         labels = (listener, pool, backend)
-        self.sessions_active.labels(*labels).inc()
+        self._child(self.sessions_active, *labels).inc()
         return labels
 
     def session_closed(self, active: tuple[str, str, str] | None, record: SessionRecord) -> None:
         """One upgraded session ended: everything it carried, counted once."""
         if active is not None:
-            self.sessions_active.labels(*active).dec()
+            self._child(self.sessions_active, *active).dec()
         if not record.relayed:
             return
         listener, pool = record.listener, record.pool or "-"
-        self.session_duration.labels(listener, pool).observe(record.duration)
+        self._child(self.session_duration, listener, pool).observe(record.duration)
         self.traffic.add_ended(
             listener,
             pool,
@@ -280,20 +290,20 @@ class Metrics:
         closes = (("client", record.client_close), ("backend", record.backend_close), ("proxy", record.proxy_close))
         for side, rec in closes:
             if rec is not None:
-                self.close_codes.labels(side, close_code_label(rec.code)).inc()
-        self.first_closer.labels(record.first_closer or "none").inc()
+                self._child(self.close_codes, side, close_code_label(rec.code)).inc()
+        self._child(self.first_closer, record.first_closer or "none").inc()
 
     def ping_sent(self, leg: str) -> None:
-        self.pings_sent.labels(leg).inc()
+        self._child(self.pings_sent, leg).inc()
 
     def rtt(self, leg: str, seconds: float) -> None:
-        self.pong_rtt.labels(leg).observe(seconds)
+        self._child(self.pong_rtt, leg).observe(seconds)
 
     def dead_peer(self, leg: str) -> None:
-        self.dead_peers.labels(leg).inc()
+        self._child(self.dead_peers, leg).inc()
 
     def backpressure_event(self, side: str, event: str) -> None:
-        self.backpressure.labels(side, event).inc()
+        self._child(self.backpressure, side, event).inc()
 
     # --- configuration -----------------------------------------------------------------------
 

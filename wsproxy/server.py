@@ -39,12 +39,16 @@ from wsproxy.reload_plan import (
     rebalance_victim,
     spread,
 )
-from wsproxy.session import Session, peer_address, tune_socket
+from wsproxy.session import Session, peer_address
 from wsproxy.snapshot import Snapshot
 from wsproxy.streams import FastSocketStream, FastTLSStream, PrefixedStream
 from wsproxy.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
+
+# accept() failures that mean "out of descriptors or memory for now", not a broken listener
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
 
 PROXY_HEADER_READ = 256  # a PROXY header is at most 107 (v1) or 16 + a few hundred (v2) bytes
 
@@ -112,8 +116,13 @@ class Server:
     # --- connections -----------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream, slot: _Listening) -> None:
+        try:
+            await self._serve_connection(stream, slot)
+        finally:
+            stream.socket.close()  # usually closed already (by the session): then a no-op
+
+    async def _serve_connection(self, stream: trio.SocketStream, slot: _Listening) -> None:
         listener, ctx = slot.config, slot.ssl_ctx  # as of accept time: a reload may change the slot later
-        tune_socket(stream)
         client_addr = peer_address(stream)
         conn: trio.abc.Stream = stream
         got = None
@@ -185,15 +194,29 @@ class Server:
         self.bound = [(slot.config, _sockname(sock)) for slot in self._listening.values() for sock in slot.sockets]
 
     async def _accept(self, slot: _Listening, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        assert self._connections is not None
-
-        async def handler(stream: trio.SocketStream) -> None:
-            await self._handle(stream, slot)
-
+        """Accept on every socket of `slot` until its scope is cancelled (then close them)."""
         with slot.scope:
-            await trio.serve_listeners(
-                handler, slot.sockets, handler_nursery=self._connections, task_status=task_status
-            )
+            async with trio.open_nursery() as loops:
+                for sock in slot.sockets:
+                    loops.start_soon(self._accept_loop, sock, slot)
+                task_status.started()
+
+    async def _accept_loop(self, listener: trio.SocketListener, slot: _Listening) -> None:
+        """trio.serve_listeners' loop, minus the aclose_forcefully (a cancel scope and a
+        checkpoint) it wraps around every connection: sessions close their own sockets."""
+        connections = self._connections
+        assert connections is not None
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept on %s failed: %s; retrying in %gs", slot.config.address, exc, ACCEPT_PAUSE)
+                    await trio.sleep(ACCEPT_PAUSE)
+                    continue
+                connections.start_soon(self._handle, stream, slot)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""

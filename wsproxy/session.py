@@ -899,9 +899,3 @@ def peer_address(stream: Stream) -> tuple[str, int]:
     except OSError:
         return ("?", 0)
     return (addr[0], addr[1]) if isinstance(addr, tuple) else (str(addr), 0)
-
-
-def tune_socket(stream: Stream) -> None:
-    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if isinstance(inner, trio.SocketStream):
-        inner.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)

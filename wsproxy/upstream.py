@@ -6,6 +6,7 @@ the deadline for the backend's answer); every decision about the answer is hands
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -53,10 +54,10 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
             raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-    return stream
+    return stream  # trio.SocketStream sets TCP_NODELAY itself
 
 
+@functools.lru_cache(maxsize=1024)  # per backend address, not per connection
 def _ip_family(host: str) -> int | None:
     try:
         return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
