@@ -412,7 +412,23 @@ CLIENT_PROTOCOL_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CLIENT_PROTOCOL_ERRORS))
+# Payload validity (UTF-8 in text messages) is judged by the inspect relay, which reads every
+# payload; the passthrough relay forwards payloads as they arrive without unmasking them (issue
+# 11), so there the receiving endpoint fails the connection with its own 1007, which passes end
+# to end (test_passthrough_leaves_invalid_utf8_to_the_endpoint below).
+PAYLOAD_CASES = {"invalid-utf8-text", "invalid-utf8-across-fragments"}
+
+
+def _mode_cases(table: dict) -> list[tuple[str, str]]:
+    return [
+        (mode, case)
+        for mode in sorted(RELAY_LISTENER_YAML)
+        for case in sorted(table)
+        if not (mode == "passthrough" and case in PAYLOAD_CASES)
+    ]
+
+
+@pytest.mark.parametrize(("relay_mode", "case"), _mode_cases(CLIENT_PROTOCOL_ERRORS))
 async def test_client_protocol_error_gets_client_rfc_code_and_backend_1001(nursery, backends, relay_mode, case) -> None:
     data, expected = CLIENT_PROTOCOL_ERRORS[case]
     rec = Recorder()
@@ -445,7 +461,7 @@ BACKEND_PROTOCOL_ERRORS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BACKEND_PROTOCOL_ERRORS))
+@pytest.mark.parametrize(("relay_mode", "case"), _mode_cases(BACKEND_PROTOCOL_ERRORS))
 async def test_backend_protocol_error_gets_backend_rfc_code_and_client_1011(nursery, relay_mode, case) -> None:
     data, expected = BACKEND_PROTOCOL_ERRORS[case]
     backend = await start_raw_backend(nursery, after_first_frame(sends(data)))
@@ -462,6 +478,28 @@ async def test_backend_protocol_error_gets_backend_rfc_code_and_client_1011(nurs
     assert [f.close_code for f in closes] == [expected]
     assert all(f.masked for f in backend.frames), "the proxy's frames to a backend must be masked"
     assert not [ev for ev in client.control if isinstance(ev, TextMessage | BytesMessage)], "bad frame passed on"
+    await wait_sessions_gone(proxy, PROMPTLY)
+
+
+@pytest.mark.parametrize("case", sorted(PAYLOAD_CASES))
+async def test_passthrough_leaves_invalid_utf8_to_the_endpoint(nursery, backends, case) -> None:
+    """Passthrough forwards the bad text; the backend (the websockets library) fails the
+    connection with 1007, and that close reaches the client end to end."""
+    data, expected = CLIENT_PROTOCOL_ERRORS[case]
+    rec = Recorder()
+    backends.append(start_backend(recording_echo(rec)))
+    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], "passthrough", timeouts=TIMEOUTS))
+    client = await RawClient.connect(proxy.port())
+    with trio.fail_after(5):
+        await client.send(TextMessage(data="fine so far"))
+        assert await client.receive_message() == "fine so far"
+    await client.send_raw(data)
+    with trio.fail_after(PROMPTLY):
+        got = await receive_close(client)
+        await client.expect_eof()
+    assert got.code == expected == 1007
+    assert await wait_thread_event(rec.ended, PROMPTLY)
+    assert rec.messages == ["fine so far"]  # the backend refused the bad message itself
     await wait_sessions_gone(proxy, PROMPTLY)
 
 

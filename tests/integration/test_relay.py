@@ -1,8 +1,7 @@
 """The relay phase end to end: messages, fragments, streaming, pings, isolation, clean-up.
 
-Every test runs once per relay path through the `relay_mode` fixture. Only the inspect relay
-is listed so far; add the passthrough path to RELAY_LISTENER_YAML and every test here (and in
-test_close_codes.py and test_load.py, which share the table) runs on it too. Backends come from
+Every test runs once per relay path (RELAY_LISTENER_YAML) through the `relay_mode` fixture, as
+do test_close_codes.py and test_load.py, which share the table. Backends come from
 the `websockets` library (a different WebSocket stack from the one wsproxy speaks with), except
 where a test needs to see exactly what reached the backend.
 """
@@ -42,26 +41,29 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from tests.support import RawClient, TLSFiles, echo_handler, proxy_yaml, serve_wsproto, start_backend, start_proxy
-from wsproxy.config import ListenerConfig
 
-# Listener YAML per relay path. Add `"passthrough": "relay: passthrough"` here to run every test
-# in this file on that path too. The listener's `relay` key is named only once the config has it
-# (before that, inspect was the only path and naming it would be an unknown-key error).
-_HAS_RELAY_KEY = "relay" in ListenerConfig.__dataclass_fields__
-RELAY_LISTENER_YAML: dict[str, str] = {"inspect": "relay: inspect" if _HAS_RELAY_KEY else ""}
+# Listener YAML per relay path: every test in this file runs on each.
+RELAY_LISTENER_YAML: dict[str, str] = {"inspect": "relay: inspect", "passthrough": "relay: passthrough"}
+# Sessions relay on the shared readiness loop (reactor.py) where the platform has one; the
+# task-driven pumps remain for the rest (and for TLS after a PROXY header): here this file's
+# tests run on those pumps too, with the reactor turned off.
+ON_TASKS = "passthrough-on-tasks"
+RELAY_MODES = {**RELAY_LISTENER_YAML, ON_TASKS: RELAY_LISTENER_YAML["passthrough"]}
 
 TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\n"
 
 
-@pytest.fixture(params=sorted(RELAY_LISTENER_YAML))
-def relay_mode(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=sorted(RELAY_MODES))
+def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == ON_TASKS:
+        monkeypatch.setattr("wsproxy.server.REACTOR_AVAILABLE", False)
     return request.param
 
 
 def relay_yaml(
     ports: list[int], relay_mode: str, *, tls: tuple[Path, Path] | None = None, timeouts: str = TIMEOUTS
 ) -> str:
-    return proxy_yaml(ports, tls=tls, extra=timeouts, listener_extra=RELAY_LISTENER_YAML[relay_mode])
+    return proxy_yaml(ports, tls=tls, extra=timeouts, listener_extra=RELAY_MODES[relay_mode])
 
 
 # --------------------------------------------------------------------------------------------
