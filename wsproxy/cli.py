@@ -92,7 +92,10 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if pid_file is not None:
-            pid_file.write_text(f"{os.getpid()}\n")
+            # written whole, then renamed: a reader never sees the file empty or half written
+            partial = pid_file.with_name(f".{pid_file.name}.{os.getpid()}")
+            partial.write_text(f"{os.getpid()}\n")
+            partial.replace(pid_file)
         if config.workers > 1 and args.worker is None:
             tail = ["--log-level", args.log_level] if args.log_level else []
             trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)

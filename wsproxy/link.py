@@ -6,7 +6,8 @@ and sends what it queued at once. What the kernel does not take yet stays in tha
 pending buffer; while it waits, the peer that produced it is not read (backpressure: the pending
 bytes are bounded by one read plus control frames), and the socket watches for writability. A
 side the relay is done with is closed once its pending bytes are out. The session's own task
-only waits (`wait`) for the end; an idle session costs its objects and no running pump.
+ends once the link has started; the link ends the session (`on_end`): an idle session costs its
+objects and no task.
 
 Timers (slow consumer, rate-limit pauses, the close timeout) are entries in the shared
 `Timers` schedule, as heartbeats are.
@@ -89,6 +90,7 @@ class Link:
         "_flow",
         "_may_backlog",
         "_now",
+        "_on_end",
         "_on_pongs",
         "_on_rate_close",
         "_on_throttled",
@@ -97,7 +99,6 @@ class Link:
         "_schedule",
         "_size",
         "_slow_limit",
-        "_task",
         "_throttle_timer",
         "_throttled",
         "_timers",
@@ -127,6 +128,7 @@ class Link:
         on_throttled: Callable[[], None],
         on_rate_close: Callable[[], None],
         peer_name: Callable[[str], str],
+        on_end: Callable[[Link], None],
         schedule: Any = None,
     ) -> None:
         self._reactor = reactor
@@ -150,34 +152,29 @@ class Link:
         self._throttled = False
         self._throttle_timer: TimerEntry | None = None
         self._close_timer: TimerEntry | None = None
-        self._task: trio.lowlevel.Task | None = None
+        self._on_end = on_end  # the session's end: sockets closed, counts released, log line
         self._done = False
         self.failed = False  # a bug ended this session (logged)
 
     # --- the session's side ----------------------------------------------------------------
 
     def start(self, client_trailing: bytes, backend_trailing: bytes) -> None:
-        """Feed what each peer sent past its handshake, send what that queued, start watching."""
-        if client_trailing:
-            self._feed(self.client, client_trailing)
-        if backend_trailing:
-            self._feed(self.backend, backend_trailing)
+        """Feed what each peer sent past its handshake, send what that queued, start watching.
+        From here the reactor owns the session until `on_end`."""
+        self._reactor.attach(self)
+        try:
+            if client_trailing:
+                self._feed(self.client, client_trailing)
+            if backend_trailing:
+                self._feed(self.backend, backend_trailing)
+        except Exception:
+            self._crash()
+            return
         self.settle()
 
-    async def wait(self) -> None:
-        """Park the session's task until the relay phase ends. Cancelling it (a cut, a shutdown
-        deadline) lets go of the reactor at once; the caller closes the sockets."""
-        if self._done:
-            await trio.lowlevel.checkpoint()
-            return
-        self._task = trio.lowlevel.current_task()
-
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._task = None
-            self._release()
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def end(self) -> None:
+        """End the session now, without a closing handshake (a cut, a shutdown deadline)."""
+        self._finish()
 
     def settle(self) -> None:
         """Send what the relay queued, close finished sides, re-aim the reactor. Called after
@@ -479,6 +476,10 @@ class Link:
         if self._done:
             return
         self._release()
-        task, self._task = self._task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self._reactor.detach(self)
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            try:
+                on_end(self)
+            except Exception:
+                log.exception("ending the session (%s) failed", self._peer_name("client"))

@@ -41,15 +41,24 @@ class Watcher(Protocol):
 class Reactor:
     """The loop (`run`, one task in the server's nursery) and its registrations."""
 
-    __slots__ = ("_ep", "_in_round", "_soon", "_wake", "_watchers", "running")
+    __slots__ = ("_attached", "_ep", "_in_round", "_soon", "_wake", "_watchers", "running")
 
     def __init__(self) -> None:
         self._ep: select.epoll | None = None
         self._watchers: dict[int, Watcher] = {}
+        self._attached: set[Watcher] = set()  # every session the loop owns, registered or not
         self._soon: list[Callable[[], None]] = []  # run next round without waiting for the kernel
         self._wake = -1  # an eventfd in the epoll: `soon` from outside a round wakes the loop
         self._in_round = False
         self.running = False
+
+    def attach(self, watcher: Watcher) -> None:
+        """`watcher` is owned by the loop from now until `detach`: told if the loop stops, even
+        while none of its sockets is registered (both peers paused, say)."""
+        self._attached.add(watcher)
+
+    def detach(self, watcher: Watcher) -> None:
+        self._attached.discard(watcher)
 
     def register(self, fd: int, mask: int, watcher: Watcher) -> None:
         assert self._ep is not None, "the reactor is not running"
@@ -74,7 +83,8 @@ class Reactor:
             os.eventfd_write(self._wake, 1)  # the loop may be asleep in wait_readable
 
     def __len__(self) -> int:
-        return len(self._watchers)
+        """Sessions the loop owns."""
+        return len(self._attached)
 
     def _round(self, events: list[tuple[int, int]]) -> None:
         """One round: each ready socket's watcher once, then what was asked for `soon`. A method
@@ -114,12 +124,13 @@ class Reactor:
                 self._round(ep.poll(0, MAX_EVENTS))
         finally:
             self.running = False
-            for watcher in list(dict.fromkeys(self._watchers.values())):
+            for watcher in list(dict.fromkeys([*self._attached, *self._watchers.values()])):
                 try:
                     watcher.reactor_stopped()
                 except Exception:
                     log.exception("releasing a session from the reactor failed")
             self._watchers.clear()
+            self._attached.clear()
             self._soon.clear()
             self._ep = None
             ep.close()

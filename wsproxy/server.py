@@ -116,12 +116,20 @@ class Server:
     # --- connections -----------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream, slot: _Listening) -> None:
+        """One accepted connection. Until it is a session the socket is ours to close; from
+        then on the session closes it, possibly long after this task ended (on the reactor)."""
+        session = None
         try:
-            await self._serve_connection(stream, slot)
+            session = await self._admit_connection(stream, slot)
         finally:
-            stream.socket.close()  # usually closed already (by the session): then a no-op
+            if session is None:
+                stream.socket.close()
+        if session is not None:
+            self.sessions.add(session)
+            await session.run()
 
-    async def _serve_connection(self, stream: trio.SocketStream, slot: _Listening) -> None:
+    async def _admit_connection(self, stream: trio.SocketStream, slot: _Listening) -> Session | None:
+        """PROXY header, TLS wrapping, the Session object; None: refused before a session."""
         listener, ctx = slot.config, slot.ssl_ctx  # as of accept time: a reload may change the slot later
         client_addr = peer_address(stream)
         conn: trio.abc.Stream = stream
@@ -129,14 +137,13 @@ class Server:
         if listener.proxy_protocol:
             got = await self._read_proxy_header(stream, client_addr)
             if got is None:
-                return
+                return None
             if got.source is not None:
                 client_addr = got.source
             if got.rest:
                 conn = PrefixedStream(stream, got.rest)
         if self.draining:  # accepted before the shutdown, not yet a session: the drain would never close it
-            await trio.aclose_forcefully(stream)
-            return
+            return None
         if ctx is not None:
             if conn is stream:  # OpenSSL on the socket itself: no Python in the record path
                 conn = FastTLSStream(stream, ctx)
@@ -155,12 +162,9 @@ class Server:
             metrics=self.metrics,
             edge=self.edge,
             reactor=self.reactor,
+            on_end=self._unregister,  # told once: by run(), or later by its link on the reactor
         )
-        self.sessions.add(session)
-        try:  # not a generator context manager: an idle session would hold one for hours
-            await session.run()
-        finally:
-            self._unregister(session)
+        return session
 
     async def _read_proxy_header(
         self, stream: trio.SocketStream, peer: tuple[str, int]

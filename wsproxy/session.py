@@ -95,6 +95,7 @@ class Session:
         "_link",
         "_metrics",
         "_nursery",
+        "_on_end",
         "_reactor",
         "_schedule",
         "_scope",
@@ -125,6 +126,7 @@ class Session:
         metrics: Metrics,
         edge: gate.Edge | None = None,
         reactor: Reactor | None = None,
+        on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -154,10 +156,13 @@ class Session:
         self._reactor = reactor if reactor is not None and reactor.running else None
         self._lease: Lease | None = None  # this session's count on its backend, once chosen
         self._link: Link | None = None  # the relay phase on the reactor (else: two pump tasks)
+        self._on_end = on_end  # told once, when everything of this session is released
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """The session's task: the handshake, then either the relay on the reactor (this task
+        then ends and the link ends the session: an idle session holds no task) or the pumps."""
         try:
             with self._scope:
                 await self._serve()
@@ -166,15 +171,42 @@ class Session:
             log.exception("session from %s failed", _fmt_addr(self.client_addr))
             self.outcome.reason = self.outcome.reason or "internal error"
         finally:
-            self._timers.cancel(self._timer)  # free this session now, not at its next deadline
-            self._timer = None
+            if self._link is None:  # else the link owns the end (_link_ended)
+                for stream in (self.client_stream, self._backend_stream):
+                    if stream is not None and not close_now(stream):
+                        with trio.CancelScope(shield=True):
+                            await trio.aclose_forcefully(stream)
+                self._release()
+
+    def _link_ended(self, link: Link) -> None:
+        """The reactor-driven relay phase ended (both hops done, the close timeout, a cut, the
+        reactor stopping, or a bug): close the sockets and release the session."""
+        if link.failed:
+            self.outcome.reason = self.outcome.reason or "internal error"
+        try:
             for stream in (self.client_stream, self._backend_stream):
-                if stream is not None and not close_now(stream):
-                    with trio.CancelScope(shield=True):
-                        await trio.aclose_forcefully(stream)
-            if self._ticket is not None:
-                self._ticket.release()
+                if stream is not None:
+                    close_now(stream)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Everything a session holds beyond its sockets, released once; then its metrics, its
+        log line, and the server's registry."""
+        self._timers.cancel(self._timer)  # free this session now, not at its next deadline
+        self._timer = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+        if self._ticket is not None:
+            self._ticket.release()
+            self._ticket = None
+        try:
             self._finish()
+        finally:
+            if self._on_end is not None:
+                on_end, self._on_end = self._on_end, None
+                on_end(self)
 
     def go_away(self, code: int = GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Close this session from outside (shutdown): a closing handshake with `code`."""
@@ -202,22 +234,21 @@ class Session:
 
     def cut(self) -> None:
         """End this session now, without a closing handshake (a shutdown deadline passed)."""
-        self._scope.cancel()
+        if self._link is not None:
+            self._link.end()
+        else:
+            self._scope.cancel()
 
     # --- handshake phase ---------------------------------------------------------------------
 
     async def _serve(self) -> None:
         """Handshake, then relay. The relay runs after the handshake's frames have returned, so
         an idle session does not keep the request, both h11 connections and the balancer's
-        iterator alive for hours; `self._lease` is what must outlive them (the backend's count)."""
-        try:
-            trailing = await self._handshake()
-            if trailing is not None:
-                await self._relay(*trailing)
-        finally:
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+        iterator alive for hours; `self._lease` is what must outlive them (the backend's count,
+        released by `_release`)."""
+        trailing = await self._handshake()
+        if trailing is not None:
+            await self._relay(*trailing)
 
     async def _handshake(self) -> tuple[bytes, bytes] | None:
         """Both handshakes; (client bytes, backend bytes) already read past them once the client
@@ -527,7 +558,7 @@ class Session:
         client_sock = raw_socket(self.client_stream)
         backend_sock = raw_socket(self._backend_stream) if self._backend_stream is not None else None
         if self._reactor is not None and self._reactor.running and client_sock and backend_sock:
-            await self._relay_on_reactor(self._reactor, client_sock, backend_sock, client_trailing, backend_trailing)
+            self._relay_on_reactor(self._reactor, client_sock, backend_sock, client_trailing, backend_trailing)
             return
         # The relay phase moves bytes on plain sockets without a scheduler trip per call (TLS
         # client streams arrive as streams.FastTLSStream already, from Server._handle).
@@ -549,7 +580,7 @@ class Session:
             # session's memory is its tasks)
             await self._pump(self.client_stream, relay.feed_client, "client")
 
-    async def _relay_on_reactor(
+    def _relay_on_reactor(
         self,
         reactor: Reactor,
         client_sock: socket.socket,
@@ -557,7 +588,8 @@ class Session:
         client_trailing: bytes,
         backend_trailing: bytes,
     ) -> None:
-        """The relay phase on the shared readiness loop: this task only waits for its end."""
+        """The relay phase on the shared readiness loop. The session's task ends after this; the
+        link ends the session (`_link_ended`), so an idle session holds no task at all."""
         relay = self.relay
         assert relay is not None
         cfg = self.snapshot.config
@@ -578,12 +610,10 @@ class Session:
             on_throttled=self._rate_throttled,
             on_rate_close=self._rate_close,
             peer_name=self._peer_name,
+            on_end=self._link_ended,
         )
         self._link = link
         link.start(client_trailing, backend_trailing)
-        await link.wait()
-        if link.failed:
-            self.outcome.reason = self.outcome.reason or "internal error"
 
     def _rate_throttled(self) -> None:
         self._edge.admission.counts[RATE_THROTTLED] += 1

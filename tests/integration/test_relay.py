@@ -810,7 +810,12 @@ async def test_ended_session_leaves_no_tasks_sockets_or_registry_entry(nursery, 
         if ending != "backend-closes":
             assert await client.receive_message() == "hello"
         assert len(proxy.server.sessions) == 1
-        assert task_count() > tasks_before
+        if relay_mode == ON_TASKS:
+            assert task_count() > tasks_before
+        else:  # the relay phase runs on the shared readiness loop: no task of its own
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(proxy.server.reactor) == 1
+            assert task_count() == tasks_before
         assert len(open_sockets_on(ports)) == 4  # client, proxy's two, backend's
         if ending == "client-closes":
             await client.close()
@@ -829,6 +834,7 @@ async def test_ended_session_leaves_no_tasks_sockets_or_registry_entry(nursery, 
             await trio.sleep(0.02)
     assert task_count() == tasks_before, "the session left trio tasks behind"
     assert open_sockets_on(ports) == [], "the session left sockets open"
+    assert len(proxy.server.reactor) == 0, "the reactor still owns the ended session"
 
 
 async def test_sessions_after_many_ended_ones_leave_no_trace(nursery, backends, relay_mode) -> None:
