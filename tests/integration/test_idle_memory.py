@@ -30,10 +30,10 @@ SESSIONS = {"passthrough": 1000, "inspect": 300}
 WARMUP = 50  # first-use costs (imports, caches, the first TLS-free accept) before tracing starts
 # Measured on CPython 3.11: passthrough 25.2 KiB and inspect 28.4 KiB when this guard was written;
 # 17.3 and 20.7 KiB once the relay stopped keeping the handshake's objects and one of its three
-# tasks; 8.7 and 8.8 KiB once the relay phase moved to the shared readiness loop (reactor.py:
-# no pump task while idle) and the backend count became a plain Lease (docs/performance.md says
-# where the rest goes); about 35 % slack on top.
-BOUND_BYTES = {"passthrough": 12 * 1024, "inspect": 12 * 1024}
+# tasks; 5.0 KiB (passthrough) once the relay phase moved to the shared readiness loop
+# (reactor.py: no task at all while idle) and the backend count became a plain Lease
+# (docs/performance.md says where the rest goes); about 40 % slack on top.
+BOUND_BYTES = {"passthrough": 7 * 1024, "inspect": 10 * 1024}
 FDS_PER_SESSION = 4  # the proxy's two sockets, and the peers' two (they inherit the same limit)
 FDS_SPARE = 200
 MIN_SESSIONS = 100  # fewer would let per-process constants blur the per-session figure
