@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 
@@ -66,13 +67,23 @@ def _ip_family(host: str) -> int | None:
 
 
 async def _connect_numeric(family: int, host: str, port: int) -> trio.SocketStream:
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    """A non-blocking connect on a plain socket, waiting for writability only if it is still in
+    progress (trio's socket connect adds a lock and a generator context manager per call)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setblocking(False)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
     except BaseException:
+        trio.lowlevel.notify_closing(sock)
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 async def request_upgrade(
