@@ -61,6 +61,10 @@ SHELL_MODULES = frozenset(
         "timers",
         "auth",
         "gate",
+        "reactor",
+        "link",
+        "streams",
+        "health_check",
     )
 )
 
