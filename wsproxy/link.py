@@ -39,6 +39,10 @@ SETTLE_ROUNDS = 16  # relay steps per event before the rest is left to the next 
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
+def _nothing_pending() -> int:
+    return 0
+
+
 class Side:
     """One peer's socket and what is owed to it."""
 
@@ -51,7 +55,10 @@ class Side:
         "mask",
         "name",
         "out",
+        "pending",
         "read_wants_write",
+        "recv",
+        "send",
         "sock",
         "stall_began",
         "stall_timer",
@@ -67,6 +74,12 @@ class Side:
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
+        # The calls made per read and per send, bound once. For TLS, the SSL object's own (the
+        # SSLSocket methods only add checks around them; their errors all end the side anyway).
+        sslobj = getattr(sock, "_sslobj", None) if self.tls else None
+        self.recv: Callable[[int], bytes] = sslobj.read if sslobj is not None else sock.recv
+        self.send: Callable[[Any], int] = sslobj.write if sslobj is not None else sock.send
+        self.pending: Callable[[], int] = sslobj.pending if sslobj is not None else _nothing_pending
         self.feed = feed
         self.take = take
         self.out: bytes | memoryview = b""  # sent in part: the rest, as given to the last send
@@ -235,7 +248,7 @@ class Link:
 
     def _read(self, s: Side) -> None:
         try:
-            data = s.sock.recv(self._size)
+            data = s.recv(self._size)
         except ssl.SSLWantWriteError:
             s.read_wants_write = True
             return
@@ -264,7 +277,7 @@ class Link:
     def _write(self, s: Side) -> None:
         out = s.out
         try:
-            sent = s.sock.send(out)
+            sent = s.send(out)
         except ssl.SSLWantReadError:
             s.write_wants_read = True
             sent = 0
@@ -416,7 +429,7 @@ class Link:
             mask |= IN
         if (s.out and not s.write_wants_read) or (s.read_wants_write and reading):
             mask |= OUT
-        if reading and s.tls and not s.again and s.sock.pending():  # type: ignore[attr-defined]
+        if reading and s.tls and not s.again and s.pending():
             # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
             # the handshake): the kernel socket may be empty, so epoll would never say so.
             s.again = True
