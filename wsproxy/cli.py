@@ -92,10 +92,7 @@ def _run(config: Config, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if pid_file is not None:
-            # written whole, then renamed: a reader never sees the file empty or half written
-            partial = pid_file.with_name(f".{pid_file.name}.{os.getpid()}")
-            partial.write_text(f"{os.getpid()}\n")
-            partial.replace(pid_file)
+            write_pid_file(pid_file)
         if config.workers > 1 and args.worker is None:
             tail = ["--log-level", args.log_level] if args.log_level else []
             trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)
@@ -145,3 +142,15 @@ def _reload(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_pid_file(pid_file: Path) -> None:
+    """Written whole, then renamed, so a reader never sees the file empty or half written; where
+    the directory does not allow a new file (a pid file pre-created in /run), in place."""
+    partial = pid_file.with_name(f".{pid_file.name}.{os.getpid()}")
+    try:
+        partial.write_text(f"{os.getpid()}\n")
+        partial.replace(pid_file)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")

@@ -43,6 +43,14 @@ def _nothing_pending() -> int:
     return 0
 
 
+def _ignore(*_: Any) -> None:
+    return None
+
+
+def _no_name(side: str) -> str:
+    return side
+
+
 class Side:
     """One peer's socket and what is owed to it."""
 
@@ -216,6 +224,11 @@ class Link:
 
     def reactor_stopped(self) -> None:
         self._finish()
+
+    @property
+    def done(self) -> bool:
+        """The session has ended (or is ending): nothing more is read, sent or timed."""
+        return self._done
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -496,3 +509,8 @@ class Link:
                 on_end(self)
             except Exception:
                 log.exception("ending the session (%s) failed", self._peer_name("client"))
+        # Let go of the session's bound methods: the session holds this link, so without this
+        # an ended session would wait for the cycle collector instead of being freed at once.
+        self._consume = None
+        self._on_pongs = self._on_throttled = self._on_rate_close = _ignore
+        self._peer_name = _no_name

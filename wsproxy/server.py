@@ -144,6 +144,7 @@ class Server:
                 conn = PrefixedStream(stream, got.rest)
         if self.draining:  # accepted before the shutdown, not yet a session: the drain would never close it
             return None
+        own_addr = _local(stream)  # before any TLS wrap: wrap_socket takes the descriptor over
         if ctx is not None:
             if conn is stream:  # OpenSSL on the socket itself: no Python in the record path
                 conn = FastTLSStream(stream, ctx)
@@ -151,7 +152,7 @@ class Server:
                 conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
         elif conn is stream:  # the system call first, a scheduler trip only when it must wait
             conn = FastSocketStream(stream)
-        local_addr = got.dest if listener.proxy_protocol and got.dest is not None else _local(stream)
+        local_addr = got.dest if listener.proxy_protocol and got.dest is not None else own_addr
         session = Session(
             conn,
             client_addr=client_addr,

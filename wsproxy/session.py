@@ -2,10 +2,11 @@
 
 Reads the client's request (h11), asks handshake.py whether it is a valid Upgrade, routes it
 to a pool, walks the balancer's candidates (connect + upstream handshake, retrying the next
-candidate while nothing has been sent to the client), answers 101, then runs two pumps that
-feed a sans-I/O relay and send what it queues. The session's tasks share one nursery: when
-both hops are done, or the close timeout runs out, the scope is cancelled and every socket is
-closed in `finally`. Every wait here has a deadline from the config.
+candidate while nothing has been sent to the client), answers 101, then hands both sockets to
+the shared readiness loop (link.py), and the session's task ends: the link ends the session
+(`_link_ended`). Where there is no loop (no epoll, or TLS after a PROXY header) it runs two pumps
+that feed the sans-I/O relay instead, in one nursery whose scope is cancelled when both hops are
+done or the close timeout runs out. Every wait here has a deadline from the config.
 """
 
 from __future__ import annotations
@@ -172,11 +173,13 @@ class Session:
             self.outcome.reason = self.outcome.reason or "internal error"
         finally:
             if self._link is None:  # else the link owns the end (_link_ended)
-                for stream in (self.client_stream, self._backend_stream):
-                    if stream is not None and not close_now(stream):
-                        with trio.CancelScope(shield=True):
-                            await trio.aclose_forcefully(stream)
-                self._release()
+                try:
+                    for stream in (self.client_stream, self._backend_stream):
+                        if stream is not None and not close_now(stream):
+                            with trio.CancelScope(shield=True):
+                                await trio.aclose_forcefully(stream)
+                finally:
+                    self._release()
 
     def _link_ended(self, link: Link) -> None:
         """The reactor-driven relay phase ended (both hops done, the close timeout, a cut, the
@@ -821,6 +824,8 @@ class Session:
         relay, schedule, nursery, link = self.relay, self._schedule, self._nursery, self._link
         if relay is None or schedule is None or (nursery is None and link is None):
             return
+        if link is not None and link.done:
+            return  # the session has ended (its timer entry was cancelled; this is a late call)
         if relay.client_done and relay.backend_done:
             return
         for leg in ("client", "backend"):
@@ -849,6 +854,8 @@ class Session:
         if acted:
             if link is not None:
                 link.settle()
+                if link.done:
+                    return
             else:
                 assert nursery is not None
                 with contextlib.suppress(RuntimeError):  # the relay phase may have just ended

@@ -235,6 +235,8 @@ def close_now(stream: trio.abc.Stream) -> bool:
     """Close a socket-backed stream without waiting (True), as aclose_forcefully would but
     without its cancel scope and checkpoint: a handshake-rate cost. False: not one of ours,
     close it with trio.aclose_forcefully."""
+    if isinstance(stream, PrefixedStream):  # (the prefix was read already, or is dropped with the socket)
+        stream = stream.inner
     if isinstance(stream, FastSocketStream):
         stream = stream.stream
     if isinstance(stream, trio.SocketStream):
