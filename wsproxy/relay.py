@@ -49,6 +49,14 @@ class RelayStats:
         if self.first_closer is None:
             self.first_closer = who
 
+    def peer_closed(self, side: str, code: int | None, reason: str) -> None:
+        """`side` ("client" or "backend") sent its close frame (or vanished: code 1006)."""
+        if side == "client":
+            self.client_close = CloseRecord(code, reason)
+        else:
+            self.backend_close = CloseRecord(code, reason)
+        self.closed_by(side)
+
 
 class Relay(Protocol):
     """The sans-I/O contract between session.py and a relay path."""

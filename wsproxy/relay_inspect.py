@@ -745,16 +745,8 @@ class InspectRelay:
         hop.out.append(_frame(0x88, close_payload(code, reason), hop.mask_out))
         hop.state = LOCAL_CLOSING if hop.state == OPEN else CLOSED
 
-    def _record_peer_close(self, hop: _Hop, code: int | None, reason: str) -> None:
-        rec = CloseRecord(code, reason)
-        if hop is self._client:
-            self.stats.client_close = rec
-        else:
-            self.stats.backend_close = rec
-        self.stats.closed_by(hop.name)
-
     def _peer_close(self, src: _Hop, dst: _Hop, code: int | None, reason: str) -> None:
-        self._record_peer_close(src, code, reason)
+        self.stats.peer_closed(src.name, code, reason)
         if src.state == REMOTE_CLOSING:
             # The peer started closing: pass it on; its answer comes back when the other side
             # answers. If the other side cannot answer any more, answer the peer ourselves.

@@ -385,16 +385,8 @@ class PassthroughRelay:
         self._peer_close(src, dst, code, reason, bytes(frame))
         return False
 
-    def _record_peer_close(self, hop: _Hop, code: int | None, reason: str) -> None:
-        rec = CloseRecord(code, reason)
-        if hop is self._client:
-            self.stats.client_close = rec
-        else:
-            self.stats.backend_close = rec
-        self.stats.closed_by(hop.name)
-
     def _peer_close(self, src: _Hop, dst: _Hop, code: int | None, reason: str, frame: bytes) -> None:
-        self._record_peer_close(src, code, reason)
+        self.stats.peer_closed(src.name, code, reason)
         src.recv_close = True
         if not src.sent_close:
             # The peer started closing: pass its close on verbatim; its answer comes back when

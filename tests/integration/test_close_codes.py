@@ -428,9 +428,9 @@ def _mode_cases(table: dict) -> list[tuple[str, str]]:
     ]
 
 
-@pytest.mark.parametrize(("relay_mode", "case"), _mode_cases(CLIENT_PROTOCOL_ERRORS))
-async def test_client_protocol_error_gets_client_rfc_code_and_backend_1001(nursery, backends, relay_mode, case) -> None:
-    data, expected = CLIENT_PROTOCOL_ERRORS[case]
+async def _client_sends_after_one_echo(nursery, backends, relay_mode: str, data: bytes):  # type: ignore[no-untyped-def]
+    """One good echo through a recording backend, then `data` raw from the client; the close the
+    client got (after the connection ended), the backend's recorder, and the proxy."""
     rec = Recorder()
     backends.append(start_backend(recording_echo(rec)))
     proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode, timeouts=TIMEOUTS))
@@ -442,6 +442,13 @@ async def test_client_protocol_error_gets_client_rfc_code_and_backend_1001(nurse
     with trio.fail_after(PROMPTLY):
         got = await receive_close(client)
         await client.expect_eof()
+    return got, rec, proxy
+
+
+@pytest.mark.parametrize(("relay_mode", "case"), _mode_cases(CLIENT_PROTOCOL_ERRORS))
+async def test_client_protocol_error_gets_client_rfc_code_and_backend_1001(nursery, backends, relay_mode, case) -> None:
+    data, expected = CLIENT_PROTOCOL_ERRORS[case]
+    got, rec, proxy = await _client_sends_after_one_echo(nursery, backends, relay_mode, data)
     assert got.code == expected
     assert await wait_thread_event(rec.ended, PROMPTLY)
     assert rec.close_code == 1001
@@ -486,17 +493,7 @@ async def test_passthrough_leaves_invalid_utf8_to_the_endpoint(nursery, backends
     """Passthrough forwards the bad text; the backend (the websockets library) fails the
     connection with 1007, and that close reaches the client end to end."""
     data, expected = CLIENT_PROTOCOL_ERRORS[case]
-    rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], "passthrough", timeouts=TIMEOUTS))
-    client = await RawClient.connect(proxy.port())
-    with trio.fail_after(5):
-        await client.send(TextMessage(data="fine so far"))
-        assert await client.receive_message() == "fine so far"
-    await client.send_raw(data)
-    with trio.fail_after(PROMPTLY):
-        got = await receive_close(client)
-        await client.expect_eof()
+    got, rec, proxy = await _client_sends_after_one_echo(nursery, backends, "passthrough", data)
     assert got.code == expected == 1007
     assert await wait_thread_event(rec.ended, PROMPTLY)
     assert rec.messages == ["fine so far"]  # the backend refused the bad message itself
