@@ -304,22 +304,27 @@ class RawClient:
                 return
 
 
+async def read_until_closed(stream: trio.abc.ReceiveStream, limit: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (or resets), for at most `limit` seconds."""
+    got = b""
+    with trio.move_on_after(limit):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                break
+            if not data:
+                break
+            got += data
+    return got
+
+
 async def raw_http(port: int, request: bytes, *, read_timeout: float = 5.0) -> bytes:
     """Send raw bytes, return everything the proxy answers until it closes."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         await stream.send_all(request)
-        out = b""
-        with trio.move_on_after(read_timeout):
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not data:
-                    break
-                out += data
-        return out
+        return await read_until_closed(stream, read_timeout)
 
 
 def status_of(response: bytes) -> int:

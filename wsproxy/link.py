@@ -106,7 +106,6 @@ class Link:
 
     __slots__ = (
         "_close_timer",
-        "_consume",
         "_done",
         "_flow",
         "_may_backlog",
@@ -143,7 +142,6 @@ class Link:
         receive_size: int,
         close_timeout: float,
         slow_consumer_timeout: float | None,
-        consume: Callable[[Callable[[Any], None], Any], None] | None,
         on_pongs: Callable[[list[tuple[str, bytes]], float], None],
         flow: FlowLimiter | None,
         on_throttled: Callable[[], None],
@@ -161,7 +159,6 @@ class Link:
         self._size = receive_size
         self.close_timeout = close_timeout
         self._slow_limit = slow_consumer_timeout
-        self._consume = consume  # session._consume (heartbeat bookkeeping) or None: feed directly
         self._schedule = schedule  # heartbeat.Schedule (None: nothing timed), told what each read carried
         self._on_pongs = on_pongs  # the proxy's own pongs a read carried, with the time they arrived
         self._now = trio.lowlevel.current_clock().current_time  # trio.current_time, one call shorter
@@ -242,17 +239,22 @@ class Link:
         return not (self._throttled and s is self.client)
 
     def _feed(self, s: Side, data: bytes) -> None:
-        """Feed one read to the relay; tell the heartbeat schedule what it carried (inline: this
-        runs for every read)."""
+        """Feed one read to the relay (a step that also counts as traffic from `s`)."""
+        self._step(s.feed, data, s.name)
+
+    def _step(self, step: Callable[[Any], None], arg: Any, read_from: str | None = None) -> None:
+        """Run one relay step and tell the heartbeat schedule what it carried: traffic from the
+        peer read (if any), data frames, the proxy's own pongs. Runs for every read."""
         schedule = self._schedule
         if schedule is None:
-            s.feed(data)
+            step(arg)
             return
         now = self._now()
-        schedule.saw_traffic(s.name, now)
+        if read_from is not None:
+            schedule.saw_traffic(read_from, now)
         stats = self.relay.stats
         frames = stats.data_frames
-        s.feed(data)
+        step(arg)
         if stats.data_frames != frames:
             schedule.saw_data(now)
         pongs = self.relay.take_pongs()
@@ -420,12 +422,6 @@ class Link:
         self._aim(client)
         self._aim(backend)
 
-    def _step(self, step: Callable[[Any], None], arg: Any) -> None:
-        if self._consume is not None:
-            self._consume(step, arg)
-        else:
-            step(arg)
-
     def _close_expired(self, now: float) -> None:
         """The closing handshake did not finish within timeouts.close: end the session."""
         self._close_timer = None
@@ -511,6 +507,5 @@ class Link:
                 log.exception("ending the session (%s) failed", self._peer_name("client"))
         # Let go of the session's bound methods: the session holds this link, so without this
         # an ended session would wait for the cycle collector instead of being freed at once.
-        self._consume = None
         self._on_pongs = self._on_throttled = self._on_rate_close = _ignore
         self._peer_name = _no_name

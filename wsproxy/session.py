@@ -606,7 +606,6 @@ class Session:
             receive_size=cfg.limits.buffer_bytes,
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
-            consume=self._consume if self._schedule is not None else None,
             on_pongs=self._own_pongs,
             schedule=self._schedule,
             flow=self._flow,

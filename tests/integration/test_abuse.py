@@ -17,7 +17,7 @@ import random
 import trio
 from wsproto.events import TextMessage
 
-from tests.support import RawClient, proxy_yaml, start_backend, start_proxy
+from tests.support import RawClient, proxy_yaml, read_until_closed, start_backend, start_proxy
 from wsproxy.frames import build_frame, parse_close
 
 GARBAGE_CONNECTIONS = 2000  # the 2 000: a third garbage, a third half a request, a third silent
@@ -33,20 +33,6 @@ UPGRADE = (
     b"GET /storm HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-async def read_until_closed(stream: trio.SocketStream, limit: float = 5.0) -> bytes:
-    got = b""
-    with trio.move_on_after(limit):
-        while True:
-            try:
-                data = await stream.receive_some(65536)
-            except trio.BrokenResourceError:
-                break
-            if not data:
-                break
-            got += data
-    return got
 
 
 async def bad_connection(port: int, kind: str, results: dict[str, list[bytes]]) -> None:
