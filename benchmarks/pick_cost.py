@@ -23,14 +23,14 @@ from pathlib import Path
 import trio
 
 try:
-    from wsproxy.balancing import POLICIES, Pool, build_pool
+    from wsproxy.policy.balancing import POLICIES, Pool, build_pool
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wsproxy.balancing import POLICIES, Pool, build_pool
+    from wsproxy.policy.balancing import POLICIES, Pool, build_pool
 from wsproxy.config import Address, BackendConfig, HashKey, PoolConfig
-from wsproxy.relay import Relay
-from wsproxy.relay_inspect import InspectRelay
-from wsproxy.relay_passthrough import PassthroughRelay
+from wsproxy.protocol.relay import Relay
+from wsproxy.protocol.relay_inspect import InspectRelay
+from wsproxy.protocol.relay_passthrough import PassthroughRelay
 
 BACKEND_COUNTS = (3, 30, 300)
 ACTIVE_SESSIONS = 10_000

@@ -6,7 +6,7 @@ python certs/make_dev_certs.py            # writes certs/demo-{ca,cert,key}.pem
 
 from pathlib import Path
 
-from wsproxy.devcerts import make_dev_certs
+from wsproxy.runtime.devcerts import make_dev_certs
 
 if __name__ == "__main__":
     ca, cert, key = make_dev_certs(Path(__file__).resolve().parent)

@@ -33,7 +33,7 @@ from wsproto.events import (
 )
 
 from wsproxy.config import Config, parse_config
-from wsproxy.server import Server
+from wsproxy.runtime.server import Server
 
 # --------------------------------------------------------------------------------------------
 # the proxy

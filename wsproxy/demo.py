@@ -25,9 +25,9 @@ from wsproto.events import (
     TextMessage,
 )
 
-from wsproxy import supervisor
 from wsproxy.config import Config, ConfigError, load_config
-from wsproxy.devcerts import ensure_dev_certs
+from wsproxy.runtime import supervisor
+from wsproxy.runtime.devcerts import ensure_dev_certs
 
 log = logging.getLogger("wsproxy.demo")
 

@@ -30,15 +30,22 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from wsproxy import routing
-from wsproxy.admission import apply_rules, route_rules
-from wsproxy.auth import build_check
 from wsproxy.config import AuthConfig, Config, ConfigError, HashKey, parse_config
-from wsproxy.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask, valid_wire_close_code
-from wsproxy.handshake import ClientUpgrade, Rejection, build_upstream_request, head_size, validate_client_request
-from wsproxy.origin import origin_allowed, parse_origin, parse_origin_pattern
-from wsproxy.relay_inspect import InspectRelay
-from wsproxy.relay_passthrough import PassthroughRelay
+from wsproxy.config.origins import parse_origin, parse_origin_pattern
+from wsproxy.policy import routing
+from wsproxy.policy.admission import apply_rules, route_rules
+from wsproxy.policy.origin import origin_allowed
+from wsproxy.protocol.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask, valid_wire_close_code
+from wsproxy.protocol.handshake import (
+    ClientUpgrade,
+    Rejection,
+    build_upstream_request,
+    head_size,
+    validate_client_request,
+)
+from wsproxy.protocol.relay_inspect import InspectRelay
+from wsproxy.protocol.relay_passthrough import PassthroughRelay
+from wsproxy.runtime.auth import build_check
 
 TARGETS: dict[str, Callable[[], None]] = {}
 

@@ -18,7 +18,7 @@ import trio
 from wsproto.events import TextMessage
 
 from tests.support import RawClient, proxy_yaml, read_until_closed, start_backend, start_proxy
-from wsproxy.frames import build_frame, parse_close
+from wsproxy.protocol.frames import build_frame, parse_close
 
 GARBAGE_CONNECTIONS = 2000  # the issue's 2 000: a third garbage, a third half a request, a third silent
 STORM_SESSIONS = 3000  # the issue asks 10 000; scaled to keep this test near 20 s on 2 shared cores

@@ -22,8 +22,8 @@ import trio
 from wsproto.events import TextMessage
 
 from tests.support import RawClient, proxy_yaml, start_proxy
-from wsproxy import handshake
-from wsproxy.balancing.base import Backend
+from wsproxy.policy.balancing.base import Backend
+from wsproxy.protocol import handshake
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 Behaviour = Callable[[trio.SocketStream, bytes], Awaitable[None]]

@@ -21,9 +21,9 @@ from websockets.sync.server import ServerConnection
 
 from tests.integration.test_relay import ProxyProcess
 from tests.support import Backend, RawClient, RunningProxy, free_port, start_backend, start_proxy
-from wsproxy.balancing import Pool, build_pool
-from wsproxy.balancing.consistent_hash import ConsistentHash
 from wsproxy.config import parse_config
+from wsproxy.policy.balancing import Pool, build_pool
+from wsproxy.policy.balancing.consistent_hash import ConsistentHash
 
 TIMEOUTS = "timeouts: {handshake: 2s, connect: 1s, close: 1s}\n"
 WAIT = 10.0  # bound on any one phase of a test (seconds)

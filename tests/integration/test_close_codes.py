@@ -35,7 +35,7 @@ from tests.integration.test_relay import (
     wait_thread_event,
 )
 from tests.support import RawClient, start_backend, start_proxy
-from wsproxy.handshake import accept_key
+from wsproxy.protocol.handshake import accept_key
 
 PROMPTLY = 2.0  # seconds: "promptly" for a peer lost or a protocol error
 # The close timeout is longer than PROMPTLY, so a proxy that only cuts a session when that timer

@@ -10,7 +10,7 @@ import trio
 from wsproto.events import AcceptConnection, Request
 
 from tests.support import RawClient, proxy_yaml, start_backend, start_proxy
-from wsproxy import proxy_protocol
+from wsproxy.protocol import proxy_protocol
 
 CONFIG = "timeouts: {handshake: 5s, connect: 1s, close: 1s}\nshutdown: {drain_window: 200ms, deadline: 4s}\n"
 UPGRADE = (

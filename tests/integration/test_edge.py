@@ -16,8 +16,8 @@ import trio
 from wsproto.events import CloseConnection, TextMessage
 
 from tests.support import RawClient, free_port, proxy_yaml, raw_http, start_backend, start_proxy, status_of
-from wsproxy import admission as adm
-from wsproxy.frames import build_frame
+from wsproxy.policy import admission as adm
+from wsproxy.protocol.frames import build_frame
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 1s}\nheartbeat: {interval: off}\n"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

@@ -24,10 +24,10 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from tests.support import RawClient, free_port, proxy_yaml, start_backend, start_proxy
-from wsproxy.balancing import Backend as PoolBackend
 from wsproxy.config import ActiveHealth, Address, parse_config
-from wsproxy.health import DOWN, EJECTED, UP
-from wsproxy.health_check import probe
+from wsproxy.policy.balancing import Backend as PoolBackend
+from wsproxy.policy.health import DOWN, EJECTED, UP
+from wsproxy.runtime.health_check import probe
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 HEALTH_PATH = "/healthz"

@@ -34,7 +34,7 @@ from wsproto.events import (
 )
 
 from tests.support import RawClient, free_port, proxy_yaml, start_proxy
-from wsproxy.session import Session
+from wsproxy.runtime.session import Session
 
 RELAYS = ["passthrough", "inspect"]
 MARKER = b"wsproxy:"

@@ -31,7 +31,7 @@ from tests.integration.test_flow_control import BINARY, BLOCK, RawBackend, Wire,
 from tests.integration.test_liveness import MARKER, TrioBackend, open_pair
 from tests.integration.test_relay import ProxyProcess
 from tests.support import RawClient, free_port, proxy_yaml, raw_http, start_backend, start_proxy, status_of
-from wsproxy.session_log import JsonFormatter
+from wsproxy.observe.session_log import JsonFormatter
 
 # --------------------------------------------------------------------------------------------
 # HTTP and exposition helpers

@@ -20,7 +20,7 @@ from websockets.sync.server import serve
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
 from tests.support import Backend, RawClient, proxy_yaml, start_backend, start_proxy
-from wsproxy.frames import build_frame
+from wsproxy.protocol.frames import build_frame
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 1s}\nheartbeat: {interval: off}\n"
 SMALL_READS = "limits: {buffer_bytes: 4096}\n"  # smaller than one TLS record (16 KiB)
@@ -56,7 +56,7 @@ async def test_tls_small_reads_without_a_pause_echo(nursery, backends, tls_files
 
 async def test_tls_decrypted_bytes_after_a_pause_on_the_task_relay(nursery, backends, tls_files, monkeypatch) -> None:
     """Control: the same pause on the task-driven relay (no reactor started) delivers everything."""
-    monkeypatch.setattr("wsproxy.server.REACTOR_AVAILABLE", False)
+    monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
     await _tls_echo_one_record(nursery, backends, tls_files, BYTE_RATE)
 
 
@@ -68,7 +68,7 @@ async def test_tls_decrypted_bytes_left_by_the_handshake_read_are_relayed(
     decrypted plaintext in OpenSSL when the link registers the (empty) kernel socket. ("tasks":
     the control, on the task-driven relay.)"""
     if path == "tasks":
-        monkeypatch.setattr("wsproxy.server.REACTOR_AVAILABLE", False)
+        monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
     backends.append(start_backend())
     yaml = proxy_yaml([backends[0].port], tls=(tls_files.cert, tls_files.key), extra=FAST + SMALL_READS)
     proxy = await start_proxy(nursery, yaml)

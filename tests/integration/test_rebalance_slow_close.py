@@ -14,7 +14,7 @@ from wsproto.events import CloseConnection
 
 from tests.integration.test_reload import config_text, start_backends, wait_for, whoami
 from tests.support import RawClient, free_port, start_proxy
-from wsproxy.supervisor import reload_from_file
+from wsproxy.runtime.supervisor import reload_from_file
 
 SESSIONS = 20
 

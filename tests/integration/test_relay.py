@@ -56,7 +56,7 @@ TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\n"
 @pytest.fixture(params=sorted(RELAY_MODES))
 def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == ON_TASKS:
-        monkeypatch.setattr("wsproxy.server.REACTOR_AVAILABLE", False)
+        monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
     return request.param
 
 

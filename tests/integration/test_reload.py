@@ -21,10 +21,10 @@ from wsproto.events import CloseConnection, Request
 
 from tests.integration.test_relay import ProxyProcess
 from tests.support import RawClient, free_port, make_tls_files, proxy_yaml, raw_http, start_proxy, status_of
-from wsproxy import proxy_protocol
 from wsproxy.config import parse_config
 from wsproxy.demo import demo_backend
-from wsproxy.supervisor import reload_from_file
+from wsproxy.protocol import proxy_protocol
+from wsproxy.runtime.supervisor import reload_from_file
 
 FAST = "timeouts: {handshake: 5s, connect: 2s, close: 2s}\nheartbeat: {interval: off}\n"
 

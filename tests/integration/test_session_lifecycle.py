@@ -20,8 +20,8 @@ import trio
 from wsproto.events import AcceptConnection, Request
 
 from tests.support import RawClient, proxy_yaml, start_backend, start_proxy
-from wsproxy import proxy_protocol
-from wsproxy.streams import raw_socket
+from wsproxy.protocol import proxy_protocol
+from wsproxy.runtime.streams import raw_socket
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 0.5s}\nheartbeat: {interval: off}\n"
 

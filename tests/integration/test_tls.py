@@ -16,7 +16,7 @@ from wsproto.events import BytesMessage, TextMessage
 
 from tests.support import RawClient, TLSFiles, proxy_yaml, start_backend, start_proxy
 from wsproxy.config import parse_config
-from wsproxy.server import server_ssl_context
+from wsproxy.runtime.server import server_ssl_context
 
 FAST = "timeouts: {handshake: 1s, connect: 1s, close: 0.5s}\n"
 

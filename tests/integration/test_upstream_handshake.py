@@ -21,8 +21,8 @@ from websockets.sync.server import ServerConnection
 from tests.support import free_port, proxy_yaml, start_backend, start_proxy
 from wsproxy.config import parse_address
 from wsproxy.demo import demo_backend
-from wsproxy.upstream import UpstreamError
-from wsproxy.upstream import connect as connect_backend
+from wsproxy.runtime.upstream import UpstreamError
+from wsproxy.runtime.upstream import connect as connect_backend
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CLIENT_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

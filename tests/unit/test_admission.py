@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.admission import (
+from wsproxy.config import parse_config
+from wsproxy.policy.admission import (
     HANDSHAKE_RATE,
     MAX_SESSIONS,
     POOL_MAX_SESSIONS,
@@ -18,9 +19,8 @@ from wsproxy.admission import (
     retry_after,
     route_rules,
 )
-from wsproxy.balancing import build_pool
-from wsproxy.config import parse_config
-from wsproxy.handshake import ClientUpgrade, build_upstream_request, validate_client_request
+from wsproxy.policy.balancing import build_pool
+from wsproxy.protocol.handshake import ClientUpgrade, build_upstream_request, validate_client_request
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import h11
 import pytest
 
-from wsproxy.auth import AuthAnswer, build_check, cache_key, decide
 from wsproxy.config import AuthConfig
-from wsproxy.handshake import ClientUpgrade, validate_client_request
+from wsproxy.protocol.handshake import ClientUpgrade, validate_client_request
+from wsproxy.runtime.auth import AuthAnswer, build_check, cache_key, decide
 
 SPEC = AuthConfig(
     url="http://auth.local:9100/check?realm=chat",

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wsproxy import defaults
-from wsproxy.config import ConfigError, RateLimit, parse_config, parse_rate
+from wsproxy.config import ConfigError, RateLimit, defaults, parse_config, parse_rate
 
 BASE = """\
 listeners:

@@ -9,17 +9,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsproxy import defaults
 from wsproxy.config import (
-    _ACTIVE_KEYS,
-    _PASSIVE_KEYS,
-    HEALTH_POOL_KEYS,
     ActiveHealth,
     Config,
     ConfigError,
     PassiveHealth,
+    defaults,
     parse_config,
 )
+from wsproxy.config.pools import ACTIVE_KEYS as _ACTIVE_KEYS
+from wsproxy.config.pools import HEALTH_POOL_KEYS
+from wsproxy.config.pools import PASSIVE_KEYS as _PASSIVE_KEYS
 
 
 def config_with(pool_extra: str) -> str:

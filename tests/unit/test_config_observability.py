@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsproxy import defaults
-from wsproxy.config import Address, ConfigError, parse_config
+from wsproxy.config import Address, ConfigError, defaults, parse_config
 
 BASE = "listeners: [{address: 127.0.0.1:0, pool: p}]\npools: {p: {backends: [127.0.0.1:9001]}}\n"
 

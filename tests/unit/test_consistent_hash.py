@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.balancing import Pool, build_pool
-from wsproxy.balancing.consistent_hash import (
+from wsproxy.config import Address, BackendConfig, HashKey, PoolConfig
+from wsproxy.policy.balancing import Pool, build_pool
+from wsproxy.policy.balancing.consistent_hash import (
     VNODES_PER_WEIGHT,
     ConsistentHash,
     cap,
     key_hash,
     vnode_points,
 )
-from wsproxy.config import Address, BackendConfig, HashKey, PoolConfig
 
 THREE = (
     BackendConfig(Address("10.0.0.1", 9001)),

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from wsproxy.streams import FAIR_EVERY, FastSocketStream
+from wsproxy.runtime.streams import FAIR_EVERY, FastSocketStream
 
 Wrap = Callable[[socket.socket], trio.abc.HalfCloseableStream]
 

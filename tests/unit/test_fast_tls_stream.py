@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import trustme
 
-from wsproxy.streams import FastTLSStream
+from wsproxy.runtime.streams import FastTLSStream
 
 Wrap = Callable[[trio.SocketStream, ssl.SSLContext], trio.abc.Stream]
 

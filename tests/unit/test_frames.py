@@ -16,8 +16,8 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol, ParseFailed
 
-from wsproxy import frames
-from wsproxy.frames import (
+from wsproxy.protocol import frames
+from wsproxy.protocol.frames import (
     BINARY,
     CLOSE,
     CONTINUATION,

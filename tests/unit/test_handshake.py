@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.handshake import (
+from wsproxy.protocol.handshake import (
     BackendAccept,
     ClientUpgrade,
     Rejection,

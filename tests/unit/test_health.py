@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsproxy.config import ActiveHealth, PassiveHealth
-from wsproxy.health import (
+from wsproxy.policy.health import (
     DOWN,
     EJECTED,
     JITTER,

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.balancing import POLICIES, Pool, build_pool
-from wsproxy.balancing.random_two import RandomTwo
 from wsproxy.config import ActiveHealth, Address, BackendConfig, HashKey, PassiveHealth, PoolConfig
+from wsproxy.policy.balancing import POLICIES, Pool, build_pool
+from wsproxy.policy.balancing.random_two import RandomTwo
 
 ACTIVE = ActiveHealth(interval=1.0, rise=1, fall=1, slow_start=100.0)
 

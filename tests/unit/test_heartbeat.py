@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from wsproxy.heartbeat import (
+from wsproxy.protocol.heartbeat import (
     BACKEND,
     CLIENT,
     PING_MARKER,

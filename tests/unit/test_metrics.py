@@ -9,8 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wsproxy.config import PassiveHealth, parse_config
-from wsproxy.health import BackendHealth
-from wsproxy.metrics import (
+from wsproxy.observe.metrics import (
     BUFFER_FULL,
     REJECTED,
     UPGRADED,
@@ -19,8 +18,9 @@ from wsproxy.metrics import (
     close_code_label,
     status_label,
 )
-from wsproxy.relay import CloseRecord
-from wsproxy.session_log import SessionRecord
+from wsproxy.observe.session_log import SessionRecord
+from wsproxy.policy.health import BackendHealth
+from wsproxy.protocol.relay import CloseRecord
 
 CONFIG = parse_config("listeners: [{address: 127.0.0.1:0, pool: p}]\npools: {p: {backends: [127.0.0.1:9001]}}\n")
 
@@ -234,7 +234,7 @@ def test_exposition_follows_prometheus_naming() -> None:
 
 
 def test_traffic_counts_open_sessions_live_and_never_goes_down_when_they_end() -> None:
-    from wsproxy.relay import RelayStats
+    from wsproxy.protocol.relay import RelayStats
 
     stats = RelayStats(client_bytes_in=100, backend_bytes_in=40, messages_to_backend=3, messages_to_client=2)
     live: list[tuple[str, str, RelayStats]] = [("l", "p", stats)]

@@ -1,4 +1,4 @@
-"""allowed_origins patterns and subprotocol filtering (wsproxy/origin.py)."""
+"""allowed_origins patterns and subprotocol filtering (config/origins.py, policy/origin.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.origin import (
-    Origin,
-    filter_subprotocols,
-    origin_allowed,
-    parse_origin,
-    parse_origin_pattern,
-    parse_subprotocol,
-)
+from wsproxy.config.origins import Origin, parse_origin, parse_origin_pattern, parse_subprotocol
+from wsproxy.policy.origin import filter_subprotocols, origin_allowed
 
 # (pattern, origin header, allowed?)
 ORIGIN_TABLE = [

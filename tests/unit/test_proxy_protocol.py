@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsproxy import proxy_protocol as pp
+from wsproxy.protocol import proxy_protocol as pp
 
 V2_LOCAL = pp.V2_SIGNATURE + bytes((0x20, 0x00, 0x00, 0x00))
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.lru import LRUTable, TTLCache
-from wsproxy.ratelimit import FlowLimiter, KeyedBuckets, TokenBucket
+from wsproxy.policy.lru import LRUTable, TTLCache
+from wsproxy.policy.ratelimit import FlowLimiter, KeyedBuckets, TokenBucket
 
 # --- TokenBucket ------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import socket
 import pytest
 import trio
 
-from wsproxy import reactor as reactor_mod
-from wsproxy.reactor import Reactor
+from wsproxy.runtime import reactor as reactor_mod
+from wsproxy.runtime.reactor import Reactor
 
 pytestmark = pytest.mark.skipif(not reactor_mod.AVAILABLE, reason="the reactor needs epoll and eventfd (Linux)")
 

@@ -21,9 +21,9 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from wsproxy.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask
-from wsproxy.relay import CloseRecord
-from wsproxy.relay_inspect import InspectRelay
+from wsproxy.protocol.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask
+from wsproxy.protocol.relay import CloseRecord
+from wsproxy.protocol.relay_inspect import InspectRelay
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

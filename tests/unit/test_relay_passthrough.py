@@ -18,10 +18,10 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, T
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 
-from wsproxy.frames import HEADER, PAYLOAD, PING, FrameParser, build_frame
-from wsproxy.relay import CloseRecord
-from wsproxy.relay_inspect import InspectRelay
-from wsproxy.relay_passthrough import PassthroughRelay
+from wsproxy.protocol.frames import HEADER, PAYLOAD, PING, FrameParser, build_frame
+from wsproxy.protocol.relay import CloseRecord
+from wsproxy.protocol.relay_inspect import InspectRelay
+from wsproxy.protocol.relay_passthrough import PassthroughRelay
 
 BOTH = [
     pytest.param(InspectRelay, id="inspect"),

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsproxy.config import Address, parse_config
-from wsproxy.reload_plan import drain_window, plan_reload, rebalance_victim, spread
+from wsproxy.policy.reload_plan import drain_window, plan_reload, rebalance_victim, spread
 
 
 def cfg(listeners: list[int], pools: dict[str, list[int]]) -> object:

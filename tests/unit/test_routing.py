@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from wsproxy.config import Address, HashKey, ListenerConfig, Route, RouteMatch, parse_config
-from wsproxy.handshake import ClientUpgrade
-from wsproxy.routing import extract_hash_key, host_name, select_pool
+from wsproxy.policy.routing import extract_hash_key, host_name, select_pool
+from wsproxy.protocol.handshake import ClientUpgrade
 
 
 def listener(*routes: Route, pool: str | None = None) -> ListenerConfig:

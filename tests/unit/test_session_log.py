@@ -11,9 +11,9 @@ from datetime import datetime
 
 import pytest
 
-from wsproxy import session_log
-from wsproxy.relay import CloseRecord
-from wsproxy.session_log import JsonFormatter, SessionRecord, emit, json_fields, setup_logging, text_line
+from wsproxy.observe import session_log
+from wsproxy.observe.session_log import JsonFormatter, SessionRecord, emit, json_fields, setup_logging, text_line
+from wsproxy.protocol.relay import CloseRecord
 
 
 def relayed(**changes: object) -> SessionRecord:

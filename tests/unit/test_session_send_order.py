@@ -11,10 +11,10 @@ import trio.testing
 
 from tests.support import proxy_yaml
 from wsproxy.config import parse_config
-from wsproxy.metrics import Metrics
-from wsproxy.session import Session
-from wsproxy.snapshot import Snapshot
-from wsproxy.timers import Timers
+from wsproxy.observe.metrics import Metrics
+from wsproxy.policy.snapshot import Snapshot
+from wsproxy.runtime.session import Session
+from wsproxy.runtime.timers import Timers
 
 
 class StallingStream(trio.abc.Stream):

@@ -6,9 +6,9 @@ import logging
 from dataclasses import dataclass, field
 
 from wsproxy.config import parse_config
-from wsproxy.relay import RelayStats
-from wsproxy.snapshot import Snapshot
-from wsproxy.status import MAX_ERROR_CHARS, RecentErrors, build_status
+from wsproxy.observe.status import MAX_ERROR_CHARS, RecentErrors, build_status
+from wsproxy.policy.snapshot import Snapshot
+from wsproxy.protocol.relay import RelayStats
 
 CONFIG = parse_config(
     "listeners: [{address: 127.0.0.1:8080, pool: p}]\n"
@@ -58,6 +58,7 @@ def status(sessions: list[FakeSession], **kw: object) -> dict:
         pools=Snapshot.build(CONFIG).pools,
         sessions=sessions,
         now=1000.0,
+        wall_time=1_800_000_000.0,
         draining=False,
         config=CONFIG,
         listeners=[(LISTENER, ("127.0.0.1", 8080))],

@@ -8,8 +8,8 @@ import weakref
 import trio
 import trio.testing
 
-from wsproxy import timers as timers_mod
-from wsproxy.timers import Timers
+from wsproxy.runtime import timers as timers_mod
+from wsproxy.runtime.timers import Timers
 
 
 class Owner:

@@ -1,0 +1,186 @@
+"""`listeners[]`: addresses, TLS, routes with their match rules, origins, subprotocols and auth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wsproxy.config import defaults
+from wsproxy.config.checker import Checker, join
+from wsproxy.config.model import (
+    RELAY_MODES,
+    AuthConfig,
+    ListenerConfig,
+    Route,
+    RouteMatch,
+    TLSConfig,
+)
+from wsproxy.config.values import (
+    AUTH_RESERVED,
+    COPY_RESERVED,
+    is_off,
+    parse_address,
+    parse_auth_url,
+    parse_bool,
+    parse_bounded_int,
+    parse_choice,
+    parse_duration,
+    parse_header_names,
+    parse_host_pattern,
+    parse_optional_duration,
+    parse_origins,
+    parse_path_prefix,
+    parse_subprotocols,
+)
+
+
+def parse_auth(ck: Checker, path: str, raw: Any) -> AuthConfig | None:
+    if is_off(raw):
+        return None
+    m = ck.mapping(raw, path, ("url", "timeout", "pass_headers", "copy_headers", "cache", "cache_entries"))
+    if not isinstance(raw, dict):
+        return None
+    if "url" not in m:
+        ck.fail(join(path, "url"), "missing")
+        return None
+    where = ck.get(m, "url", path, parse_auth_url, None)
+    timeout = ck.get(m, "timeout", path, parse_duration, defaults.AUTH_TIMEOUT)
+    passed = ck.get(m, "pass_headers", path, parse_header_names(frozenset(AUTH_RESERVED)), defaults.AUTH_PASS_HEADERS)
+    copied = ck.get(m, "copy_headers", path, parse_header_names(frozenset(COPY_RESERVED)), ())
+    cache = ck.get(m, "cache", path, parse_optional_duration, defaults.AUTH_CACHE)
+    entries = ck.get(m, "cache_entries", path, parse_bounded_int(1, 10_000_000), defaults.AUTH_CACHE_ENTRIES)
+    if where is None:
+        return None
+    host, port, target = where
+    return AuthConfig(
+        url=str(m["url"]).strip(),
+        host=host,
+        port=port,
+        target=target,
+        timeout=timeout,
+        pass_headers=passed,
+        copy_headers=copied,
+        cache=cache,
+        cache_entries=entries,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteRules:
+    """What a listener's routes inherit unless they set their own."""
+
+    allowed_subprotocols: tuple[str, ...] | None = None
+    auth: AuthConfig | None = None
+
+
+def _route_rules(ck: Checker, path: str, m: dict[str, Any], inherit: _RouteRules) -> _RouteRules:
+    subprotocols = ck.get(m, "allowed_subprotocols", path, parse_subprotocols, inherit.allowed_subprotocols)
+    auth = parse_auth(ck, join(path, "auth"), m["auth"]) if "auth" in m else inherit.auth
+    return _RouteRules(allowed_subprotocols=subprotocols, auth=auth)
+
+
+def _no_pool(name: Any, pools: dict[str, Any]) -> str:
+    return f"no pool named {name!r} (pools: {', '.join(str(p) for p in pools) or 'none'})"
+
+
+def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> ListenerConfig | None:
+    m = ck.mapping(
+        raw,
+        path,
+        (
+            "address",
+            "pool",
+            "routes",
+            "tls",
+            "deflate",
+            "relay",
+            "proxy_protocol",
+            "allowed_origins",
+            "allowed_subprotocols",
+            "auth",
+        ),
+    )
+    if not isinstance(raw, dict):
+        return None
+    rules = _route_rules(ck, path, m, _RouteRules())
+    origins = ck.get(m, "allowed_origins", path, parse_origins, None)
+    address = None
+    if "address" not in m:
+        ck.fail(join(path, "address"), "missing")
+    else:
+        address = ck.get(m, "address", path, lambda v: parse_address(v, allow_port_zero=True), None)
+    pool = None
+    routes: list[Route] = []
+    if "pool" in m and "routes" in m:
+        ck.fail(path, "give either pool or routes, not both")
+    elif "pool" in m:
+        pool = m["pool"]
+        if not isinstance(pool, str) or pool not in pools:
+            ck.fail(join(path, "pool"), _no_pool(pool, pools))
+            pool = None
+    elif "routes" in m:
+        rpath = join(path, "routes")
+        for i, raw_r in ck.sequence(m["routes"], rpath):
+            r = _parse_route(ck, f"{rpath}[{i}]", raw_r, pools, rules)
+            if r is not None:
+                routes.append(r)
+        if isinstance(m["routes"], list) and not m["routes"]:
+            ck.fail(rpath, "expected at least one route")
+    else:
+        ck.fail(path, "a listener needs a pool or routes")
+    tls = None
+    if "tls" in m:
+        tpath = join(path, "tls")
+        t = ck.mapping(m["tls"], tpath, ("cert", "key"))
+        for key in ("cert", "key"):
+            if key not in t and isinstance(m["tls"], dict):
+                ck.fail(join(tpath, key), "missing")
+        cert = ck.get(t, "cert", tpath, ck.path_to_file, None)
+        key = ck.get(t, "key", tpath, ck.path_to_file, None)
+        if cert is not None and key is not None:
+            tls = TLSConfig(cert=cert, key=key)
+    deflate = ck.get(m, "deflate", path, parse_bool, defaults.DEFLATE)
+    relay = ck.get(m, "relay", path, parse_choice(RELAY_MODES), defaults.RELAY)
+    proxy_protocol = ck.get(m, "proxy_protocol", path, parse_bool, False)
+    if address is None:
+        return None
+    return ListenerConfig(
+        address=address,
+        pool=pool,
+        routes=tuple(routes),
+        tls=tls,
+        deflate=deflate,
+        relay=relay,
+        proxy_protocol=proxy_protocol,
+        allowed_origins=origins,
+        allowed_subprotocols=rules.allowed_subprotocols,
+        auth=rules.auth,
+    )
+
+
+def _parse_route(
+    ck: Checker, path: str, raw: Any, pools: dict[str, Any], inherit: _RouteRules = _RouteRules()
+) -> Route | None:
+    m = ck.mapping(raw, path, ("match", "pool", "allowed_subprotocols", "auth"))
+    if not isinstance(raw, dict):
+        return None
+    rules = _route_rules(ck, path, m, inherit)
+    pool = m.get("pool")
+    if not isinstance(pool, str) or pool not in pools:
+        ck.fail(join(path, "pool"), _no_pool(pool, pools))
+        return None
+    if "match" not in m:
+        return Route(pool=pool, allowed_subprotocols=rules.allowed_subprotocols, auth=rules.auth)
+    mpath = join(path, "match")
+    mm = ck.mapping(m["match"], mpath, ("host", "path_prefix"))
+    host = ck.get(mm, "host", mpath, parse_host_pattern, None)
+    prefix = ck.get(mm, "path_prefix", mpath, parse_path_prefix, None)
+    if host is None and prefix is None:
+        ck.fail(mpath, "a match needs host and/or path_prefix (omit match for a default route)")
+        return None
+    return Route(
+        pool=pool,
+        match=RouteMatch(host=host, path_prefix=prefix),
+        allowed_subprotocols=rules.allowed_subprotocols,
+        auth=rules.auth,
+    )

@@ -1,0 +1,463 @@
+"""The passthrough relay: frames forwarded verbatim, only their headers parsed.
+
+The fast path of ARCHITECTURE.md "Two relay paths". Client frames reach the backend with the
+client's own mask, backend frames reach the client unmasked, payloads are never reassembled,
+unmasked or re-masked, and permessage-deflate (negotiated end to end) passes untouched. Only
+control frames are held, whole (at most 131 bytes), because the relay must read a close's code
+and reason and a pong's payload before deciding where they go. Everything else it does mirrors
+`relay_inspect.InspectRelay` at the `relay.Relay` interface: close codes and reasons pass end
+to end, the closing handshake completes on both hops, a protocol error answers the offending
+peer with its code (1002/1007) and the other peer with 1001 (client at fault) or 1011 (backend
+at fault), a message over the size limit earns its sender 1009 and the other peer 1001, and a
+vanished peer gets the other side 1001/1011. One thing cannot be mirrored: if a peer vanishes
+(or is abandoned) part way through a frame, the frame can never be completed on the other
+stream, so the other peer is dropped without a close instead of getting 1001/1011.
+
+The proxy's own frames (closes, heartbeat pings) are injected into a peer's stream only at a
+frame boundary of what is being forwarded to it: while a forwarded frame is part way through,
+they wait in a small per-hop queue and go out the moment that frame ends.
+"""
+
+from __future__ import annotations
+
+from wsproxy.protocol.frames import (
+    CLOSE,
+    HEADER,
+    MAX_CONTROL_PAYLOAD,
+    NEED_DATA,
+    PAYLOAD,
+    PING,
+    PONG,
+    FrameParser,
+    ProtocolError,
+    apply_mask,
+    build_close,
+    build_ping,
+    parse_close,
+)
+from wsproxy.protocol.heartbeat import PING_MARKER
+from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, TOO_BIG, CloseRecord, RelayStats
+
+MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
+
+
+class _Hop:
+    """One peer: the parser of what it sends and what is queued for it."""
+
+    __slots__ = (
+        "ctl",
+        "failed",
+        "fwd",
+        "mask_out",
+        "name",
+        "out",
+        "own_pings",
+        "parser",
+        "pending",
+        "recv_close",
+        "sent_close",
+    )
+
+    def __init__(self, name: str, parser: FrameParser, *, mask_out: bool) -> None:
+        self.name = name
+        self.parser = parser  # frames coming from this peer
+        self.mask_out = mask_out  # the proxy's own frames to this peer are masked (backend)
+        self.out: list[bytes | memoryview] = []  # ready for this peer, in order
+        self.pending: list[bytes] | None = None  # own frames waiting for a frame boundary
+        self.own_pings: list[bytes] | None = None  # the proxy's pings to this peer, unanswered
+        self.ctl: bytearray | None = None  # a control frame from this peer, being collected
+        self.fwd = False  # the current data frame from this peer goes to the other peer
+        self.sent_close = False  # a close to this peer is queued (out or pending)
+        self.recv_close = False  # this peer's valid close arrived
+        self.failed = False  # stream ended or protocol error: read nothing more from it
+
+    @property
+    def open(self) -> bool:
+        """May data frames still be sent to this peer?"""
+        return not (self.sent_close or self.recv_close or self.failed)
+
+    @property
+    def done(self) -> bool:
+        if self.pending:
+            return False
+        return self.failed or (self.sent_close and self.recv_close)
+
+    def take(self) -> bytes:
+        out = self.out
+        if not out:
+            return b""
+        first = out[0]
+        data = first if len(out) == 1 and type(first) is bytes else b"".join(out)
+        out.clear()
+        return data
+
+
+class PassthroughRelay:
+    """Forward frames verbatim between client and backend; see the module docstring.
+
+    `deflate`: the backend accepted the client's permessage-deflate offer, so RSV1 is legal on
+    the first frame of a data message in both directions. `max_message_bytes`: a message whose
+    wire size (compressed, if deflated) exceeds it fails its sender with 1009. `ping_marker`:
+    pongs starting with it answer the proxy's own pings (`send_ping`); they are swallowed and
+    handed out by `take_pongs` instead of being forwarded.
+    """
+
+    __slots__ = ("_backend", "_client", "_marker", "_pongs", "stats")
+    may_backlog = False  # every read is forwarded at once: backlog() is always False
+
+    def __init__(
+        self,
+        *,
+        deflate: bool = False,
+        max_message_bytes: int | None = None,
+        ping_marker: bytes = PING_MARKER,
+    ) -> None:
+        if not ping_marker or len(ping_marker) > MAX_CONTROL_PAYLOAD:
+            raise ValueError("ping_marker must be 1 to 125 bytes")
+        self._client = _Hop(
+            "client",
+            FrameParser(masked=True, rsv1_allowed=deflate, max_message_bytes=max_message_bytes),
+            mask_out=False,
+        )
+        self._backend = _Hop(
+            "backend",
+            FrameParser(masked=False, rsv1_allowed=deflate, max_message_bytes=max_message_bytes),
+            mask_out=True,
+        )
+        self._marker = ping_marker
+        self._pongs: list[tuple[str, bytes]] | None = None
+        self.stats = RelayStats()
+
+    # --- the Relay contract ---------------------------------------------------------------
+
+    @property
+    def client_done(self) -> bool:
+        """Nothing more to or from the client, and no own frame still waits for it."""
+        return self._client.done
+
+    @property
+    def backend_done(self) -> bool:
+        """Nothing more to or from the backend, and no own frame still waits for it."""
+        return self._backend.done
+
+    @property
+    def closing(self) -> bool:
+        """A closing handshake started (or a hop failed): the session's close timeout runs."""
+        c, b = self._client, self._backend
+        return c.sent_close or c.recv_close or c.failed or b.sent_close or b.recv_close or b.failed
+
+    def take_for_client(self) -> bytes:
+        return self._client.take()
+
+    def take_for_backend(self) -> bytes:
+        return self._backend.take()
+
+    def feed_client(self, data: bytes) -> None:
+        """Bytes read from the client (b"" when its stream ended)."""
+        self.stats.client_bytes_in += len(data)
+        self._feed(self._client, self._backend, data)
+
+    def feed_backend(self, data: bytes) -> None:
+        """Bytes read from the backend (b"" when its stream ended)."""
+        self.stats.backend_bytes_in += len(data)
+        self._feed(self._backend, self._client, data)
+
+    def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
+        """The proxy's own close to each peer still open (at its next frame boundary)."""
+        c, b = self._client, self._backend
+        if c.open or b.open:
+            self.stats.closed_by("proxy")
+            if self.stats.proxy_close is None:
+                self.stats.proxy_close = CloseRecord(client_code, reason)
+        if c.open:
+            self._send_close(c, client_code, reason)
+        if b.open:
+            self._send_close(b, backend_code, reason)
+
+    def abandon(self, side: str, *, other_code: int, reason: str) -> None:
+        """Give up on a dead or stuck peer: nothing more to or from it; the other gets a close.
+
+        If the abandoned peer's frame was part way through to the other peer, that stream can
+        carry no valid frame any more, so the other peer is dropped too (no close possible).
+        """
+        src = self._hop(side)
+        dst = self._backend if src is self._client else self._client
+        if src.done:
+            return
+        cut = self._stop(src, dst)
+        src.out.clear()
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(other_code, reason)
+        if cut:
+            dst.failed = True
+            dst.pending = None
+            return
+        self._close_other(dst, other_code, reason)
+
+    def send_ping(self, to: str, payload: bytes) -> bool:
+        """Queue the proxy's own ping to "client" or "backend"; False if that peer is closing.
+
+        Its payload is remembered (the last MAX_OWN_PINGS per hop), so the pong it earns is
+        swallowed instead of reaching the other peer, which never sent that ping. Give it the
+        ping marker as prefix: only pongs carrying the marker are checked against our pings.
+        """
+        hop = self._hop(to)
+        frame = build_ping(payload, mask=hop.mask_out)
+        if not hop.open:
+            return False
+        self._emit_own(hop, frame)
+        if hop.own_pings is None:
+            hop.own_pings = [payload]
+        else:
+            hop.own_pings.append(payload)
+            del hop.own_pings[:-MAX_OWN_PINGS]
+        return True
+
+    def ping_waiting(self, to: str) -> bool:
+        """Is a proxy ping to `to` still held behind a forwarded frame (not yet sendable)?
+
+        A peer cannot answer a ping it has not been sent: the heartbeat should start that
+        ping's timeout only once this turns False. (InspectRelay never holds one.)
+        """
+        pending = self._hop(to).pending
+        return pending is not None and any(f[0] & 0x0F == PING for f in pending)
+
+    def backlog(self, side: str) -> bool:
+        return False  # output never exceeds input: every read is forwarded at once
+
+    def resume(self, side: str) -> None:
+        return None
+
+    def take_pongs(self) -> list[tuple[str, bytes]]:
+        """(leg, payload) of every pong that answered one of the proxy's pings since the last
+        call; those were swallowed, every other pong passed end to end."""
+        pongs = self._pongs
+        if not pongs:
+            return []
+        self._pongs = None
+        return pongs
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _hop(self, name: str) -> _Hop:
+        if name == "client":
+            return self._client
+        if name == "backend":
+            return self._backend
+        raise ValueError(f"unknown leg {name!r}")
+
+    def _emit_own(self, hop: _Hop, frame: bytes) -> None:
+        """Queue a frame the proxy made; it waits while a forwarded frame is part way through."""
+        feeder = self._backend if hop is self._client else self._client
+        if feeder.fwd and feeder.parser.remaining:
+            if hop.pending is None:
+                hop.pending = [frame]
+            else:
+                hop.pending.append(frame)
+        else:
+            hop.out.append(frame)
+
+    def _send_close(self, hop: _Hop, code: int | None, reason: str) -> None:
+        """The proxy's own close to `hop`, if it may still be sent one."""
+        if hop.failed or hop.sent_close:
+            return
+        self._emit_own(hop, build_close(code, reason, mask=hop.mask_out))
+        hop.sent_close = True
+
+    def _feed(self, src: _Hop, dst: _Hop, data: bytes) -> None:
+        if src.failed or (src.sent_close and src.recv_close):
+            return  # after a close or a failure, nothing more from this peer is acted on
+        if not data:
+            self._peer_lost(src, dst)
+            return
+        if src.recv_close:
+            return  # bytes after a peer's close frame mean nothing
+        p = src.parser
+        n = len(data)
+        if type(data) is not bytes:
+            data = bytes(data)  # out keeps slices of it until taken: it must not change
+        if p.remaining > n and src.ctl is None:
+            # Hot path: the whole chunk is payload of a frame that does not end here.
+            p.next_event(data, 0)
+            self.stats.data_frames += 1
+            if src.fwd:
+                dst.out.append(data)
+            return
+        to_client = dst is self._client
+        stats = self.stats
+        mv = memoryview(data)
+        out = dst.out
+        run = -1  # data[run:pos] is forwarded and not yet appended to out
+        pos = 0
+        while pos < n:
+            kind, end = p.next_event(data, pos)
+            if kind == PAYLOAD:
+                ctl = src.ctl
+                if ctl is not None:
+                    ctl += mv[pos:end]
+                    pos = end
+                    if not p.remaining:
+                        src.ctl = None
+                        if not self._control(src, dst, ctl):
+                            return
+                    continue
+                stats.data_frames += 1
+                if src.fwd and run < 0:
+                    run = pos
+                pos = end
+            elif kind == HEADER:
+                if p.opcode >= 8:
+                    if run >= 0:
+                        out.append(mv[run:pos])
+                        run = -1
+                    src.fwd = False
+                    ctl = bytearray(p.prefix)
+                    ctl += mv[pos:end]
+                    pos = end
+                    if p.remaining:
+                        src.ctl = ctl
+                    elif not self._control(src, dst, ctl):
+                        return
+                    continue
+                stats.data_frames += 1
+                src.fwd = fwd = dst.open
+                if fwd:
+                    if p.prefix:
+                        out.append(p.prefix)  # only ever at pos 0, with no run open
+                    if run < 0:
+                        run = pos
+                elif run >= 0:
+                    out.append(mv[run:pos])
+                    run = -1
+                pos = end
+            elif kind == NEED_DATA:
+                break  # a split header is held by the parser, not forwarded yet
+            else:  # ERROR: always at a frame boundary, before the bad header went anywhere
+                if run >= 0:
+                    out.append(mv[run:pos])
+                self._protocol_error(src, dst, p.error_code, p.error_reason)
+                return
+            if not p.remaining and src.fwd:
+                # A forwarded data frame just ended: count it, let waiting own frames out.
+                if p.fin:
+                    if to_client:
+                        stats.messages_to_client += 1
+                    else:
+                        stats.messages_to_backend += 1
+                if dst.pending:
+                    if run >= 0:
+                        out.append(mv[run:pos])
+                        run = -1
+                    out.extend(dst.pending)
+                    dst.pending = None
+        if run >= 0:
+            out.append(data if run == 0 and pos == n else mv[run:pos])
+
+    def _control(self, src: _Hop, dst: _Hop, frame: bytearray) -> bool:
+        """Act on a complete control frame from `src`; False once `src` must not be read on."""
+        p = src.parser
+        op = p.opcode
+        if op == PING:
+            if dst.open:
+                dst.out.append(bytes(frame))  # src is at a boundary, so is dst's stream
+            return True
+        payload = bytes(frame[len(frame) - p.length :])
+        if p.mask is not None:
+            payload = apply_mask(payload, p.mask)
+        if op == PONG:
+            own = src.own_pings
+            if own and payload.startswith(self._marker) and payload in own:
+                own.remove(payload)
+                if not own:
+                    src.own_pings = None
+                if self._pongs is None:
+                    self._pongs = []
+                self._pongs.append((src.name, payload))
+            elif dst.open:
+                dst.out.append(bytes(frame))
+            return True
+        assert op == CLOSE
+        try:
+            code, reason = parse_close(payload)
+        except ProtocolError as exc:
+            self._protocol_error(src, dst, exc.code, exc.reason)
+            return False
+        self._peer_close(src, dst, code, reason, bytes(frame))
+        return False
+
+    def _peer_close(self, src: _Hop, dst: _Hop, code: int | None, reason: str, frame: bytes) -> None:
+        self.stats.peer_closed(src.name, code, reason)
+        src.recv_close = True
+        if not src.sent_close:
+            # The peer started closing: pass its close on verbatim; its answer comes back when
+            # the other side answers. If the other side cannot answer any more, answer it here.
+            if dst.open:
+                self._emit_own(dst, frame)
+                dst.sent_close = True
+            else:  # defensive, as in InspectRelay: no path leaves dst closed and src not told
+                self._send_close(src, code, reason)
+        elif dst.recv_close and not dst.sent_close and not dst.failed:
+            # The peer answered a close we forwarded to it: complete the other hop with it.
+            self._emit_own(dst, frame)
+            dst.sent_close = True
+
+    def _protocol_error(self, src: _Hop, dst: _Hop, code: int, reason: str) -> None:
+        """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src."""
+        self._send_close(src, code, reason)
+        src.failed = True
+        src.ctl = None
+        src.fwd = False
+        self.stats.closed_by("proxy")
+        if code == TOO_BIG:
+            # A limit, not a fault of either implementation: the other side is going away
+            # either way (as InspectRelay says it).
+            why = f"{src.name} sent a {reason}"
+            self.stats.proxy_close = CloseRecord(code, why)
+            self._close_other(dst, GOING_AWAY, why)
+            return
+        self.stats.proxy_close = CloseRecord(code, f"{src.name} protocol error: {reason}")
+        if src is self._client:
+            self._close_other(dst, GOING_AWAY, "client protocol error")
+        else:
+            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
+
+    def _peer_lost(self, src: _Hop, dst: _Hop) -> None:
+        """The peer's stream ended. Without a finished closing handshake, it vanished."""
+        cut = self._stop(src, dst)
+        if self.stats.client_close is None and src is self._client:
+            self.stats.client_close = CloseRecord(ABNORMAL, "connection lost")
+            self.stats.closed_by("client")
+        elif self.stats.backend_close is None and src is self._backend:
+            self.stats.backend_close = CloseRecord(ABNORMAL, "connection lost")
+            self.stats.closed_by("backend")
+        if cut:
+            # dst holds the start of a frame that can never be completed: no valid frame can
+            # follow it on that stream, so dst cannot get a close; drop the connection.
+            dst.failed = True
+            dst.pending = None
+            return
+        if src is self._client:
+            self._close_other(dst, GOING_AWAY, "client went away")
+        else:
+            self._close_other(dst, INTERNAL_ERROR, "backend connection lost")
+
+    def _stop(self, src: _Hop, dst: _Hop) -> bool:
+        """Read nothing more from `src`, send it nothing more; True if its frame to dst was cut."""
+        cut = src.fwd and src.parser.remaining > 0
+        src.failed = True
+        src.ctl = None
+        src.fwd = False
+        src.pending = None
+        src.own_pings = None
+        dst.fwd = False  # the rest of a frame dst is sending has nowhere to go
+        return cut
+
+    def _close_other(self, dst: _Hop, code: int, reason: str) -> None:
+        if dst.failed or dst.sent_close:
+            return
+        if not dst.recv_close:
+            self._send_close(dst, code, reason)
+        else:
+            # The other peer was waiting for an answer to its close: give it its own code back.
+            rec = self.stats.client_close if dst is self._client else self.stats.backend_close
+            self._send_close(dst, rec.code if rec else code, rec.reason if rec else reason)

@@ -1,0 +1,196 @@
+"""The admin listener: /metrics, /healthz, /readyz, /status and /status.json over plain HTTP.
+
+A small HTTP/1.1 server on h11 and trio, one request per connection (`Connection: close`), for
+Prometheus, orchestrators and people. Bounded like everything else: a request head and body of at
+most ADMIN_MAX_REQUEST_BYTES, ADMIN_TIMEOUT for the whole exchange, at most
+ADMIN_MAX_CONNECTIONS at once (further ones are closed at once). It only reads the server's state:
+the metrics registry, the session registry, the pools and the draining flag. It binds loopback
+unless the config says `allow_remote: true` (config.py enforces that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from wsproxy.config import AdminConfig, defaults
+from wsproxy.observe.status import STATUS_HTML, RecentErrors, build_status
+
+if TYPE_CHECKING:
+    from wsproxy.runtime.server import Server
+
+log = logging.getLogger("wsproxy.admin")
+
+TEXT = "text/plain; charset=utf-8"
+# The status page is one self-contained document: it may run its own inline script and style and
+# fetch from this origin, nothing else.
+STATUS_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'"
+
+
+class Response:
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self, status: int, body: bytes, content_type: str = TEXT, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+class Admin:
+    """Answers admin requests about one `Server`."""
+
+    def __init__(self, server: Server, errors: RecentErrors | None = None) -> None:
+        self.server = server
+        self.errors = errors if errors is not None else RecentErrors()
+        self._slots = trio.Semaphore(defaults.ADMIN_MAX_CONNECTIONS)
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Listening and not draining: a load balancer in front may send new sessions here."""
+        if self.server.draining:
+            return False, "draining"
+        if not self.server.bound:
+            return False, "not listening"
+        return True, "ready"
+
+    def status(self) -> dict[str, object]:
+        s = self.server
+        return build_status(
+            pools=s.snapshot.pools,
+            sessions=s.sessions,
+            now=trio.current_time(),
+            wall_time=time.time(),
+            draining=s.draining,
+            config=s.snapshot.config,
+            listeners=s.bound,
+            errors=self.errors.entries,
+        )
+
+    def respond(self, method: bytes, target: bytes) -> Response:
+        """The response to one request (pure routing; no I/O)."""
+        path = target.split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
+        if path == b"/metrics":
+            return Response(200, self.server.metrics.exposition(), CONTENT_TYPE_LATEST)
+        if path == b"/healthz":
+            return Response(200, b"ok\n")
+        if path == b"/readyz":
+            ok, why = self.ready()
+            return Response(200 if ok else 503, why.encode() + b"\n")
+        if path == b"/status.json":
+            body = json.dumps(self.status(), separators=(",", ":")).encode()
+            return Response(200, body, "application/json")
+        if path == b"/status":
+            return Response(
+                200, STATUS_HTML.encode(), "text/html; charset=utf-8", (("Content-Security-Policy", STATUS_CSP),)
+            )
+        if path == b"/":
+            return Response(302, b"see /status\n", headers=(("Location", "/status"),))
+        return Response(404, b"not found: try /metrics /healthz /readyz /status /status.json\n")
+
+    # --- I/O -----------------------------------------------------------------------------------
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await trio.aclose_forcefully(stream)  # too many admin connections: refuse this one
+            return
+        try:
+            with trio.move_on_after(defaults.ADMIN_TIMEOUT):
+                await self._exchange(stream)
+        finally:
+            self._slots.release()
+            await trio.aclose_forcefully(stream)
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        limit = defaults.ADMIN_MAX_REQUEST_BYTES
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        request: h11.Request | None = None
+        body = 0
+        try:
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await stream.receive_some(limit)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    h.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > limit:
+                        await self._send(stream, h, Response(413, b"request body too large\n"), head=False)
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # ConnectionClosed (or PAUSED, which one request per connection never reaches)
+                    return
+        except h11.RemoteProtocolError as exc:
+            await self._send(stream, h, Response(exc.error_status_hint, f"bad request: {exc}\n".encode()), head=False)
+            return
+        assert request is not None
+        try:
+            response = self.respond(request.method, request.target)
+        except Exception:  # a bug in a page must not take the admin listener down
+            log.exception("admin: %s %s failed", request.method.decode(), request.target.decode("latin-1"))
+            response = Response(500, b"internal error\n")
+        await self._send(stream, h, response, head=request.method == b"HEAD")
+
+    @staticmethod
+    async def _send(stream: trio.SocketStream, h: h11.Connection, response: Response, *, head: bool) -> None:
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Connection", "close"),
+            *response.headers,
+        ]
+        out = h.send(h11.Response(status_code=response.status, headers=headers))
+        if not head and response.body:
+            out += h.send(h11.Data(data=response.body))
+        out += h.send(h11.EndOfMessage())
+        try:
+            await stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+async def serve_admin(
+    server: Server,
+    config: AdminConfig,
+    port_offset: int = 0,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
+    port + i), report the bound (host, port), serve until cancelled."""
+    port = config.address.port + port_offset if config.address.port else 0
+    listeners = await trio.open_tcp_listeners(port, host=config.address.host)
+    sockname = listeners[0].socket.getsockname()
+    bound = (sockname[0], sockname[1])
+    errors = RecentErrors()
+    root = logging.getLogger("wsproxy")
+    root.addHandler(errors)
+    try:
+        admin = Admin(server, errors)
+        log.info("admin: serving http://%s:%d/ (metrics, healthz, readyz, status)", bound[0], bound[1])
+        task_status.started(bound)
+        await trio.serve_listeners(admin.handle, listeners)
+    finally:
+        root.removeHandler(errors)

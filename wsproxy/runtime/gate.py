@@ -1,0 +1,170 @@
+"""Edge protection in a session's path: the waiting half of admission and of rate limiting.
+
+The decisions are pure (admission.py, ratelimit.py, origin.py); this module runs them where a
+session needs them and does the waiting they imply: the auth subrequest before a backend is
+contacted, and the pause a client over its message or byte rate gets (its pump does not read,
+so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
+`EdgeCollector` shows its counters as Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wsproxy.config import Config, ListenerConfig
+from wsproxy.policy import admission as adm
+from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
+from wsproxy.policy.balancing import Pool
+from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.protocol.handshake import ClientUpgrade, Rejection
+from wsproxy.runtime.auth import AuthService
+
+log = logging.getLogger("wsproxy.edge")
+
+LIMIT_NAMES = (
+    adm.HANDSHAKE_RATE,
+    adm.SESSIONS_PER_IP,
+    adm.MAX_SESSIONS,
+    adm.POOL_MAX_SESSIONS,
+    adm.BACKENDS_FULL,
+    adm.ORIGIN,
+    adm.SUBPROTOCOL,
+    adm.AUTH_DENIED,
+    adm.AUTH_ERROR,
+    adm.RATE_THROTTLED,
+    adm.RATE_CLOSED,
+)
+
+
+class Edge:
+    """What a server's sessions share for edge protection: counts, buckets, auth caches."""
+
+    __slots__ = ("admission", "auth")
+
+    def __init__(self) -> None:
+        self.admission = Admission()
+        self.auth = AuthService()
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A request that may go to a backend: as the backend should see it, and its place in the counts."""
+
+    upgrade: ClientUpgrade
+    pool: str
+    ticket: Ticket
+    upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def pool_full(pool: Pool) -> bool:
+    """Every backend of the pool is at its max_sessions."""
+    return bool(pool.backends) and all(b.full for b in pool.backends)
+
+
+async def admit(
+    edge: Edge,
+    *,
+    config: Config,
+    pools: dict[str, Pool],
+    listener: ListenerConfig,
+    upgrade: ClientUpgrade,
+    client_ip: str,
+) -> Admitted | Rejection:
+    """Route rules, caps and auth, cheapest first; a Rejection says what the client gets."""
+    counts = edge.admission.counts
+    rules = route_rules(listener, upgrade.host, upgrade.path)
+    if rules is None:
+        return Rejection(404, f"no route for host {upgrade.host.decode('latin-1')} path {upgrade.path}")
+    checked = apply_rules(listener, rules, upgrade)
+    if isinstance(checked, Rejection):
+        counts[adm.ORIGIN if checked.status == 403 else adm.SUBPROTOCOL] += 1
+        return checked
+    pool = pools.get(rules.pool)
+    if pool is not None and pool_full(pool):
+        counts[adm.BACKENDS_FULL] += 1
+        return Rejection(
+            503, f"every backend of pool {rules.pool} is at its max_sessions", retry_after(config.limits.retry_after)
+        )
+    ticket = edge.admission.admit(config, client_ip, rules.pool)
+    if isinstance(ticket, Rejection):
+        return ticket
+    if rules.auth is None:
+        return Admitted(checked, rules.pool, ticket)
+    try:
+        answer = await edge.auth.check(
+            rules.auth,
+            checked,
+            client_ip=client_ip,
+            scheme="https" if listener.tls else "http",
+            max_header_bytes=config.limits.max_header_bytes,
+        )
+    except BaseException:
+        ticket.release()
+        raise
+    refused = answer.rejection()
+    if refused is not None:
+        ticket.release()
+        counts[adm.AUTH_DENIED if refused.status in (401, 403) else adm.AUTH_ERROR] += 1
+        return refused
+    return Admitted(checked, rules.pool, ticket, answer.copy)
+
+
+def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
+    """The client-to-backend budget of a new session, or None when no session rate is set."""
+    rl = config.rate_limits
+    if rl.messages is None and rl.bytes is None:
+        return None
+    return FlowLimiter(
+        now=now,
+        messages=(rl.messages.rate, rl.messages.burst) if rl.messages else None,
+        nbytes=(rl.bytes.rate, rl.bytes.burst) if rl.bytes else None,
+        close_after=rl.close_after,
+    )
+
+
+async def hold_back(limiter: FlowLimiter) -> bool:
+    """Wait while the sender is over its budget. False: it has been over it for `close_after`."""
+    while True:
+        pause = limiter.pause(trio.current_time())
+        if pause is None:
+            return False
+        if pause <= 0:
+            return True
+        await trio.sleep(pause)
+
+
+class EdgeCollector(Collector):
+    """Edge counters read at scrape time from the live `Edge`."""
+
+    def __init__(self, edge: Edge) -> None:
+        self._edge = edge
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._edge.admission
+        refused = CounterMetricFamily(
+            "wsproxy_edge_limited",
+            "Handshakes refused and sessions throttled or closed, by the limit that acted",
+            labels=["limit"],
+        )
+        for name in LIMIT_NAMES:
+            refused.add_metric([name], float(a.counts.get(name, 0)))
+        auth = CounterMetricFamily(
+            "wsproxy_auth_checks", "Auth checks by result (allowed, denied, error, cached)", labels=["result"]
+        )
+        for name in ("allowed", "denied", "error", "cached"):
+            auth.add_metric([name], float(self._edge.auth.counts.get(name, 0)))
+        admitted = GaugeMetricFamily(
+            "wsproxy_edge_sessions_admitted", "Sessions counted against max_sessions (handshake or relay phase)"
+        )
+        admitted.add_metric([], float(a.total))
+        tracked = GaugeMetricFamily(
+            "wsproxy_edge_tracked_ips", "Client addresses with a handshake rate bucket (bounded by max_tracked_ips)"
+        )
+        tracked.add_metric([], float(a.tracked_ips))
+        return [refused, auth, admitted, tracked]

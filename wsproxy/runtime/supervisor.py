@@ -1,0 +1,177 @@
+"""Runs a `Server` under signals, or supervises N worker processes that each run one.
+
+One process: SIGHUP re-reads and validates the config file and applies it (a bad file is logged
+with every error and changes nothing); SIGINT/SIGTERM drain and exit; a second one cuts at once.
+
+`workers: N > 1`: the main process runs no listener itself. It starts N copies of
+`wsproxy run --worker`, which bind every listener with SO_REUSEPORT so the kernel spreads new
+connections over them; it passes SIGHUP/SIGTERM/SIGINT on to every worker, restarts a worker that
+dies unexpectedly (with back-off, so a worker that cannot start does not spin), and exits once
+every worker has exited after a shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from wsproxy.config import Config, ConfigError, load_config
+from wsproxy.runtime.server import ReloadError, Server
+
+log = logging.getLogger("wsproxy")
+
+RESTART_BACKOFF_MIN = 0.5
+RESTART_BACKOFF_MAX = 30.0
+HEALTHY_AFTER = 10.0  # a worker that ran this long resets its back-off
+
+
+async def run(
+    config: Config,
+    config_path: str | Path | None = None,
+    worker_index: int = 0,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `config` in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
+    path = Path(config_path) if config_path is not None else Path(config.source)
+    server = Server(config, worker_index=worker_index)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            await nursery.start(server.serve)
+            log.info("wsproxy ready (config %s, sha256 %s, pid %d)", config.source, config.digest[:12], os.getpid())
+            task_status.started(server)
+            draining = False
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    if not draining:
+                        await reload_from_file(server, path)
+                    continue
+                if not draining:
+                    draining = True
+                    log.info("received %s: draining", signal.Signals(sig).name)
+                    nursery.start_soon(_drain_then_stop, server, nursery)
+                    continue
+                log.warning("received %s again: stopping now", signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def reload_from_file(server: Server, path: Path) -> bool:
+    """Re-read, validate and apply `path`; on any problem log it and keep the running config."""
+    log.info("reloading %s", path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for key, msg in exc.problems:
+            log.error("reload rejected, keeping the running config: %s: %s: %s", exc.source, key or "<top>", msg)
+        _note_reload(server, ok=False)
+        return False
+    try:
+        await server.reload(config)
+    except ReloadError as exc:
+        log.error("reload rejected, keeping the running config: %s: %s", path, exc)
+        _note_reload(server, ok=False)
+        return False
+    _note_reload(server, ok=True)
+    return True
+
+
+def _note_reload(server: Server, *, ok: bool) -> None:
+    metrics = getattr(server, "metrics", None)
+    if metrics is None:
+        return
+    if ok:
+        metrics.reload_ok(server.snapshot.config)
+    else:
+        metrics.reload_failed()
+
+
+async def _drain_then_stop(server: Server, nursery: trio.Nursery) -> None:
+    await server.shutdown()
+    nursery.cancel_scope.cancel()
+
+
+# --- several worker processes --------------------------------------------------------------
+
+
+class Supervisor:
+    """The main process when `workers > 1`: starts, restarts and signals the workers."""
+
+    def __init__(self, count: int, config_path: str | Path, argv_tail: list[str]) -> None:
+        self.config_path = config_path
+        self.cmd = [sys.executable, "-m", "wsproxy", "run", "-c", str(config_path), *argv_tail]
+        self.procs: list[trio.Process | None] = [None] * count
+        self.stopping = False
+        self.restarts = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(self.procs)):
+                        nursery.start_soon(self._keep_running, i)
+                    log.info("wsproxy supervisor ready: %d workers (pid %d)", len(self.procs), os.getpid())
+                    task_status.started()
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            self._reload()
+                        elif not self.stopping:
+                            log.info("received %s: stopping %d workers", signal.Signals(sig).name, len(self.procs))
+                            self.stopping = True
+                            self._forward(sig)
+                            nursery.start_soon(self._exit_when_workers_gone, nursery)
+                        else:
+                            self._forward(sig)  # a second SIGINT/SIGTERM: the workers stop at once
+        finally:
+            for proc in self.procs:  # never leave a worker behind, whatever ended the supervisor
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+
+    def _reload(self) -> None:
+        try:
+            load_config(self.config_path)  # a bad file is logged once, here; the workers keep theirs
+        except ConfigError as exc:
+            for key, msg in exc.problems:
+                log.error("reload rejected, keeping the running config: %s: %s: %s", exc.source, key or "<top>", msg)
+            return
+        log.info("reloading %d workers", len(self.procs))
+        self._forward(signal.SIGHUP)
+
+    def _forward(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(sig)
+
+    async def _keep_running(self, index: int) -> None:
+        backoff = RESTART_BACKOFF_MIN
+        while not self.stopping:
+            started = trio.current_time()
+            # own session: a terminal's Ctrl-C reaches the supervisor only, which passes it on once
+            cmd = [*self.cmd, "--worker", str(index)]
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[index] = proc
+            if self.stopping:  # the stop signal went out while this one was starting
+                proc.send_signal(signal.SIGTERM)
+            log.info("worker %d started (pid %d)", index, proc.pid)
+            code = await proc.wait()
+            if self.stopping:
+                log.info("worker %d (pid %d) exited with %d", index, proc.pid, code)
+                return
+            if trio.current_time() - started >= HEALTHY_AFTER:
+                backoff = RESTART_BACKOFF_MIN
+            log.error("worker %d (pid %d) died with %d: restarting in %gs", index, proc.pid, code, backoff)
+            self.restarts += 1
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    async def _exit_when_workers_gone(self, nursery: trio.Nursery) -> None:
+        for proc in self.procs:
+            if proc is not None:
+                await proc.wait()
+        nursery.cancel_scope.cancel()
