@@ -214,9 +214,9 @@ def _upstream(
     return _headers(req)
 
 
-def test_upstream_request_keeps_target_and_end_to_end_headers() -> None:
+def test_upstream_request_carries_the_normalised_target_and_end_to_end_headers() -> None:
     up = _upgrade(
-        target=b"/a%2Fb//c?x=1&x=2&y=%20",
+        target=b"/a%62//c/./d/..?x=1&x=2&y=%20/../%2F",
         extra=[
             (b"Origin", b"https://app.example.com"),
             (b"Cookie", b"a=1; b=2"),
@@ -231,7 +231,7 @@ def test_upstream_request_keeps_target_and_end_to_end_headers() -> None:
         scheme="http",
         extension_offer=None,
     )
-    assert req.target == b"/a%2Fb//c?x=1&x=2&y=%20"
+    assert req.target == b"/ab/c/?x=1&x=2&y=%20/../%2F"  # the path normalised, the query as sent
     headers = _headers(req)
     for name, value in [
         (b"Host", b"chat.example.com"),

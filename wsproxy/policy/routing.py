@@ -2,8 +2,9 @@
 
 Routing looks only at the Host header and the path, the two things every WebSocket client
 sends and that proxies in front of us preserve. Host names compare without the port and
-without case; paths compare byte for byte (case-sensitive, no percent-decoding, no dot-segment
-removal), by whole segments, so "/chat" never captures "/chatroom". The hash key feeds
+without case; paths arrive normalised (protocol/target.py: what the backend will be sent) and
+compare byte for byte (case-sensitive, no case folding), by whole segments, so "/chat" never
+captures "/chatroom". The hash key feeds
 consistent hashing; an absent or empty key is None so the caller can apply `hash_fallback`.
 """
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import h11
 from wsproto.extensions import PerMessageDeflate
 
+from wsproxy.protocol.target import BadTarget, normalize_target
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # RFC 7230 section 6.1 plus the de-facto ones; names listed in Connection are dropped too.
@@ -85,7 +87,7 @@ _PHRASES = {
 class ClientUpgrade:
     """A validated client Upgrade request."""
 
-    target: bytes  # path and query, byte for byte
+    target: bytes  # path and query: the path normalised (target.py), the query byte for byte
     host: bytes
     key: bytes
     subprotocols: tuple[str, ...]
@@ -152,10 +154,14 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
     keys = _all(headers, b"sec-websocket-key")
     if len(keys) != 1 or not _valid_key(keys[0]):
         return Rejection(400, "Sec-WebSocket-Key must be one base64 encoding of 16 bytes")
+    try:
+        target = normalize_target(req.target, host=hosts[0].strip())
+    except BadTarget as exc:
+        return Rejection(400, f"request target {exc}")
     subprotocols = tuple(t.decode("latin-1") for t in _tokens_keep_case(_all(headers, b"sec-websocket-protocol")))
     offers = tuple(_tokens_keep_case(_all(headers, b"sec-websocket-extensions")))
     return ClientUpgrade(
-        target=req.target,
+        target=target,
         host=hosts[0].strip(),
         key=keys[0].strip(),
         subprotocols=subprotocols,
