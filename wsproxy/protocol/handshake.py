@@ -14,6 +14,7 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 from wsproto.extensions import PerMessageDeflate
@@ -66,21 +67,11 @@ class Rejection:
 
 
 def phrase(status: int) -> str:
-    return _PHRASES.get(status, "")
-
-
-_PHRASES = {
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    408: "Request Timeout",
-    426: "Upgrade Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+    """The standard reason phrase of a status (RFC 9110), never empty: a status line always has one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 @dataclass(frozen=True, slots=True)

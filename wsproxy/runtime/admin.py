@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from wsproxy.config import AdminConfig, defaults
 from wsproxy.observe.status import STATUS_HTML, RecentErrors, build_status
+from wsproxy.protocol.handshake import phrase
 
 if TYPE_CHECKING:
     from wsproxy.runtime.server import Server
@@ -161,7 +162,7 @@ class Admin:
             ("Connection", "close"),
             *response.headers,
         ]
-        out = h.send(h11.Response(status_code=response.status, headers=headers))
+        out = h.send(h11.Response(status_code=response.status, headers=headers, reason=phrase(response.status)))
         if not head and response.body:
             out += h.send(h11.Data(data=response.body))
         out += h.send(h11.EndOfMessage())

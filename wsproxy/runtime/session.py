@@ -44,7 +44,7 @@ from wsproxy.policy.balancing.base import Lease
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake, heartbeat, proxy_protocol
-from wsproxy.protocol.handshake import ClientUpgrade, Rejection
+from wsproxy.protocol.handshake import ClientUpgrade, Rejection, phrase
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.protocol.relay_inspect import InspectRelay
@@ -496,7 +496,8 @@ class Session:
         self._metrics.handshake(str(self.listener.address), BACKEND_RESPONSE, resp.status_code)
         self.outcome.reason = "backend answered without upgrading"
         headers = handshake.passthrough_response_headers(resp)
-        out = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+        reason = resp.reason or phrase(resp.status_code)
+        out = h11.Response(status_code=resp.status_code, headers=headers, reason=reason)
         size = self.snapshot.config.limits.buffer_bytes
         with trio.move_on_after(max(0.0, deadline - trio.current_time())):
             try:
