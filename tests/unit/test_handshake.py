@@ -244,6 +244,21 @@ def test_upstream_request_carries_the_normalised_target_and_end_to_end_headers()
         assert (name, value) in headers, name
 
 
+@pytest.mark.parametrize(
+    "connection",
+    [b"Upgrade, Host", b"upgrade,host", b"Upgrade, Sec-WebSocket-Version", b"Upgrade,  SEC-WEBSOCKET-KEY , x"],
+)
+def test_connection_listing_a_header_the_handshake_needs_is_400(connection: bytes) -> None:
+    result = validate_client_request(_req(replace={b"Connection": connection}))
+    assert isinstance(result, Rejection) and result.status == 400
+    assert "Connection lists" in result.reason and "end to end" in result.reason
+
+
+def test_connection_listing_upgrade_and_other_headers_is_a_valid_upgrade() -> None:
+    result = validate_client_request(_req(replace={b"Connection": b"Upgrade, keep-alive, X-A"}))
+    assert isinstance(result, ClientUpgrade)
+
+
 def test_upstream_request_drops_hop_by_hop_and_connection_listed_headers() -> None:
     up = _upgrade(
         replace={b"Connection": b"keep-alive, Upgrade, X-Secret"},

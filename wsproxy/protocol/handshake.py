@@ -134,6 +134,11 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
         return Rejection(400, "exactly one non-empty Host header is required")
     if _all(headers, b"content-length") not in ([], [b"0"]) or _all(headers, b"transfer-encoding"):
         return Rejection(400, "an Upgrade request must not carry a body")
+    # A header named in Connection is dropped as hop-by-hop; these must reach the backend.
+    needed = sorted({t for t in connection if t == b"host" or t.startswith(b"sec-websocket-")})
+    if needed:
+        shown = ", ".join(t.decode("latin-1") for t in needed)[:200]
+        return Rejection(400, f"Connection lists {shown}, which the handshake needs end to end")
     versions = _all(headers, b"sec-websocket-version")
     if len(versions) != 1 or versions[0].strip() != b"13":
         shown = b", ".join(versions).decode("latin-1") or "missing"
