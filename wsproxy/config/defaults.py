@@ -51,6 +51,7 @@ HASH_FALLBACK = "least_conn"
 # listeners
 DEFLATE = True
 RELAY = "passthrough"
+TRUSTED_PROXIES = ()  # no peer's X-Forwarded-For / Forwarded / X-Real-IP is believed
 
 # shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut
 SHUTDOWN_DEADLINE = 40.0

@@ -99,6 +99,8 @@ class ListenerConfig:
     allowed_origins: tuple[OriginPattern, ...] | None = None  # None: any origin
     allowed_subprotocols: tuple[str, ...] | None = None  # for `pool:`; routes carry their own
     auth: AuthConfig | None = None  # for `pool:`; routes carry their own
+    # peers whose forwarding headers are kept and believed (docs/security.md)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = defaults.TRUSTED_PROXIES
 
     @property
     def scheme(self) -> str:

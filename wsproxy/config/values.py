@@ -280,6 +280,23 @@ def parse_auth_url(value: Any) -> tuple[str, int, str]:
     return url.hostname, port or 80, target
 
 
+def parse_trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of CIDRs (`10.0.0.0/8`, `::1/128`) or single addresses (`192.0.2.7`)."""
+    if not isinstance(value, list):
+        raise ValueError(f'expected a list of addresses or CIDRs such as ["10.0.0.0/8", "::1"], got {value!r}')
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f'expected an address or CIDR such as "10.0.0.0/8" (a string), got {item!r}')
+        try:
+            net = ipaddress.ip_network(item.strip())
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not an address or CIDR: {exc}") from None
+        if net not in nets:
+            nets.append(net)
+    return tuple(nets)
+
+
 def parse_origins(value: Any) -> tuple[OriginPattern, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError('expected a non-empty list of origins such as ["https://app.example.com"] (omit: any)')

@@ -2,7 +2,7 @@
 
 Decides whether a client's request is a valid WebSocket Upgrade (and if not, which HTTP status
 answers it), builds the request sent to the backend (end-to-end headers unchanged, hop-by-hop
-headers dropped, X-Forwarded-*/Forwarded added, a fresh key), checks the backend's 101, and
+headers dropped, X-Forwarded-*/Forwarded written as forwarding.py says, a fresh key), checks the backend's 101, and
 builds the 101 for the client. No sockets and no clock: the shell does the waiting.
 """
 
@@ -19,6 +19,7 @@ from http import HTTPStatus
 import h11
 from wsproto.extensions import PerMessageDeflate
 
+from wsproxy.protocol.forwarding import FORWARDING_HEADERS, Origin, forwarding_headers
 from wsproxy.protocol.target import BadTarget, normalize_target
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -200,37 +201,28 @@ def _connection_listed(headers: Headers) -> set[bytes]:
     return set(_tokens(_all(headers, b"connection")))
 
 
-def _forwarded_for(ip: str) -> str:
-    return f'"[{ip}]"' if ":" in ip else ip
-
-
 def build_upstream_request(
     upgrade: ClientUpgrade,
     *,
     key: bytes,
-    client_ip: str,
+    origin: Origin,
     scheme: str,
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
     """The request to the backend: end-to-end headers as received, in order, plus forwarding.
 
+    `origin` says who connected and whether its forwarding headers are kept (forwarding.py).
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
     offers for Sec-WebSocket-Extensions (None: no extensions). `extra_headers` are added after
     the client's (the auth service's `copy_headers`; the caller removed the client's own).
     """
     listed = _connection_listed(list(upgrade.raw_headers))
     out: Headers = []
-    xff_prior: list[bytes] = []
     for name, value in upgrade.raw_headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING:
+        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING or low in FORWARDING_HEADERS:
             continue
-        if low == b"x-forwarded-for":
-            xff_prior.append(value.strip())
-            continue
-        if low == b"forwarded":
-            continue  # re-added below with our element appended
         out.append((name, value))
     out.extend(extra_headers)
     out.append((b"Connection", b"Upgrade"))
@@ -238,14 +230,9 @@ def build_upstream_request(
     out.append((b"Sec-WebSocket-Key", key))
     if extension_offer:
         out.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
-    xff = b", ".join([*xff_prior, client_ip.encode()])
-    out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
     out.append((b"X-Forwarded-Host", upgrade.host))
-    prior_fwd = [v.strip() for k, v in upgrade.raw_headers if k.lower() == b"forwarded"]
-    host_q = upgrade.host.decode("latin-1").replace('"', "")
-    element = f'for={_forwarded_for(client_ip)};proto={scheme};host="{host_q}"'.encode()
-    out.append((b"Forwarded", b", ".join([*prior_fwd, element])))
+    out.extend(forwarding_headers(origin, upgrade.raw_headers, scheme=scheme, host=upgrade.host))
     return h11.Request(method=b"GET", target=upgrade.target, headers=out)
 
 

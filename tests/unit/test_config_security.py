@@ -1,0 +1,58 @@
+"""Config keys and messages of issue 17: trusted proxies, query redaction, the admin Host check,
+duplicate keys, and the messages that used to point the wrong way."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from wsproxy.config import ConfigError, defaults, parse_config
+
+BASE = """\
+listeners:
+  - address: 127.0.0.1:0
+    pool: p
+{listener}pools:
+  p:
+    backends:
+      - 127.0.0.1:9001
+{top}"""
+
+
+def cfg(*, listener: str = "", top: str = ""):
+    return parse_config(BASE.format(listener=listener, top=top), source="t.yaml")
+
+
+def problems(text: str | None = None, **parts: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="t.yaml") if text is not None else cfg(**parts)
+    return dict(info.value.problems)
+
+
+# --- listeners[].trusted_proxies ---------------------------------------------------------------
+
+
+def test_trusted_proxies_default_to_none() -> None:
+    assert cfg().listeners[0].trusted_proxies == defaults.TRUSTED_PROXIES == ()
+
+
+def test_trusted_proxies_take_cidrs_and_single_addresses() -> None:
+    lst = cfg(listener='    trusted_proxies: ["10.0.0.0/8", "192.0.2.7", "::1", "fd00::/8"]\n').listeners[0]
+    assert lst.trusted_proxies == tuple(
+        ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.0.2.7/32", "::1/128", "fd00::/8")
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ('"10.0.0.0/8"', "expected a list"),
+        ('["10.0.0.1/8"]', "host bits set"),
+        ('["proxy.example"]', "not an address or CIDR"),
+        ("[8]", "a string"),
+    ],
+)
+def test_bad_trusted_proxies_name_the_key(value: str, says: str) -> None:
+    got = problems(listener=f"    trusted_proxies: {value}\n")
+    assert says in got["listeners[0].trusted_proxies"]
