@@ -56,3 +56,13 @@ def test_trusted_proxies_take_cidrs_and_single_addresses() -> None:
 def test_bad_trusted_proxies_name_the_key(value: str, says: str) -> None:
     got = problems(listener=f"    trusted_proxies: {value}\n")
     assert says in got["listeners[0].trusted_proxies"]
+
+
+# --- log.query ---------------------------------------------------------------------------------
+
+
+def test_log_query_defaults_to_redact_and_takes_the_three_modes() -> None:
+    assert cfg().log.query == defaults.LOG_QUERY == "redact"
+    for mode in ("redact", "keep", "drop"):
+        assert cfg(top=f"log: {{query: {mode}}}\n").log.query == mode
+    assert "expected one of redact, keep, drop" in problems(top="log: {query: hide}\n")["log.query"]

@@ -92,3 +92,4 @@ ADMIN_MAX_CONNECTIONS = 32  # at once; further admin connections are closed at o
 # logging (log: {format, level})
 LOG_FORMAT = "text"
 LOG_LEVEL = "info"
+LOG_QUERY = "redact"  # query values in logged targets (logs, /status, /status.json) become ***

@@ -19,6 +19,7 @@ from wsproxy.config.checker import Checker, join
 from wsproxy.config.listeners import parse_listener
 from wsproxy.config.model import (
     HEARTBEAT_LEGS,
+    LOG_QUERY_MODES,
     Address,
     AdminConfig,
     Config,
@@ -115,10 +116,11 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
             )
         if address is not None:
             admin = AdminConfig(address=address, allow_remote=allow_remote)
-    lg = ck.mapping(top.get("log"), "log", ("format", "level"))
+    lg = ck.mapping(top.get("log"), "log", ("format", "level", "query"))
     log_config = LogConfig(
         format=ck.get(lg, "format", "log", parse_choice(LOG_FORMATS), defaults.LOG_FORMAT),
         level=ck.get(lg, "level", "log", parse_choice(LOG_LEVELS), defaults.LOG_LEVEL),
+        query=ck.get(lg, "query", "log", parse_choice(LOG_QUERY_MODES), defaults.LOG_QUERY),
     )
     return admin, log_config
 

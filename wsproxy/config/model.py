@@ -18,6 +18,7 @@ RELAY_MODES = ("passthrough", "inspect")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
+LOG_QUERY_MODES = ("redact", "keep", "drop")
 
 
 class ConfigError(Exception):
@@ -242,6 +243,7 @@ class AdminConfig:
 class LogConfig:
     format: str = defaults.LOG_FORMAT  # text | json
     level: str = defaults.LOG_LEVEL  # debug | info | warning | error
+    query: str = defaults.LOG_QUERY  # redact | keep | drop: query strings wherever a target is shown
 
 
 @dataclass(frozen=True, slots=True)

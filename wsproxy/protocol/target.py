@@ -92,7 +92,8 @@ def _origin_form(text: str, host: str) -> str:
     """An absolute-form target as path and query, after checking its authority against Host."""
     m = _ABSOLUTE.fullmatch(text)
     if m is None:
-        raise BadTarget(f"must be a path or an absolute http(s)/ws(s) URL, got {text[:100]!r}")
+        shown = text.partition("?")[0][:100]  # never the query: it may carry a token
+        raise BadTarget(f"must be a path or an absolute http(s)/ws(s) URL, got {shown!r}")
     scheme = m.group("scheme").lower()
     if scheme not in ABSOLUTE_SCHEMES:
         raise BadTarget(f"has the scheme {scheme!r}; only http, https, ws and wss are proxied")

@@ -282,11 +282,12 @@ class Session:
         if isinstance(got, Rejection):
             await self._reject(got)
             return
-        self.outcome.path = got.target.decode("latin-1")
+        self.outcome.path = session_log.shown_target(got.target, cfg.log.query)  # as sent, until it is normalised
         checked = handshake.validate_client_request(got)
         if isinstance(checked, Rejection):
             await self._reject(checked)
             return
+        self.outcome.path = session_log.shown_target(checked.target, cfg.log.query)
         admitted = await gate.admit(
             self._edge,
             config=cfg,
