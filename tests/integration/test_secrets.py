@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from tests.integration.test_observability import http
-from tests.support import RawClient, proxy_yaml, raw_http, start_backend, start_proxy, status_of
+from tests.support import RawClient, free_port, proxy_yaml, raw_http, start_backend, start_proxy, status_of
 from wsproxy.observe.session_log import TEXT_FORMAT, JsonFormatter
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 1s}\nheartbeat: {interval: off}\n"
@@ -91,3 +91,55 @@ async def test_log_query_drop_removes_the_query(nursery, backends, logged) -> No
 async def test_log_query_keep_shows_the_query(nursery, backends, logged) -> None:
     _, sessions = await _session_with_token(nursery, backends, logged, "keep")
     assert "/chat?token=SECRET&room=7&flag" in {s["path"] for s in sessions}
+
+
+# --- error bodies -------------------------------------------------------------------------------
+
+MALFORMED = b"HTTP/1.1 20x LEAKED-BACKEND-BYTES\r\nX-Internal: 10.9.8.7\r\n\r\n"
+
+
+async def _garbage_backend(nursery, answer: bytes) -> int:  # type: ignore[no-untyped-def]
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            await stream.receive_some(65536)
+            if answer:
+                await stream.send_all(answer)
+            await trio.sleep(5)  # no answer at all: the handshake deadline passes first
+
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+def _upgrade_request() -> bytes:
+    return (
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(("answer", "status"), [(MALFORMED, 502), (b"", 504)])
+async def test_backend_failures_tell_the_client_only_the_status(nursery, logged, answer: bytes, status: int) -> None:
+    port = await _garbage_backend(nursery, answer)
+    yaml = proxy_yaml([port], extra="timeouts: {handshake: 0.5s, connect: 0.5s}\n", pool_extra="retries: 0")
+    proxy = await start_proxy(nursery, yaml)
+    got = await raw_http(proxy.port(), _upgrade_request())
+    assert status_of(got) == status
+    body = got.split(b"\r\n\r\n", 1)[1]
+    assert str(port).encode() not in got and b"LEAKED" not in got and b"10.9.8.7" not in got
+    assert body.startswith(b"%d " % status) and len(body) < 40
+    assert any(f"127.0.0.1:{port}" in line for line in logged.lines)  # the detail goes to the log
+    if answer:
+        assert any("LEAKED-BACKEND-BYTES" in line for line in logged.lines)
+
+
+async def test_connect_failure_and_auth_failure_bodies_name_no_address(nursery, logged) -> None:
+    dead = free_port()
+    proxy = await start_proxy(nursery, proxy_yaml([dead], extra=FAST, pool_extra="retries: 0"))
+    got = await raw_http(proxy.port(), _upgrade_request())
+    assert status_of(got) == 502 and str(dead).encode() not in got
+    auth_port = free_port()
+    listener = f"auth: {{url: 'http://127.0.0.1:{auth_port}/check', timeout: 0.5s}}"
+    proxy = await start_proxy(nursery, proxy_yaml([dead], extra=FAST, listener_extra=listener))
+    got = await raw_http(proxy.port(), _upgrade_request())
+    assert status_of(got) == 503 and str(auth_port).encode() not in got and b"auth" not in got
+    assert any(str(auth_port) in line for line in logged.lines)

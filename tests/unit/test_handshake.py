@@ -639,3 +639,12 @@ def test_validate_client_request_is_total(headers, method, version, target) -> N
     else:
         assert method == b"GET" and version == b"1.1"
         assert len(base64.b64decode(result.key, validate=True)) == 16
+
+
+def test_a_4xx_body_gives_its_reason_a_5xx_body_only_its_status_or_public_text() -> None:
+    told = Rejection(400, "Sec-WebSocket-Key is bad").to_bytes()
+    assert told.endswith(b"400 Bad Request: Sec-WebSocket-Key is bad\n")
+    secret = Rejection(502, "127.0.0.1:9001: backend sent b'garbage'").to_bytes()
+    assert secret.endswith(b"\r\n\r\n502 Bad Gateway\n") and b"9001" not in secret
+    capped = Rejection(503, "pool p is full (3)", public="pool p is full").to_bytes()
+    assert capped.endswith(b"503 Service Unavailable: pool p is full\n")

@@ -47,16 +47,25 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """An HTTP answer instead of a 101: status, a reason for the log, extra headers, a body."""
+    """An HTTP answer instead of a 101: status, a reason for the log, extra headers, a body.
+
+    The client is told the reason of a 4xx (its own request is at fault, and the reason says how).
+    A 5xx is about the proxy's side (a backend's address and what it answered, the auth service's
+    URL): its reason goes to the log only, and the client gets the status, or `public` when the
+    reason is fit to show (a session cap of the proxy's own).
+    """
 
     status: int
     reason: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    public: str | None = None  # what the client is told instead of the reason
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""
-        body = self.body or f"{self.status} {phrase(self.status)}: {self.reason}\n".encode()
+        detail = self.public if self.public is not None else (self.reason if self.status < 500 else "")
+        line = f"{self.status} {phrase(self.status)}"
+        body = self.body or (f"{line}: {detail}\n" if detail else f"{line}\n").encode()
         head = [f"HTTP/1.1 {self.status} {phrase(self.status)}".encode()]
         head += [k + b": " + v for k, v in self.headers]
         head += [
