@@ -143,3 +143,25 @@ async def test_connect_failure_and_auth_failure_bodies_name_no_address(nursery, 
     got = await raw_http(proxy.port(), _upgrade_request())
     assert status_of(got) == 503 and str(auth_port).encode() not in got and b"auth" not in got
     assert any(str(auth_port) in line for line in logged.lines)
+
+
+# --- the admin listener's Host check (DNS rebinding) ---------------------------------------------
+
+
+async def _admin_status(port: int, host: bytes | None, path: bytes = b"/status.json", version: bytes = b"1.1") -> int:
+    head = b"GET " + path + b" HTTP/" + version + b"\r\n" + (b"Host: " + host + b"\r\n" if host is not None else b"")
+    return status_of(await raw_http(port, head + b"\r\n"))
+
+
+async def test_admin_refuses_a_dns_rebinding_host_with_421(nursery, backends, logged) -> None:
+    backends.append(start_backend())
+    extra = "admin: {address: 127.0.0.1:0, hosts: [metrics.internal]}\n"
+    proxy = await start_proxy(nursery, proxy_yaml([backends[0].port], extra=extra))
+    admin = proxy.server.admin_bound[1]
+    for evil in (b"evil.example", b"evil.example:%d" % admin, b"127.0.0.1.evil.example", b"localhost.evil"):
+        assert await _admin_status(admin, evil) == 421, evil
+        assert await _admin_status(admin, evil, b"/metrics") == 421, evil
+    assert any("refused a request for Host 'evil.example'" in line for line in logged.lines)
+    for good in (b"127.0.0.1", b"127.0.0.1:%d" % admin, b"localhost:%d" % admin, b"LocalHost", b"metrics.internal:1"):
+        assert await _admin_status(admin, good) == 200, good
+    assert await _admin_status(admin, None, version=b"1.0") == 200  # no Host: not a browser

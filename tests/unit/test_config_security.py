@@ -66,3 +66,24 @@ def test_log_query_defaults_to_redact_and_takes_the_three_modes() -> None:
     for mode in ("redact", "keep", "drop"):
         assert cfg(top=f"log: {{query: {mode}}}\n").log.query == mode
     assert "expected one of redact, keep, drop" in problems(top="log: {query: hide}\n")["log.query"]
+
+
+# --- admin.hosts -------------------------------------------------------------------------------
+
+
+def test_admin_hosts_default_to_none_and_take_names_and_addresses() -> None:
+    assert cfg(top="admin: {address: 127.0.0.1:0}\n").admin.hosts == defaults.ADMIN_HOSTS == ()
+    got = cfg(top="admin: {address: 127.0.0.1:0, hosts: [Metrics.Internal., 10.0.0.5, '[::1]', '::2']}\n")
+    assert got.admin.hosts == ("metrics.internal", "10.0.0.5", "::1", "::2")
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("metrics.internal", "expected a list"),
+        ("[metrics.internal:9900]", "without a port"),
+        ("['http://x']", "scheme"),
+    ],
+)
+def test_bad_admin_hosts_name_the_key(value: str, says: str) -> None:
+    assert says in problems(top=f"admin: {{address: 127.0.0.1:0, hosts: {value}}}\n")["admin.hosts"]

@@ -84,6 +84,7 @@ DOWN_DRAIN_WINDOW = 10.0
 
 # admin listener (admin: {address}): off when absent; only loopback unless allow_remote is true
 ADMIN_ALLOW_REMOTE = False
+ADMIN_HOSTS = ()  # Host header names the admin listener answers besides its own address and localhost
 # fixed bounds of the admin HTTP server (not configurable): one small request per connection
 ADMIN_MAX_REQUEST_BYTES = 8192
 ADMIN_TIMEOUT = 5.0  # seconds for reading the request and sending the response

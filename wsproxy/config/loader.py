@@ -45,6 +45,7 @@ from wsproxy.config.values import (
     parse_choice,
     parse_duration,
     parse_fraction,
+    parse_host_names,
     parse_optional_count,
     parse_optional_duration,
     parse_rate,
@@ -103,7 +104,7 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
     """`admin` (absent: off; a non-loopback address needs allow_remote: true) and `log`."""
     admin = None
     if "admin" in top:
-        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote"))
+        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote", "hosts"))
         if "address" not in a and (top["admin"] is None or isinstance(top["admin"], dict)):
             ck.fail("admin.address", "missing: where the admin listener binds, e.g. 127.0.0.1:9900")
         address = ck.get(a, "address", "admin", lambda v: parse_address(v, allow_port_zero=True), None)
@@ -114,8 +115,9 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
                 f"{address} is not a loopback address: the admin listener shows sessions and metrics, "
                 "so binding it elsewhere needs admin.allow_remote: true",
             )
+        hosts = ck.get(a, "hosts", "admin", parse_host_names, defaults.ADMIN_HOSTS)
         if address is not None:
-            admin = AdminConfig(address=address, allow_remote=allow_remote)
+            admin = AdminConfig(address=address, allow_remote=allow_remote, hosts=hosts)
     lg = ck.mapping(top.get("log"), "log", ("format", "level", "query"))
     log_config = LogConfig(
         format=ck.get(lg, "format", "log", parse_choice(LOG_FORMATS), defaults.LOG_FORMAT),

@@ -237,6 +237,7 @@ class AdminConfig:
 
     address: Address
     allow_remote: bool = defaults.ADMIN_ALLOW_REMOTE
+    hosts: tuple[str, ...] = defaults.ADMIN_HOSTS  # Host names answered besides its address and localhost
 
 
 @dataclass(frozen=True, slots=True)

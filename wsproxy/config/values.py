@@ -297,6 +297,25 @@ def parse_trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress
     return tuple(nets)
 
 
+def parse_host_names(value: Any) -> tuple[str, ...]:
+    """Names a Host header may carry (`metrics.internal`, `10.0.0.5`, `::1`): lower case, no port."""
+    if not isinstance(value, list):
+        raise ValueError(f'expected a list of host names such as ["metrics.internal"], got {value!r}')
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9.:_-]+", item.strip().strip("[]")):
+            raise ValueError(f"expected a host name or address without a port or scheme, got {item!r}")
+        name = item.strip().strip("[]").lower().removesuffix(".")
+        if ":" in name:
+            try:
+                ipaddress.IPv6Address(name)
+            except ValueError:
+                raise ValueError(f"{item!r}: give the name without a port (the port is the listener's)") from None
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
 def parse_origins(value: Any) -> tuple[OriginPattern, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError('expected a non-empty list of origins such as ["https://app.example.com"] (omit: any)')

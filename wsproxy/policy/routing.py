@@ -31,6 +31,13 @@ def host_name(host: bytes) -> str:
     return text[:-1] if text.endswith(".") else text
 
 
+def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
+    """The admin listener's DNS-rebinding guard: the Host header names one of `names` (lower
+    case, no port, IPv6 without brackets). A request without Host (HTTP/1.0) comes from no
+    browser, so it cannot be a rebinding page, and passes."""
+    return host is None or host_name(host) in names
+
+
 def host_matches(pattern: str, name: str) -> bool:
     """Exact match, or "*.example.com" for any name strictly under example.com (any depth)."""
     if pattern.startswith("*."):
