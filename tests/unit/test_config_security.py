@@ -87,3 +87,48 @@ def test_admin_hosts_default_to_none_and_take_names_and_addresses() -> None:
 )
 def test_bad_admin_hosts_name_the_key(value: str, says: str) -> None:
     assert says in problems(top=f"admin: {{address: 127.0.0.1:0, hosts: {value}}}\n")["admin.hosts"]
+
+
+# --- duplicate keys and messages that point the right way ---------------------------------------
+
+
+def test_a_key_given_twice_in_one_mapping_is_an_error_naming_both_lines() -> None:
+    text = "listeners:\n  - address: 127.0.0.1:0\n    pool: p\n    address: 127.0.0.1:1\n"
+    text += "pools: {p: {backends: [127.0.0.1:9]}}\n"
+    (message,) = problems(text).values()
+    assert "'address' is given twice" in message and "line 2 and line 4" in message
+
+
+def test_a_top_level_key_given_twice_is_an_error() -> None:
+    text = "pools: {p: {backends: [127.0.0.1:9]}}\nlisteners: [{address: 127.0.0.1:0, pool: p}]\npools: {}\n"
+    (message,) = problems(text).values()
+    assert "'pools' is given twice" in message and "line 1 and line 3" in message
+
+
+def test_merge_keys_still_override_without_an_error() -> None:
+    text = (
+        "listeners: [{address: 127.0.0.1:0, pool: p}]\n"
+        "pools:\n  p:\n    backends:\n      - &b {address: 127.0.0.1:9001, weight: 1}\n"
+        "      - {<<: *b, address: 127.0.0.1:9002}\n"
+    )
+    backends = parse_config(text).pools["p"].backends
+    assert [str(b.address) for b in backends] == ["127.0.0.1:9001", "127.0.0.1:9002"]
+
+
+@pytest.mark.parametrize(
+    ("listener_address", "says"),
+    [
+        ("http://127.0.0.1:9000", "addresses are host:port without a scheme: '127.0.0.1:9000'"),
+        ("'ws://[::1]:9000/'", "without a scheme: '[::1]:9000'"),
+        ("9000", 'expected host:port such as "127.0.0.1:9000", got the bare number 9000'),
+    ],
+)
+def test_address_messages_say_what_an_address_is(listener_address: str, says: str) -> None:
+    text = f"listeners: [{{address: {listener_address}, pool: p}}]\npools: {{p: {{backends: [127.0.0.1:9]}}}}\n"
+    assert says in problems(text)["listeners[0].address"]
+
+
+def test_a_bare_number_as_a_backend_names_both_forms() -> None:
+    text = "listeners: [{address: 127.0.0.1:0, pool: p}]\npools: {p: {backends: [9001]}}\n"
+    message = problems(text)["pools.p.backends[0]"]
+    assert '"host:port"' in message and "a mapping such as {address:" in message and "9001" in message

@@ -53,6 +53,7 @@ from wsproxy.config.values import (
     parse_window,
     parse_workers,
 )
+from wsproxy.config.yaml_loader import StrictLoader
 
 
 def rate_limit(ck: Checker, parent: dict[str, Any], key: str, path: str, *, sizes: bool) -> RateLimit | None:
@@ -131,7 +132,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     """Parse and validate YAML text. Raises ConfigError naming every problem."""
     base = base_dir if base_dir is not None else Path(".")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=StrictLoader)  # safe_load, but a repeated key is an error
     except RecursionError:
         raise ConfigError(source, [("", "the YAML is nested too deeply")]) from None
     except yaml.YAMLError as exc:

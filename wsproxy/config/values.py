@@ -96,9 +96,14 @@ def parse_size(value: Any) -> int:
 
 def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
     """`host:port` or `[v6]:port`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f'expected host:port such as "127.0.0.1:{value}", got the bare number {value}')
     if not isinstance(value, str):
         raise ValueError(f"expected host:port, got {value!r}")
     text = value.strip()
+    if "://" in text:
+        rest = text.partition("://")[2]
+        raise ValueError(f"addresses are host:port without a scheme: {rest.rstrip('/')!r}, not {value!r}")
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":

@@ -21,10 +21,11 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from wsproxy.config import AdminConfig, defaults
+from wsproxy.config import Address, AdminConfig, defaults
 from wsproxy.observe.status import STATUS_HTML, RecentErrors, build_status
 from wsproxy.policy.routing import host_allowed, host_name
 from wsproxy.protocol.handshake import phrase
+from wsproxy.runtime.listen import open_sockets
 
 if TYPE_CHECKING:
     from wsproxy.runtime.server import Server
@@ -196,7 +197,8 @@ async def serve_admin(
     """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
-    listeners = await trio.open_tcp_listeners(port, host=config.address.host)
+    address = Address(config.address.host, port)
+    listeners = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()
