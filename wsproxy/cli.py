@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         try:
             config = load_config(args.config)
+            _check_files(config)
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_CONFIG
@@ -82,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_BAD_CONFIG  # argparse rejects unknown commands before this
 
 
+def _check_files(config: Config) -> None:
+    """What `run` loads beyond the YAML, loaded the way `run` will: every TLS certificate and key."""
+    from wsproxy.runtime.listen import tls_problems
+
+    problems = tls_problems(config)
+    if problems:
+        raise ConfigError(config.source, problems)
+
+
 def _run(config: Config, args: argparse.Namespace) -> int:
     from wsproxy.runtime import supervisor
     pid_file = None if args.worker is not None else (Path(args.pid_file) if args.pid_file else config.pid_file)
@@ -100,8 +110,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         errors = _leaves(exc)
         if not all(isinstance(e, OSError) for e in errors):
             raise
-        for err in errors:
-            logging.getLogger("wsproxy").error("cannot start: %s", err)
+        for err in errors:  # runtime/listen.py's errors name the listener, its address and the file
+            logging.getLogger("wsproxy").error("cannot start: %s: %s", config.source, err)
         return EXIT_FAILED
     finally:
         if pid_file is not None:

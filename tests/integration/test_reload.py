@@ -477,7 +477,7 @@ async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nur
             assert await whoami(c) == "b0"
             await c.close()
         for admin_port in (admin, admin + 1):  # worker i serves its own metrics on admin + i
-            reply = await raw_http(admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await raw_http(admin_port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert status_of(reply) == 200, reply
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)

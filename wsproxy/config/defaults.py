@@ -51,6 +51,7 @@ HASH_FALLBACK = "least_conn"
 # listeners
 DEFLATE = True
 RELAY = "passthrough"
+TRUSTED_PROXIES = ()  # no peer's X-Forwarded-For / Forwarded / X-Real-IP is believed
 
 # shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut
 SHUTDOWN_DEADLINE = 40.0
@@ -83,6 +84,7 @@ DOWN_DRAIN_WINDOW = 10.0
 
 # admin listener (admin: {address}): off when absent; only loopback unless allow_remote is true
 ADMIN_ALLOW_REMOTE = False
+ADMIN_HOSTS = ()  # Host header names the admin listener answers besides its own address and localhost
 # fixed bounds of the admin HTTP server (not configurable): one small request per connection
 ADMIN_MAX_REQUEST_BYTES = 8192
 ADMIN_TIMEOUT = 5.0  # seconds for reading the request and sending the response
@@ -91,3 +93,4 @@ ADMIN_MAX_CONNECTIONS = 32  # at once; further admin connections are closed at o
 # logging (log: {format, level})
 LOG_FORMAT = "text"
 LOG_LEVEL = "info"
+LOG_QUERY = "redact"  # query values in logged targets (logs, /status, /status.json) become ***

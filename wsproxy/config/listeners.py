@@ -31,6 +31,7 @@ from wsproxy.config.values import (
     parse_origins,
     parse_path_prefix,
     parse_subprotocols,
+    parse_trusted_proxies,
 )
 
 
@@ -98,6 +99,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
             "allowed_origins",
             "allowed_subprotocols",
             "auth",
+            "trusted_proxies",
         ),
     )
     if not isinstance(raw, dict):
@@ -142,6 +144,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
     deflate = ck.get(m, "deflate", path, parse_bool, defaults.DEFLATE)
     relay = ck.get(m, "relay", path, parse_choice(RELAY_MODES), defaults.RELAY)
     proxy_protocol = ck.get(m, "proxy_protocol", path, parse_bool, False)
+    trusted_proxies = ck.get(m, "trusted_proxies", path, parse_trusted_proxies, defaults.TRUSTED_PROXIES)
     if address is None:
         return None
     return ListenerConfig(
@@ -155,6 +158,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
         allowed_origins=origins,
         allowed_subprotocols=rules.allowed_subprotocols,
         auth=rules.auth,
+        trusted_proxies=trusted_proxies,
     )
 
 

@@ -53,9 +53,22 @@ def status_label(status: int) -> str:
     return str(status) if status else "none"
 
 
+# Close codes with a meaning of their own (the IANA registry; 1004 is reserved, 1005 and 1006 are
+# what a close without a code and a vanished peer are recorded as). Peers choose the rest, so
+# they are counted by class: a label per application code would let any peer add ~2000 series.
+REGISTERED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1005, 1016)})
+
+
 def close_code_label(code: int | None) -> str:
-    """A close frame without a status code is 1005 (RFC 6455 section 7.1.5)."""
-    return str(code) if code is not None else "1005"
+    """The `code` label: a registered code as itself (no code at all is 1005, RFC 6455 section
+    7.1.5); 3000-3999 as "3xxx", 4000-4999 as "4xxx"; anything else "invalid"."""
+    if code is None:
+        return "1005"
+    if code in REGISTERED_CLOSE_CODES:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "invalid"
 
 
 def backend_health(backend: Any, now: float | None = None) -> tuple[str, bool]:

@@ -55,6 +55,24 @@ class SessionRecord:
         return max(0, self.attempts - 1)
 
 
+def shown_target(target: bytes | str, query: str) -> str:
+    """A request target as logs and pages show it. Browsers cannot set headers on a WebSocket,
+    so tokens travel in the query: `query` (log.query) is `redact` (names kept, values `***`:
+    `/chat?token=***&room=***`; a part without `=` may be a bare token and is `***` too),
+    `drop` (the query removed) or `keep`. The auth subrequest and the backend get the real one."""
+    text = target.decode("latin-1") if isinstance(target, bytes) else target
+    path, sep, params = text.partition("?")
+    if not sep or query == "keep":
+        return text
+    if query == "drop":
+        return path
+    shown = []
+    for part in params.split("&"):
+        name, eq, value = part.partition("=")
+        shown.append(f"{name}=***" if eq and value else part if eq or not part else "***")
+    return f"{path}?{'&'.join(shown)}"
+
+
 def _text_close(rec: CloseRecord | None) -> str:
     if rec is None:
         return "-"

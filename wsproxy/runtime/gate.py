@@ -88,9 +88,8 @@ async def admit(
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
-        return Rejection(
-            503, f"every backend of pool {rules.pool} is at its max_sessions", retry_after(config.limits.retry_after)
-        )
+        why = f"every backend of pool {rules.pool} is at its max_sessions"
+        return Rejection(503, why, retry_after(config.limits.retry_after), public=why)
     ticket = edge.admission.admit(config, client_ip, rules.pool)
     if isinstance(ticket, Rejection):
         return ticket

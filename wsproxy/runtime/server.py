@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import random
-import socket
 import ssl
 from collections import Counter
 from collections.abc import Iterable
@@ -38,6 +37,7 @@ from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
+from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.session import Session, peer_address
@@ -51,17 +51,6 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
 
 PROXY_HEADER_READ = 256  # a PROXY header is at most 107 (v1) or 16 + a few hundred (v2) bytes
-
-
-def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only. Built once per listener
-    and again on reload (so renewed cert files on disk are picked up)."""
-    assert listener.tls is not None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(listener.tls.cert), str(listener.tls.key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
 
 
 class ReloadError(Exception):
@@ -189,11 +178,9 @@ class Server:
 
     # --- listeners -------------------------------------------------------------------------
 
-    async def _open_sockets(self, listener: ListenerConfig) -> list[trio.SocketListener]:
-        addr = listener.address
-        if self.snapshot.config.workers > 1:
-            return [_reuseport_listener(addr)]
-        return list(await trio.open_tcp_listeners(addr.port, host=addr.host, backlog=1024))
+    async def _open_sockets(self, listener: ListenerConfig, config: Config) -> list[trio.SocketListener]:
+        label = listener_label(config, listener)
+        return await open_sockets(listener.address, label=label, reuse_port=config.workers > 1)
 
     def _refresh_bound(self) -> None:
         self.bound = [(slot.config, _sockname(sock)) for slot in self._listening.values() for sock in slot.sockets]
@@ -232,9 +219,10 @@ class Server:
                 await connections.start(self.reactor.run)
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
-            for key, lst in listener_keys(self.snapshot.config).items():
-                ctx = server_ssl_context(lst) if lst.tls is not None else None
-                self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
+            config = self.snapshot.config
+            for key, lst in listener_keys(config).items():
+                ctx = server_ssl_context(lst, listener_label(config, lst)) if lst.tls is not None else None
+                self._listening[key] = _Listening(lst, await self._open_sockets(lst, config), ctx)
             self._refresh_bound()
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
                 self.admin_bound = await connections.start(
@@ -271,18 +259,19 @@ class Server:
         for lst in config.listeners:
             if lst.tls is not None:
                 try:
-                    contexts[lst.address] = server_ssl_context(lst)
-                except (OSError, ssl.SSLError) as exc:
-                    raise ReloadError(f"listener {lst.address}: cannot load TLS cert/key: {exc}") from None
+                    contexts[lst.address] = server_ssl_context(lst, listener_label(config, lst))
+                except ListenError as exc:
+                    raise ReloadError(str(exc)) from None
         opened: list[tuple[ListenerKey, _Listening]] = []
         try:
             for key, lst in plan.open:
-                opened.append((key, _Listening(lst, await self._open_sockets(lst), contexts.get(lst.address))))
-        except OSError as exc:
+                sockets = await self._open_sockets(lst, config)
+                opened.append((key, _Listening(lst, sockets, contexts.get(lst.address))))
+        except ListenError as exc:
             for _, slot in opened:
                 for sock in slot.sockets:
                     await sock.aclose()
-            raise ReloadError(f"cannot listen on {lst.address}: {exc}") from None
+            raise ReloadError(str(exc)) from None
         # the swap: from here on nothing fails
         self.snapshot = Snapshot.build(config, previous=self.snapshot)
         self.reloads += 1
@@ -418,26 +407,6 @@ async def _receive_proxy_header(stream: trio.SocketStream) -> proxy_protocol.Pro
             return got
         if len(data) > proxy_protocol.V2_MAX_TLV + 16:
             raise ValueError("PROXY header too long")
-
-
-def _reuseport_listener(addr: Address) -> trio.SocketListener:
-    """A listening socket that other workers bind too (SO_REUSEPORT: the kernel spreads connects)."""
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"{addr} is in use by another program") from None
-        raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 def _local(stream: trio.SocketStream) -> tuple[str, int] | None:

@@ -44,7 +44,8 @@ from wsproxy.policy.balancing.base import Lease
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake, heartbeat, proxy_protocol
-from wsproxy.protocol.handshake import ClientUpgrade, Rejection
+from wsproxy.protocol.forwarding import Origin, resolve_client
+from wsproxy.protocol.handshake import ClientUpgrade, Rejection, phrase
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.protocol.relay_inspect import InspectRelay
@@ -112,6 +113,7 @@ class Session:
         "client_stream",
         "listener",
         "local_addr",
+        "origin",
         "outcome",
         "relay",
         "snapshot",
@@ -135,6 +137,7 @@ class Session:
         self.client_stream = stream
         self.client_addr = client_addr
         self.local_addr = local_addr  # the address the client connected to (for PROXY headers)
+        self.origin = Origin.direct(client_addr[0])  # who connected; client_addr follows it (_handshake)
         self.listener = listener
         self.snapshot = snapshot
         self.outcome = Outcome()
@@ -268,6 +271,9 @@ class Session:
             return
         if got is None:
             return  # the client left (or TLS failed) before sending a request
+        if isinstance(got, h11.Request):  # the one place the client address may change: forwarding.py
+            self.origin = resolve_client(self.client_addr[0], got.headers, self.listener.trusted_proxies)
+            self.client_addr = (self.origin.client, self.client_addr[1])
         # Every request counts against its address's handshake rate, well-formed or not.
         limited = self._edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
         if limited is not None:
@@ -276,11 +282,12 @@ class Session:
         if isinstance(got, Rejection):
             await self._reject(got)
             return
-        self.outcome.path = got.target.decode("latin-1")
+        self.outcome.path = session_log.shown_target(got.target, cfg.log.query)  # as sent, until it is normalised
         checked = handshake.validate_client_request(got)
         if isinstance(checked, Rejection):
             await self._reject(checked)
             return
+        self.outcome.path = session_log.shown_target(checked.target, cfg.log.query)
         admitted = await gate.admit(
             self._edge,
             config=cfg,
@@ -436,7 +443,7 @@ class Session:
         request = handshake.build_upstream_request(
             upgrade,
             key=key,
-            client_ip=self.client_addr[0],
+            origin=self.origin,
             scheme="https" if self.listener.tls else "http",
             extension_offer=offer,
             extra_headers=self._upstream_headers,
@@ -496,7 +503,8 @@ class Session:
         self._metrics.handshake(str(self.listener.address), BACKEND_RESPONSE, resp.status_code)
         self.outcome.reason = "backend answered without upgrading"
         headers = handshake.passthrough_response_headers(resp)
-        out = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
+        reason = resp.reason or phrase(resp.status_code)
+        out = h11.Response(status_code=resp.status_code, headers=headers, reason=reason)
         size = self.snapshot.config.limits.buffer_bytes
         with trio.move_on_after(max(0.0, deadline - trio.current_time())):
             try:
