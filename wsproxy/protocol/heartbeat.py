@@ -19,26 +19,28 @@ BACKEND = Side.BACKEND
 PING_MARKER = b"wsproxy:"  # the proxy's pings carry this prefix; pongs with it are ours
 
 
+class _ForSide:
+    """An action about one side. `leg` is `side` under its older name, still read by runtime/ and
+    tests until they are converted (issue 16)."""
+
+    __slots__ = ()
+    side: Side
+
+    @property
+    def leg(self) -> Side:
+        return self.side
+
+
 @dataclass(frozen=True, slots=True)
-class SendPing:
+class SendPing(_ForSide):
     side: Side
     payload: bytes
 
-    @property
-    def leg(self) -> Side:
-        """`side` under its older name, still read by runtime/ and tests (issue 16 converts them)."""
-        return self.side
-
 
 @dataclass(frozen=True, slots=True)
-class PeerDead:
+class PeerDead(_ForSide):
     side: Side
     silent_for: float  # seconds since anything arrived from that side
-
-    @property
-    def leg(self) -> Side:
-        """`side` under its older name, still read by runtime/ and tests (issue 16 converts them)."""
-        return self.side
 
 
 @dataclass(frozen=True, slots=True)
