@@ -46,7 +46,7 @@ MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask key)
 MAX_CONTROL_PAYLOAD = 125
 
 _OPCODE_OK = tuple(op in (0, 1, 2, 8, 9, 10) for op in range(16))
-_NO_LIMIT = 1 << 63  # above any payload length: "no message-size limit" costs one comparison
+NO_LIMIT = 1 << 63  # above any payload length: "no size limit" is then one comparison, like a limit
 # What a parser that found an error holds instead of a split header: the hot path of next_event
 # then needs no check of its own for a dead parser (a real held header is never this object).
 _DEAD = b"dead"
@@ -119,7 +119,7 @@ class FrameParser:
     ) -> None:
         self._masked = masked
         self._rsv1 = rsv1_allowed
-        self._max = max_message_bytes if max_message_bytes is not None else _NO_LIMIT
+        self._max = max_message_bytes if max_message_bytes is not None else NO_LIMIT
         self._held = b""
         self.prefix = b""
         self.fin = True

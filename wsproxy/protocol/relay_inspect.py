@@ -1,19 +1,14 @@
 """The inspect relay: every frame parsed, validated, unmasked and re-framed, side by side.
 
-Each peer's byte stream goes through the codec's `frames.FrameParser` (a header or a payload may
-be split across reads, a read may hold many frames), which checks what RFC 6455 asks of an
-endpoint in wsproto's order and words; this module adds close payloads and UTF-8 in text messages
-(checked incrementally, across fragments). Payloads are streamed: each piece of a data frame that
-a read brings is unmasked, checked and sent on at once as a frame of its own towards the other
-peer (masked with a fresh key from the relay's `MaskKeys` towards the backend, unmasked towards
-the client), so a message is never held whole and its boundaries, opcode and order are kept; only
-its fragmentation may differ. A frame from the backend that arrives whole and needs no change
-goes to the client as it came.
-
-Each side negotiates its own permessage-deflate (`deflate.HopDeflate`, with the parameters
-wsproto negotiated). Compressed input is inflated only while the other peer's queue is under
-`buffer_bytes` (the compression-bomb guard); the rest waits as backlog (`backlog()` / `resume()`)
-until the queue drains.
+Each peer's stream goes through the codec's `frames.FrameParser` (headers checked as wsproto
+checks them, split anywhere); this module adds close payloads and UTF-8 in text messages (checked
+incrementally, across fragments). Payloads are streamed: each piece of a data frame a read brings
+is unmasked, checked and sent on at once as a frame of its own (masked with a key from the relay's
+`MaskKeys` towards the backend), so a message is never held whole; its boundaries, opcode and
+order are kept, only its fragmentation may differ. A frame from the backend that arrives whole
+and needs no change goes to the client as it came. Each side has its own permessage-deflate
+(`deflate.HopDeflate`); compressed input is inflated only while the other peer's queue is under
+`buffer_bytes` (the compression-bomb guard), the rest waits as backlog (`backlog()`/`resume()`).
 
 Pings and pongs pass end to end (pongs answering the proxy's own pings are swallowed and handed
 out by `take_pongs`); close codes and reasons pass end to end, and the closing handshake completes
@@ -36,6 +31,7 @@ from wsproxy.protocol.deflate import HopDeflate, negotiated_deflate
 from wsproxy.protocol.frames import (
     ERROR,
     HEADER,
+    NO_LIMIT,
     PING,
     PONG,
     TEXT,
@@ -51,15 +47,7 @@ from wsproxy.protocol.frames import (
     remask,
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
-from wsproxy.protocol.relay import (
-    ABNORMAL,
-    GOING_AWAY,
-    INTERNAL_ERROR,
-    INVALID_DATA,
-    TOO_BIG,
-    CloseRecord,
-    RelayStats,
-)
+from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, INVALID_DATA, TOO_BIG, CloseRecord, RelayStats
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per side (the schedule keeps one in flight)
@@ -76,22 +64,8 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 class _SideState:
     """One side's peer: the parser of what it sends, its message in progress, what is queued for it."""
 
-    __slots__ = (
-        "compressed",
-        "ctl",
-        "deflate",
-        "failed",
-        "inbox",
-        "inflated",
-        "mask_out",
-        "out",
-        "out_op",
-        "own_pings",
-        "parser",
-        "side",
-        "state",
-        "utf8",
-    )
+    __slots__ = ("deflate", "failed", "mask_out", "out", "own_pings", "side", "state")  # the connection
+    __slots__ += ("compressed", "ctl", "inbox", "inflated", "out_op", "parser", "utf8")  # its stream, part way
 
     def __init__(self, side: Side, *, negotiated: PerMessageDeflate | None) -> None:
         client = side == Side.CLIENT
@@ -140,17 +114,7 @@ class InspectRelay:
     source if not given).
     """
 
-    __slots__ = (
-        "_backend",
-        "_buffer",
-        "_client",
-        "_keys",
-        "_marker",
-        "_max_message",
-        "_pongs",
-        "may_backlog",
-        "stats",
-    )
+    __slots__ = ("_backend", "_buffer", "_client", "_keys", "_marker", "_max_message", "_pongs", "may_backlog", "stats")
 
     def __init__(
         self,
@@ -166,7 +130,7 @@ class InspectRelay:
         self._backend = _SideState(Side.BACKEND, negotiated=negotiated_deflate(backend_extensions))
         self._keys = mask_keys if mask_keys is not None else MaskKeys()
         self._buffer = buffer_bytes
-        self._max_message = max_message_bytes
+        self._max_message = max_message_bytes if max_message_bytes is not None else NO_LIMIT
         self._marker = ping_marker
         self._pongs: list[tuple[Side, bytes]] = []
         self.stats = RelayStats()
@@ -297,7 +261,7 @@ class InspectRelay:
                 if op:  # the first frame of a data message
                     src.out_op = op
                     src.compressed = p.rsv != 0
-                if not src.compressed and self._max_message is not None and p.message_bytes > self._max_message:
+                if p.message_bytes > self._max_message and not src.compressed:
                     # Not compressed: the frame's length is what it adds, refused before any of it
                     # goes on (a compressed message is counted as it inflates).
                     self._too_big(src, dst)
@@ -406,12 +370,10 @@ class InspectRelay:
         p.remaining -= used
         last = not p.remaining and p.fin
         self.stats.data_frames += 1
-        if self._max_message is not None:
-            size = src.inflated + len(plain)
-            if size > self._max_message:
-                self._too_big(src, dst)
-                return -1
-            src.inflated = size
+        src.inflated += len(plain)
+        if src.inflated > self._max_message:
+            self._too_big(src, dst)
+            return -1
         if p.message_opcode == TEXT and not self._utf8_ok(src, dst, plain, last):
             return -1
         if fwd and (plain or last):
@@ -495,23 +457,24 @@ class InspectRelay:
             self._send_close(dst, code, reason)
 
     def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
+        """Fail src with `code` (1009: over the size limit, a limit rather than a fault); dst hears why."""
         self._send_close(src, code, reason)
         src.failed = True
         src.stop()
         self.stats.closed_by("proxy")
+        if code == TOO_BIG:
+            why = f"{src.side} sent a {reason}"
+            self.stats.proxy_close = CloseRecord(code, why)
+            self._close_other(dst, GOING_AWAY, why)
+            return
         self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
-        other_code = GOING_AWAY if src is self._client else INTERNAL_ERROR
-        other_reason = "client protocol error" if src is self._client else "backend protocol error"
-        self._close_other(dst, other_code, other_reason)
+        if src is self._client:
+            self._close_other(dst, GOING_AWAY, "client protocol error")
+        else:
+            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
 
     def _too_big(self, src: _SideState, dst: _SideState) -> None:
-        reason = f"message over {self._max_message} bytes"
-        self._send_close(src, TOO_BIG, reason)
-        src.failed = True
-        src.stop()
-        self.stats.closed_by("proxy")
-        self.stats.proxy_close = CloseRecord(TOO_BIG, f"{src.side} sent a {reason}")
-        self._close_other(dst, GOING_AWAY, f"{src.side} sent a {reason}")
+        self._protocol_error(src, dst, TOO_BIG, f"message over {self._max_message} bytes")
 
     def _peer_lost(self, src: _SideState, dst: _SideState) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""
