@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wsproxy.protocol.sides import Side
+
 if TYPE_CHECKING:
     from wsproxy.config import Config
     from wsproxy.observe.session_log import SessionRecord
@@ -300,22 +302,28 @@ class Metrics:
             (record.messages_to_backend, record.messages_to_client),
             (record.bytes_from_client, record.bytes_from_backend),
         )
-        closes = (("client", record.client_close), ("backend", record.backend_close), ("proxy", record.proxy_close))
-        for side, rec in closes:
+        closes = (
+            (Side.CLIENT, record.client_close),
+            (Side.BACKEND, record.backend_close),
+            ("proxy", record.proxy_close),
+        )
+        for who, rec in closes:
             if rec is not None:
-                self._child(self.close_codes, side, close_code_label(rec.code)).inc()
+                self._child(self.close_codes, who, close_code_label(rec.code)).inc()
         self._child(self.first_closer, record.first_closer or "none").inc()
 
-    def ping_sent(self, leg: str) -> None:
-        self._child(self.pings_sent, leg).inc()
+    # The label is still called "leg" on the heartbeat metrics (a name dashboards know); its
+    # values are a Side's, "client" or "backend".
+    def ping_sent(self, side: Side) -> None:
+        self._child(self.pings_sent, side).inc()
 
-    def rtt(self, leg: str, seconds: float) -> None:
-        self._child(self.pong_rtt, leg).observe(seconds)
+    def rtt(self, side: Side, seconds: float) -> None:
+        self._child(self.pong_rtt, side).observe(seconds)
 
-    def dead_peer(self, leg: str) -> None:
-        self._child(self.dead_peers, leg).inc()
+    def dead_peer(self, side: Side) -> None:
+        self._child(self.dead_peers, side).inc()
 
-    def backpressure_event(self, side: str, event: str) -> None:
+    def backpressure_event(self, side: Side, event: str) -> None:
         self._child(self.backpressure, side, event).inc()
 
     # --- configuration -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from wsproxy.protocol.relay import CloseRecord
+from wsproxy.protocol.sides import Side
 
 log = logging.getLogger("wsproxy.session")
 
@@ -109,9 +110,9 @@ def text_line(r: SessionRecord) -> str:
             proxy_close=_text_close(r.proxy_close),
             first_closer=r.first_closer or "-",
         )
-    for leg, rtt in (("client", r.rtt_client), ("backend", r.rtt_backend)):
+    for side, rtt in ((Side.CLIENT, r.rtt_client), (Side.BACKEND, r.rtt_backend)):
         if rtt is not None:
-            fields[f"rtt_{leg}"] = f"{rtt * 1000:.1f}ms"
+            fields[f"rtt_{side}"] = f"{rtt * 1000:.1f}ms"
     if r.error:
         fields["error"] = repr(r.error)
     return "session " + " ".join(f"{k}={v}" for k, v in fields.items())
