@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 import wsproxy
 from tests.integration.test_relay import ProxyProcess, Recorder, recording_echo
-from tests.support import proxy_yaml, start_backend
+from tests.support import proxy_yaml, start_backend, watch_proxy_output
 
 TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\nshutdown: {drain_window: 500ms}\n"
 EXIT_BOUND = 10.0  # seconds from a signal to the process's exit
@@ -36,9 +36,11 @@ def wsproxy_cmd(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    result = subprocess.run(
         wsproxy_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT
     )
+    watch_proxy_output(lambda: result.stderr)
+    return result
 
 
 @pytest.fixture
@@ -280,6 +282,7 @@ def test_demo_serves_until_sigint_then_stops_everything() -> None:
     reader: threading.Thread | None = None
     try:
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        watch_proxy_output(lambda: "".join(lines))
         reader.start()
         deadline = time.monotonic() + 30
         while "wss://localhost:8443" not in "".join(lines) and time.monotonic() < deadline:
