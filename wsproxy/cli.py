@@ -46,11 +46,29 @@ def _parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
     reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload.add_argument("--pid-file", default=None, help="default: pid_file of the config")
-    demo = sub.add_parser("demo", help="run two demo backends and the proxy on conf/demo.yaml")
-    demo.add_argument("-c", "--config", default=None, help="default: conf/demo.yaml")
+    demo = sub.add_parser("demo", help="run two demo backends and the proxy on the packaged demo config")
+    demo.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="default: the packaged demo config (conf/demo.yaml in a checkout); its relative TLS paths name "
+        "files in --certs",
+    )
+    demo.add_argument(
+        "--certs",
+        default=None,
+        metavar="DIR",
+        help="where the development certificates are made and kept (default: $XDG_CACHE_HOME/wsproxy/certs "
+        "or ~/.cache/wsproxy/certs)",
+    )
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.add_argument(
         "--self-check-only", action="store_true", help="run the self-check, then stop (exit 1 if it fails)"
+    )
+    demo.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="let the system pick free loopback ports for the listeners and backends (printed by the self-check)",
     )
     return p
 
@@ -78,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
-        return demo.main(args.config, self_check_only=args.self_check_only)
+        return demo.main(
+            args.config, certs_dir=args.certs, self_check_only=args.self_check_only, free_ports=args.free_ports
+        )
     return EXIT_BAD_CONFIG  # argparse rejects unknown commands before this
 
 
@@ -138,10 +158,6 @@ def _reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def write_pid_file(pid_file: Path) -> None:
     """Written whole, then renamed, so a reader never sees the file empty or half written; where
     the directory does not allow a new file (a pid file pre-created in /run), in place."""
@@ -152,3 +168,7 @@ def write_pid_file(pid_file: Path) -> None:
     except OSError:
         partial.unlink(missing_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
+
+
+if __name__ == "__main__":  # `python -m wsproxy.cli ...`, the same as `python -m wsproxy ...`
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""`wsproxy demo`: two echo backends, the proxy on conf/demo.yaml, a self-check, then serve.
+"""`wsproxy demo`: two echo backends, the proxy on the packaged demo config (wsproxy/data/demo.yaml),
+a self-check, then serve.
 
 The demo backends echo every message and answer the text "/whoami" with their name, so the
 self-check can show which backend served each session. Everything the demo starts lives in one
@@ -7,9 +8,12 @@ nursery and stops on Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import ssl
 import sys
+from importlib import resources
 from pathlib import Path
 
 import trio
@@ -25,13 +29,12 @@ from wsproto.events import (
     TextMessage,
 )
 
-from wsproxy.config import Config, ConfigError, load_config
+from wsproxy.config import Address, Config, ConfigError, ListenerConfig, parse_config
 from wsproxy.runtime import supervisor
-from wsproxy.runtime.devcerts import ensure_dev_certs
+from wsproxy.runtime.devcerts import default_certs_dir, ensure_dev_certs
+from wsproxy.runtime.server import Server
 
 log = logging.getLogger("wsproxy.demo")
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _demo_backend_conn(stream: trio.SocketStream, name: str) -> None:
@@ -76,13 +79,29 @@ def _should_answer(ws: WSConnection, event: Event) -> bool:
     return isinstance(event, Ping) or ws.state.name == "REMOTE_CLOSING"
 
 
-async def demo_backend(host: str, port: int, name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
-    """An echo backend; "/whoami" answers with `name`."""
+async def demo_backend(
+    host: str,
+    port: int,
+    name: str,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """An echo backend on host:port; "/whoami" answers with `name`."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await serve_demo_backend(listeners, name, task_status=task_status)
+
+
+async def serve_demo_backend(
+    listeners: list[trio.SocketListener],
+    name: str,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The echo backend on listeners already open."""
 
     async def handler(stream: trio.SocketStream) -> None:
         await _demo_backend_conn(stream, name)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
@@ -119,7 +138,7 @@ class DemoClient:
     async def next_event(self) -> Event:
         while not self.events:
             data = await self.stream.receive_some(65536)
-            self.ws.receive_data(data or None)
+            self.ws.receive_data(bytes(data) if data else None)
             self.events.extend(self.ws.events())
         return self.events.pop(0)
 
@@ -146,19 +165,19 @@ class DemoClient:
                 return int(event.code)
 
 
-async def self_check(config: Config, ca_path: Path) -> bool:
-    """Round-trip messages through every listener; print which backend answered."""
+async def self_check(listeners: list[tuple[ListenerConfig, Address]], ca_path: Path) -> bool:
+    """Round-trip messages through every listener (at the address it is bound to); print which
+    backend answered."""
     ok = True
     ctx = ssl.create_default_context(cafile=str(ca_path))
-    for lst in config.listeners:
-        host, port = lst.address.host, lst.address.port
+    for lst, address in listeners:
         scheme = lst.scheme
         for i in range(2):
             try:
                 with trio.fail_after(10):
                     client = await DemoClient.connect(
-                        host,
-                        port,
+                        address.host,
+                        address.port,
                         "/demo",
                         ssl_context=ctx if lst.tls else None,
                         server_hostname="localhost" if lst.tls else None,
@@ -172,52 +191,93 @@ async def self_check(config: Config, ca_path: Path) -> bool:
                 good = echoed == msg and code == 1000
                 ok &= good
                 print(
-                    f"  {scheme}://{lst.address}/demo  sent {msg!r}  echoed {echoed!r}  by {who}  "
+                    f"  {scheme}://{address}/demo  sent {msg!r}  echoed {echoed!r}  by {who}  "
                     f"close {code}  {'OK' if good else 'FAILED'}"
                 )
             except (OSError, ConnectionError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 ok = False
-                print(f"  {scheme}://{lst.address}/demo  FAILED: {exc!r}")
+                print(f"  {scheme}://{address}/demo  FAILED: {exc!r}")
     return ok
 
 
-async def _proxy_then_stop(config: Config, scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+async def _proxy_then_stop(
+    config: Config, scope: trio.CancelScope, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run the proxy; when it stops (Ctrl-C drained it), stop the demo backends too."""
     await supervisor.run(config, task_status=task_status)
     scope.cancel()
 
 
-async def _demo(config: Config, ca_path: Path, self_check_only: bool) -> bool:
+def _on_port(address: Address, port: int) -> Address:
+    return dataclasses.replace(address, port=port)
+
+
+async def _demo(config: Config, ca_path: Path, *, self_check_only: bool, free_ports: bool) -> bool:
     async with trio.open_nursery() as nursery:
-        for i, backend in enumerate(config.pools[next(iter(config.pools))].backends, start=1):
-            name = f"demo-backend-{i} ({backend.address})"
-            await nursery.start(demo_backend, backend.address.host, backend.address.port, name)
-        await nursery.start(_proxy_then_stop, config, nursery.cancel_scope)
+        # The demo backends serve the first pool; with free_ports the system picks their ports and
+        # the listeners', and the pool is pointed at the backends where they actually listen.
+        pool = config.pools[next(iter(config.pools))]
+        backends = []
+        for i, backend in enumerate(pool.backends, start=1):
+            port = 0 if free_ports else backend.address.port
+            sockets = await trio.open_tcp_listeners(port, host=backend.address.host)
+            address = _on_port(backend.address, sockets[0].socket.getsockname()[1])
+            await nursery.start(serve_demo_backend, sockets, f"demo-backend-{i} ({address})")
+            backends.append(dataclasses.replace(backend, address=address))
+        if free_ports:
+            config = dataclasses.replace(
+                config,
+                listeners=tuple(dataclasses.replace(lst, address=_on_port(lst.address, 0)) for lst in config.listeners),
+                pools={**config.pools, pool.name: dataclasses.replace(pool, backends=tuple(backends))},
+            )
+        server = await nursery.start(_proxy_then_stop, config, nursery.cancel_scope)
+        listeners = [(lst, Address(host, port)) for lst, (host, port, *_) in server.bound]
         print("self-check through the proxy:")
-        ok = await self_check(config, ca_path)
+        ok = await self_check(listeners, ca_path)
         print("self-check", "passed" if ok else "FAILED")
         if self_check_only or not ok:
             nursery.cancel_scope.cancel()
             return ok
         print("\nTry it (Ctrl-C stops the proxy and the demo backends):")
-        for lst in config.listeners:
-            host = "localhost" if lst.tls else lst.address.host
-            print(f"  {lst.scheme}://{host}:{lst.address.port}/   (send /whoami to see the backend)")
+        for lst, address in listeners:
+            host = "localhost" if lst.tls else address.host
+            print(f"  {lst.scheme}://{host}:{address.port}/   (send /whoami to see the backend)")
         print(f"  TLS clients trust the dev CA: {ca_path}")
-        print(f"  e.g. python -m websockets ws://{config.listeners[0].address}/")
+        print(f"  e.g. python -m websockets ws://{listeners[0][1]}/")
     return True
 
 
-def main(config_path: str | None, *, self_check_only: bool = False) -> int:
-    path = Path(config_path) if config_path else ROOT / "conf" / "demo.yaml"
-    ca_path, _, _ = ensure_dev_certs(ROOT / "certs")
+def read_demo_config(config_path: Path | None, certs_dir: Path) -> Config:
+    """The packaged demo config, or the file given; relative TLS paths name files in `certs_dir`."""
+    if config_path is None:
+        source = "wsproxy/data/demo.yaml (packaged)"
+        text = resources.files("wsproxy").joinpath("data", "demo.yaml").read_text(encoding="utf-8")
+    else:
+        source = str(config_path)
+        try:
+            text = config_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(source, [("", f"cannot read the file: {exc}")]) from None
+    return parse_config(text, source=source, base_dir=certs_dir)
+
+
+def main(
+    config_path: str | None, *, certs_dir: str | None = None, self_check_only: bool = False, free_ports: bool = False
+) -> int:
+    certs = Path(certs_dir) if certs_dir else default_certs_dir()
     try:
-        config = load_config(path)
+        ca_path, _, _ = ensure_dev_certs(certs)
+    except OSError as exc:
+        print(f"demo: cannot write the development certificates to {certs}: {exc}", file=sys.stderr)
+        return 1
+    print(f"development certificates in {certs} (TLS clients trust {ca_path})")
+    try:
+        config = read_demo_config(Path(config_path) if config_path else None, certs)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
     try:
-        ok = trio.run(_demo, config, ca_path, self_check_only)
+        ok = trio.run(functools.partial(_demo, config, ca_path, self_check_only=self_check_only, free_ports=free_ports))
     except OSError as exc:
         print(f"demo: cannot start: {exc}", file=sys.stderr)
         return 1
