@@ -368,6 +368,7 @@ def test_python_m_wsproxy_cli_is_the_same_command(tmp_path) -> None:
     assert not pid_file.exists()
 
 
+@pytest.mark.expect_errors(r"ERROR wsproxy: cannot start: .*in use")
 def test_run_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
