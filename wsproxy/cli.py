@@ -117,8 +117,8 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         else:
             trio.run(supervisor.run, config, args.config, args.worker or 0)
     except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
-        errors = _leaves(exc)
-        if not all(isinstance(e, OSError) for e in errors):
+        errors = supervisor.startup_errors(exc)
+        if errors is None:
             raise
         for err in errors:
             logging.getLogger("wsproxy").error("cannot start: %s", err)
@@ -129,12 +129,6 @@ def _run(config: Config, args: argparse.Namespace) -> int:
                 if pid_file.read_text().strip() == str(os.getpid()):
                     pid_file.unlink()
     return EXIT_OK
-
-
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
-    return [group]
 
 
 def _reload(args: argparse.Namespace) -> int:

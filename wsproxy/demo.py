@@ -278,8 +278,12 @@ def main(
         return 2
     try:
         ok = trio.run(functools.partial(_demo, config, ca_path, self_check_only=self_check_only, free_ports=free_ports))
-    except OSError as exc:
-        print(f"demo: cannot start: {exc}", file=sys.stderr)
+    except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
+        errors = supervisor.startup_errors(exc)
+        if errors is None:
+            raise
+        for err in errors:
+            print(f"demo: cannot start: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -24,7 +24,7 @@ from websockets.sync.client import connect
 
 import wsproxy
 from tests.integration.test_relay import ProxyProcess, Recorder, recording_echo
-from tests.support import proxy_yaml, start_backend, watch_proxy_output
+from tests.support import free_port, proxy_yaml, start_backend, watch_proxy_output
 
 TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\nshutdown: {drain_window: 500ms}\n"
 EXIT_BOUND = 10.0  # seconds from a signal to the process's exit
@@ -295,6 +295,21 @@ def test_demo_runs_the_checkouts_conf_demo_yaml(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-check passed" in result.stdout
+
+
+def test_demo_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        text = (ROOT / "wsproxy" / "data" / "demo.yaml").read_text()
+        text = text.replace(":8080", f":{busy.getsockname()[1]}")
+        for fixed in (":8443", ":9001", ":9002"):
+            text = text.replace(fixed, f":{free_port()}")
+        (tmp_path / "demo.yaml").write_text(text)
+        result = run_cli("demo", "-c", str(tmp_path / "demo.yaml"), "--self-check-only", "--certs", str(tmp_path))
+    assert result.returncode == 1
+    assert "demo: cannot start: " in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
