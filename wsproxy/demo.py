@@ -4,6 +4,10 @@ a self-check, then serve.
 The demo backends echo every message and answer the text "/whoami" with their name, so the
 self-check can show which backend served each session. Everything the demo starts lives in one
 nursery and stops on Ctrl-C.
+
+The proxy runs from a file the demo writes into the certificate directory, demo-effective.yaml
+(TLS paths absolute, the ports it chose), loaded by the one config loader: SIGHUP reloads that file
+as it does the file of `wsproxy run`.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import ssl
 import sys
 from importlib import resources
 from pathlib import Path
 
 import trio
+import yaml
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -29,12 +35,14 @@ from wsproto.events import (
     TextMessage,
 )
 
-from wsproxy.config import Address, Config, ConfigError, ListenerConfig, parse_config
+from wsproxy.config import Address, Config, ConfigError, ListenerConfig, PoolConfig, load_config, parse_config
 from wsproxy.runtime import supervisor
 from wsproxy.runtime.devcerts import default_certs_dir, ensure_dev_certs
 from wsproxy.runtime.server import Server
 
 log = logging.getLogger("wsproxy.demo")
+
+EFFECTIVE_CONFIG = "demo-effective.yaml"  # in the certificate directory: the config the demo runs and reloads
 
 
 async def _demo_backend_conn(stream: trio.SocketStream, name: str) -> None:
@@ -201,10 +209,15 @@ async def self_check(listeners: list[tuple[ListenerConfig, Address]], ca_path: P
 
 
 async def _proxy_then_stop(
-    config: Config, scope: trio.CancelScope, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    config_path: Path,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the proxy; when it stops (Ctrl-C drained it), stop the demo backends too."""
-    await supervisor.run(config, task_status=task_status)
+    """Run the proxy (SIGHUP reloads `config_path`); when it stops (Ctrl-C drained it), stop the
+    demo backends too."""
+    await supervisor.run(config, config_path, task_status=task_status)
     scope.cancel()
 
 
@@ -212,25 +225,83 @@ def _on_port(address: Address, port: int) -> Address:
     return dataclasses.replace(address, port=port)
 
 
-async def _demo(config: Config, ca_path: Path, *, self_check_only: bool, free_ports: bool) -> bool:
-    async with trio.open_nursery() as nursery:
-        # The demo backends serve the first pool; with free_ports the system picks their ports and
-        # the listeners', and the pool is pointed at the backends where they actually listen.
-        pool = config.pools[next(iter(config.pools))]
-        backends = []
-        for i, backend in enumerate(pool.backends, start=1):
+async def _open_backends(pool: PoolConfig, *, free_ports: bool) -> list[list[trio.SocketListener]]:
+    """The demo backends' sockets, one list per backend of `pool` (port 0 with free_ports)."""
+    opened: list[list[trio.SocketListener]] = []
+    try:
+        for backend in pool.backends:
             port = 0 if free_ports else backend.address.port
-            sockets = await trio.open_tcp_listeners(port, host=backend.address.host)
-            address = _on_port(backend.address, sockets[0].socket.getsockname()[1])
-            await nursery.start(serve_demo_backend, sockets, f"demo-backend-{i} ({address})")
-            backends.append(dataclasses.replace(backend, address=address))
+            opened.append(await trio.open_tcp_listeners(port, host=backend.address.host))
+    except OSError:
+        for sockets in opened:
+            for sock in sockets:
+                await sock.aclose()
+        raise
+    return opened
+
+
+def effective_config_text(text: str, config: Config, *, pool: PoolConfig, free_ports: bool, origin: str) -> str:
+    """The demo's config as a file of its own: `text` (already validated as `config`) with every
+    file path absolute (TLS paths as resolved in the certificate directory, pid_file), the first
+    pool's backends where the demo backends listen, and, with free_ports, listeners on port 0 (a
+    reload keeps a port-0 listener's socket, so the file stays true while the demo runs)."""
+    raw = yaml.safe_load(text)
+    for lst, raw_lst in zip(config.listeners, raw["listeners"], strict=True):
+        if lst.tls is not None:
+            raw_lst["tls"] = {"cert": str(lst.tls.cert), "key": str(lst.tls.key)}
         if free_ports:
-            config = dataclasses.replace(
-                config,
-                listeners=tuple(dataclasses.replace(lst, address=_on_port(lst.address, 0)) for lst in config.listeners),
-                pools={**config.pools, pool.name: dataclasses.replace(pool, backends=tuple(backends))},
-            )
-        server = await nursery.start(_proxy_then_stop, config, nursery.cancel_scope)
+            raw_lst["address"] = str(_on_port(lst.address, 0))
+    raw_backends = raw["pools"][pool.name]["backends"]
+    for i, backend in enumerate(pool.backends):
+        if isinstance(raw_backends[i], dict):
+            raw_backends[i]["address"] = str(backend.address)
+        else:
+            raw_backends[i] = str(backend.address)
+    if config.pid_file is not None:
+        raw["pid_file"] = str(config.pid_file)
+    header = (
+        f"# Written by `wsproxy demo` from {origin}:\n"
+        "# TLS paths in its certificate directory, the ports it chose. The running demo serves this\n"
+        "# file and reloads it on SIGHUP (edit it, then kill -HUP the demo).\n"
+    )
+    return header + yaml.safe_dump(raw, sort_keys=False)
+
+
+def write_private_file(path: Path, text: str) -> None:
+    """Written whole (mode 0600), then renamed over `path`: never half written, never through a link."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+async def _demo(
+    text: str, config: Config, certs_dir: Path, ca_path: Path, *, self_check_only: bool, free_ports: bool
+) -> bool:
+    # The demo backends serve the first pool; with free_ports the system picks their ports and the
+    # listeners'. What runs is the effective config the demo writes into the certificate directory
+    # and loads like any other file, so that SIGHUP reloads it as it does for `wsproxy run`.
+    pool = config.pools[next(iter(config.pools))]
+    backend_sockets = await _open_backends(pool, free_ports=free_ports)
+    backends = tuple(
+        dataclasses.replace(b, address=_on_port(b.address, sockets[0].socket.getsockname()[1]))
+        for b, sockets in zip(pool.backends, backend_sockets, strict=True)
+    )
+    pool = dataclasses.replace(pool, backends=backends)
+    effective = certs_dir / EFFECTIVE_CONFIG
+    write_private_file(
+        effective, effective_config_text(text, config, pool=pool, free_ports=free_ports, origin=config.source)
+    )
+    config = load_config(effective)
+    async with trio.open_nursery() as nursery:
+        for i, (backend, sockets) in enumerate(zip(backends, backend_sockets, strict=True), start=1):
+            await nursery.start(serve_demo_backend, sockets, f"demo-backend-{i} ({backend.address})")
+        server = await nursery.start(_proxy_then_stop, config, effective, nursery.cancel_scope)
         listeners = [(lst, Address(host, port)) for lst, (host, port, *_) in server.bound]
         print("self-check through the proxy:")
         ok = await self_check(listeners, ca_path)
@@ -242,29 +313,27 @@ async def _demo(config: Config, ca_path: Path, *, self_check_only: bool, free_po
         for lst, address in listeners:
             host = "localhost" if lst.tls else address.host
             print(f"  {lst.scheme}://{host}:{address.port}/   (send /whoami to see the backend)")
+        print(f"  config: {effective} (edit it, then `kill -HUP {os.getpid()}` reloads it)")
         print(f"  TLS clients trust the dev CA: {ca_path}")
         print(f"  e.g. python -m websockets ws://{listeners[0][1]}/")
     return True
 
 
-def read_demo_config(config_path: Path | None, certs_dir: Path) -> Config:
-    """The packaged demo config, or the file given; relative TLS paths name files in `certs_dir`."""
+def read_demo_source(config_path: Path | None) -> tuple[str, str]:
+    """The text of the packaged demo config, or of the file given, and its name for messages."""
     if config_path is None:
         source = "wsproxy/data/demo.yaml (packaged)"
-        text = resources.files("wsproxy").joinpath("data", "demo.yaml").read_text(encoding="utf-8")
-    else:
-        source = str(config_path)
-        try:
-            text = config_path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(source, [("", f"cannot read the file: {exc}")]) from None
-    return parse_config(text, source=source, base_dir=certs_dir)
+        return resources.files("wsproxy").joinpath("data", "demo.yaml").read_text(encoding="utf-8"), source
+    try:
+        return config_path.read_text(encoding="utf-8"), str(config_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(config_path), [("", f"cannot read the file: {exc}")]) from None
 
 
 def main(
     config_path: str | None, *, certs_dir: str | None = None, self_check_only: bool = False, free_ports: bool = False
 ) -> int:
-    certs = Path(certs_dir) if certs_dir else default_certs_dir()
+    certs = (Path(certs_dir) if certs_dir else default_certs_dir()).absolute()
     try:
         ca_path, _, _ = ensure_dev_certs(certs)
     except OSError as exc:
@@ -272,12 +341,21 @@ def main(
         return 1
     print(f"development certificates in {certs} (TLS clients trust {ca_path})")
     try:
-        config = read_demo_config(Path(config_path) if config_path else None, certs)
+        # relative TLS paths name files in the certificate directory
+        text, source = read_demo_source(Path(config_path) if config_path else None)
+        config = parse_config(text, source=source, base_dir=certs)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
     try:
-        ok = trio.run(functools.partial(_demo, config, ca_path, self_check_only=self_check_only, free_ports=free_ports))
+        ok = trio.run(
+            functools.partial(
+                _demo, text, config, certs, ca_path, self_check_only=self_check_only, free_ports=free_ports
+            )
+        )
+    except ConfigError as exc:  # the effective config, reread (a certificate removed meanwhile)
+        print(exc.render(), file=sys.stderr)
+        return 2
     except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
         errors = supervisor.startup_errors(exc)
         if errors is None:

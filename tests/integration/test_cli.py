@@ -7,6 +7,7 @@ demo's self-check behave as the spec's command-line section says. Every wait has
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,10 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -265,7 +267,8 @@ def test_demo_makes_its_certificates_in_the_directory_given_and_tells_tls_client
     certs = tmp_path / "my certs"
     result = run_cli("demo", "--self-check-only", "--free-ports", "--certs", str(certs), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(p.name for p in certs.iterdir()) == ["demo-ca.pem", "demo-cert.pem", "demo-key.pem"]
+    made = ["demo-ca.pem", "demo-cert.pem", "demo-effective.yaml", "demo-key.pem"]  # and the config it ran
+    assert sorted(p.name for p in certs.iterdir()) == made
     assert f"TLS clients trust {certs / 'demo-ca.pem'}" in result.stdout
     assert (certs / "demo-key.pem").stat().st_mode & 0o077 == 0  # the key is the user's alone
 
@@ -297,6 +300,24 @@ def test_demo_runs_the_checkouts_conf_demo_yaml(tmp_path) -> None:
     assert "self-check passed" in result.stdout
 
 
+def test_run_on_the_demo_config_without_certificates_names_the_file_and_the_command_that_makes_them(
+    tmp_path,
+) -> None:
+    """The demo config's TLS paths are relative, so `run` looks for them next to the file (for
+    conf/demo.yaml, next to the file it links to: wsproxy/data/). Missing, the error names the file
+    and the command that makes them; made there, the same file runs as it is."""
+    config = tmp_path / "demo.yaml"
+    config.write_text((ROOT / "conf" / "demo.yaml").read_text())
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"listeners[1].tls.cert: no such file: {tmp_path / 'demo-cert.pem'}" in result.stderr
+    assert "`wsproxy demo --certs DIR` makes development certificates" in result.stderr
+    made = run_cli("demo", "--self-check-only", "--free-ports", "--certs", str(tmp_path), timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+
+
 def test_demo_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -312,9 +333,12 @@ def test_demo_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
+@contextlib.contextmanager
+def running_demo(*args: str) -> Iterator[tuple[subprocess.Popen[str], Callable[[], str]]]:
+    """`wsproxy demo ARGS` serving (its self-check passed): the process and its output so far.
+    Killed and reaped at the end if the test did not stop it."""
     proc = subprocess.Popen(
-        wsproxy_cmd("demo", "--free-ports", "--certs", str(tmp_path)),
+        wsproxy_cmd("demo", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -331,15 +355,8 @@ def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
         deadline = time.monotonic() + 30
         while "TLS clients trust the dev CA" not in "".join(lines) and time.monotonic() < deadline:
             time.sleep(0.05)
-        out = "".join(lines)
-        assert "self-check passed" in out, out
-        urls = re.findall(r"^  (wss?)://(localhost|127\.0\.0\.1):(\d+)/ ", out, re.MULTILINE)
-        assert [(scheme, host) for scheme, host, _ in urls] == [("ws", "127.0.0.1"), ("wss", "localhost")], out
-        with connect(f"ws://127.0.0.1:{urls[0][2]}/", proxy=None, open_timeout=5) as ws:
-            ws.send("/whoami")
-            assert ws.recv(timeout=5).startswith("demo-backend-")
-        proc.send_signal(signal.SIGINT)
-        assert wait_exit(proc, EXIT_BOUND) == 0
+        assert "self-check passed" in "".join(lines), "".join(lines)
+        yield proc, lambda: "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -348,7 +365,45 @@ def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
             reader.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
-    assert all(refused(port) for port in demo_ports("".join(lines)))
+
+
+def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
+    with running_demo("--free-ports", "--certs", str(tmp_path)) as (proc, output):
+        out = output()
+        urls = re.findall(r"^  (wss?)://(localhost|127\.0\.0\.1):(\d+)/ ", out, re.MULTILINE)
+        assert [(scheme, host) for scheme, host, _ in urls] == [("ws", "127.0.0.1"), ("wss", "localhost")], out
+        with connect(f"ws://127.0.0.1:{urls[0][2]}/", proxy=None, open_timeout=5) as ws:
+            ws.send("/whoami")
+            assert ws.recv(timeout=5).startswith("demo-backend-")
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, EXIT_BOUND) == 0
+    assert all(refused(port) for port in demo_ports(output()))
+
+
+def test_sighup_to_the_demo_reloads_the_config_file_it_runs(tmp_path) -> None:
+    """The demo runs from DIR/demo-effective.yaml (the packaged config, TLS paths absolute in the
+    certificate directory, the ports it chose), private to the user; SIGHUP re-reads that file as
+    it does for `run`: a listener added to it serves."""
+    effective = tmp_path / "demo-effective.yaml"
+    with running_demo("--free-ports", "--certs", str(tmp_path), "--log-level", "info") as (proc, output):
+        assert f"config: {effective}" in output()
+        assert effective.stat().st_mode & 0o077 == 0
+        raw = yaml.safe_load(effective.read_text())
+        tls = {"cert": str(tmp_path / "demo-cert.pem"), "key": str(tmp_path / "demo-key.pem")}
+        assert raw["listeners"][1]["tls"] == tls
+        added = free_port()
+        raw["listeners"].append({"address": f"127.0.0.1:{added}", "pool": "chat"})
+        effective.write_text(yaml.safe_dump(raw))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while refused(added) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with connect(f"ws://127.0.0.1:{added}/", proxy=None, open_timeout=5) as ws:
+            ws.send("/whoami")
+            assert ws.recv(timeout=5).startswith("demo-backend-")
+        assert re.search(rf"reloaded {re.escape(str(effective))} ", output()), output()
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, EXIT_BOUND) == 0
 
 
 def test_python_m_wsproxy_cli_is_the_same_command(tmp_path) -> None:
