@@ -83,6 +83,18 @@ def proxy_yaml(
 
 
 # --------------------------------------------------------------------------------------------
+# proxy subprocesses: their output is checked for errors when the test ends (tests/conftest.py)
+
+watched_outputs: list[Callable[[], str]] = []
+
+
+def watch_proxy_output(read: Callable[[], str]) -> None:
+    """Have the ERROR-log guard read a wsproxy subprocess's log output (`read()`) when the test
+    ends: an ERROR line or a traceback in it fails the test unless the test expects that error."""
+    watched_outputs.append(read)
+
+
+# --------------------------------------------------------------------------------------------
 # TLS material
 
 

@@ -40,7 +40,16 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
-from tests.support import RawClient, TLSFiles, echo_handler, proxy_yaml, serve_wsproto, start_backend, start_proxy
+from tests.support import (
+    RawClient,
+    TLSFiles,
+    echo_handler,
+    proxy_yaml,
+    serve_wsproto,
+    start_backend,
+    start_proxy,
+    watch_proxy_output,
+)
 
 # Listener YAML per relay path: every test in this file runs on each.
 RELAY_LISTENER_YAML: dict[str, str] = {"inspect": "relay: inspect", "passthrough": "relay: passthrough"}
@@ -371,6 +380,7 @@ class ProxyProcess:
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        watch_proxy_output(lambda: "".join(self.lines))
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

@@ -60,6 +60,7 @@ async def test_soon_from_outside_a_round_wakes_a_sleeping_loop(nursery) -> None:
         await done.wait()
 
 
+@pytest.mark.expect_errors(r"wsproxy\.reactor: reactor callback failed \[RuntimeError: a bug in one session\]")
 async def test_a_failing_soon_callback_does_not_stop_the_loop(nursery) -> None:
     loop = Reactor()
     await nursery.start(loop.run)

@@ -31,6 +31,8 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as "250ms", "10s", "5m", "1h"."""
+    number: float | str
+    unit: str | None
     if isinstance(value, int | float) and not isinstance(value, bool):
         number, unit = value, None
     elif isinstance(value, str) and (m := DURATION_PATTERN.match(value)):
@@ -150,7 +152,7 @@ def parse_choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return value
+        return str(value)
 
     return parse
 
