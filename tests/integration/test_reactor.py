@@ -1,10 +1,11 @@
-"""The reactor-driven relay (wsproxy/reactor.py, wsproxy/link.py) where waiting differs from tasks.
+"""The relay's one driver (runtime/reactor.py, runtime/link.py) where a readiness loop must do
+more than wait for the kernel.
 
 TLS plaintext that OpenSSL already decrypted (`SSLSocket.pending()`) does not make the kernel
-socket readable, so a level-triggered epoll never reports it; if the side cannot be read at the
+socket readable, so a level-triggered poller never reports it; if the side cannot be read at the
 moment the decrypted bytes are noticed (rate-limit pause, backpressure), they must still be read
 once it can be. Work handed to the next round from outside the loop (`Reactor.soon`) must wake a
-sleeping loop. The task-driven relay (no reactor) is the control for each case.
+sleeping loop. Each TLS case runs on both pollers (epoll, and the portable `selectors` one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from wsproto.events import AcceptConnection, BytesMessage, Request
 
 from tests.support import Backend, RawClient, proxy_yaml, start_backend, start_proxy
 from wsproxy.protocol.frames import build_frame
+from wsproxy.runtime.reactor import SelectorPoller
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 1s}\nheartbeat: {interval: off}\n"
 SMALL_READS = "limits: {buffer_bytes: 4096}\n"  # smaller than one TLS record (16 KiB)
@@ -40,35 +42,30 @@ async def _tls_echo_one_record(nursery, backends, tls_files, extra: str) -> byte
     return got
 
 
-async def test_tls_decrypted_bytes_are_read_after_a_rate_limit_pause(nursery, backends, tls_files) -> None:
+@pytest.fixture(params=["epoll", "selectors"])
+def poller(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "selectors":
+        monkeypatch.setattr("wsproxy.runtime.reactor.default_poller", SelectorPoller)
+    return request.param
+
+
+async def test_tls_decrypted_bytes_are_read_after_a_rate_limit_pause(nursery, backends, tls_files, poller) -> None:
     """The proxy reads 4 KiB of the 12 KiB record, then 4 KiB more (from OpenSSL's buffer), then
     is over its byte budget for 0.5 s. The last ~3.8 KiB are already decrypted in OpenSSL, the
-    kernel socket is empty: after the pause nothing will ever make it readable. The task-driven
-    relay (FastTLSStream.receive_some calls recv first) delivers them; the reactor must too."""
+    kernel socket is empty: after the pause nothing will ever make it readable, so the link must
+    ask for a read itself (`Reactor.soon`)."""
     await _tls_echo_one_record(nursery, backends, tls_files, BYTE_RATE)
 
 
-async def test_tls_small_reads_without_a_pause_echo(nursery, backends, tls_files) -> None:
+async def test_tls_small_reads_without_a_pause_echo(nursery, backends, tls_files, poller) -> None:
     """Control: the same record without a rate limit is relayed (the `soon` re-read works while
     the side may be read)."""
     await _tls_echo_one_record(nursery, backends, tls_files, "")
 
 
-async def test_tls_decrypted_bytes_after_a_pause_on_the_task_relay(nursery, backends, tls_files, monkeypatch) -> None:
-    """Control: the same pause on the task-driven relay (no reactor started) delivers everything."""
-    monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
-    await _tls_echo_one_record(nursery, backends, tls_files, BYTE_RATE)
-
-
-@pytest.mark.parametrize("path", ["reactor", "tasks"])
-async def test_tls_decrypted_bytes_left_by_the_handshake_read_are_relayed(
-    nursery, backends, tls_files, monkeypatch, path: str
-) -> None:
+async def test_tls_decrypted_bytes_left_by_the_handshake_read_are_relayed(nursery, backends, tls_files, poller) -> None:
     """Request and a 12 KiB frame in one TLS record: the handshake reads 4 KiB of it, the rest is
-    decrypted plaintext in OpenSSL when the link registers the (empty) kernel socket. ("tasks":
-    the control, on the task-driven relay.)"""
-    if path == "tasks":
-        monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
+    decrypted plaintext in OpenSSL when the link registers the (empty) kernel socket."""
     backends.append(start_backend())
     yaml = proxy_yaml([backends[0].port], tls=(tls_files.cert, tls_files.key), extra=FAST + SMALL_READS)
     proxy = await start_proxy(nursery, yaml)
@@ -94,8 +91,7 @@ async def test_inflated_backlog_left_by_start_is_finished_without_other_traffic(
     backlog takes more than SETTLE_ROUNDS, so the rest is left to `Reactor.soon`; but `soon` does
     not wake a reactor asleep in wait_readable(ep), and nothing else will: the client side is not
     registered (it has a backlog), the backend side only for reading (it never sends).
-    (No task-relay control: `_relay` there has its own gap, it resumes a backlog only after a
-    read, so trailing bytes with a backlog wait for the client's next bytes.)"""
+    """
     got: list[int] = []
 
     def sink(conn) -> None:  # type: ignore[no-untyped-def]

@@ -3,16 +3,17 @@ the loop releases every session it owns (registered or not)."""
 
 from __future__ import annotations
 
-import select
 import socket
 
 import pytest
 import trio
 
-from wsproxy.runtime import reactor as reactor_mod
-from wsproxy.runtime.reactor import Reactor
+from wsproxy.runtime.reactor import READ, WRITE, EpollPoller, Reactor, SelectorPoller
 
-pytestmark = pytest.mark.skipif(not reactor_mod.AVAILABLE, reason="the reactor needs epoll and eventfd (Linux)")
+
+@pytest.fixture(params=[EpollPoller, SelectorPoller], ids=["epoll", "selectors"])
+def make_loop(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return lambda **kw: Reactor(poller=request.param, **kw)
 
 
 class Recorder:
@@ -32,26 +33,26 @@ class Recorder:
         self.stopped += 1
 
 
-async def test_a_ready_socket_reaches_its_watcher_until_unregistered(nursery) -> None:
-    loop = Reactor()
+async def test_a_ready_socket_reaches_its_watcher_until_unregistered(nursery, make_loop) -> None:
+    loop = make_loop()
     await nursery.start(loop.run)
     a, b = socket.socketpair()
     with a, b:
         a.setblocking(False)
         watcher = Recorder(a)
-        loop.register(a.fileno(), select.EPOLLIN, watcher)
+        loop.register(a.fileno(), READ, watcher)
         b.send(b"x")
         with trio.fail_after(2):
             await watcher.got.wait()
-        assert watcher.events == [(a.fileno(), select.EPOLLIN)]
+        assert watcher.events == [(a.fileno(), READ)]
         loop.unregister(a.fileno())
         b.send(b"y")
         await trio.sleep(0.05)
         assert len(watcher.events) == 1  # nothing after unregister
 
 
-async def test_soon_from_outside_a_round_wakes_a_sleeping_loop(nursery) -> None:
-    loop = Reactor()
+async def test_soon_from_outside_a_round_wakes_a_sleeping_loop(nursery, make_loop) -> None:
+    loop = make_loop()
     await nursery.start(loop.run)
     await trio.sleep(0.01)  # the loop is asleep in wait_readable: no socket will ever be ready
     done = trio.Event()
@@ -60,8 +61,8 @@ async def test_soon_from_outside_a_round_wakes_a_sleeping_loop(nursery) -> None:
         await done.wait()
 
 
-async def test_a_failing_soon_callback_does_not_stop_the_loop(nursery) -> None:
-    loop = Reactor()
+async def test_a_failing_soon_callback_does_not_stop_the_loop(nursery, make_loop) -> None:
+    loop = make_loop()
     await nursery.start(loop.run)
     done = trio.Event()
 
@@ -75,15 +76,15 @@ async def test_a_failing_soon_callback_does_not_stop_the_loop(nursery) -> None:
     assert loop.running
 
 
-async def test_stopping_the_loop_releases_every_owned_session_once() -> None:
-    loop = Reactor()
+async def test_stopping_the_loop_releases_every_owned_session_once(make_loop) -> None:
+    loop = make_loop()
     registered, parked = Recorder(), Recorder()
     a, b = socket.socketpair()
     with a, b:
         async with trio.open_nursery() as nursery:
             await nursery.start(loop.run)
             loop.attach(registered)
-            loop.register(a.fileno(), select.EPOLLOUT | select.EPOLLIN, registered)
+            loop.register(a.fileno(), WRITE | READ, registered)
             loop.attach(parked)  # owned, but with no socket registered (both peers paused)
             assert len(loop) == 2
             nursery.cancel_scope.cancel()

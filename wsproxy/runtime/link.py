@@ -1,7 +1,6 @@
-"""A session's relay phase driven by the shared readiness loop (reactor.py) instead of tasks.
+"""A session's relay phase, driven by the shared readiness loop (reactor.py): the one relay driver.
 
-The same contract as the task-driven pumps in session.py, with the waiting turned inside out:
-when a socket is ready the reactor calls `on_event`, which reads once, feeds the sans-I/O relay,
+When a socket is ready the reactor calls `on_event`, which reads once, feeds the sans-I/O relay,
 and sends what it queued at once. What the kernel does not take yet stays in that side's one
 pending buffer; while it waits, the peer that produced it is not read (backpressure: the pending
 bytes are bounded by one read plus control frames), and the socket watches for writability. A
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -28,13 +26,12 @@ import trio
 from wsproxy.observe.metrics import BUFFER_FULL, SEND_STALL_SECONDS, SEND_STALLED, SLOW_CONSUMER_CLOSED, Metrics
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.relay import GOING_AWAY, Relay
-from wsproxy.runtime.reactor import Reactor
+from wsproxy.runtime.reactor import READ, WRITE, Reactor
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 log = logging.getLogger("wsproxy.session")
 
-IN = select.EPOLLIN if hasattr(select, "EPOLLIN") else 1
-OUT = select.EPOLLOUT if hasattr(select, "EPOLLOUT") else 4
+IN, OUT = READ, WRITE
 SETTLE_ROUNDS = 16  # relay steps per event before the rest is left to the next reactor round
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -61,6 +58,7 @@ class Side:
         "fd",
         "feed",
         "mask",
+        "more",
         "name",
         "out",
         "pending",
@@ -82,15 +80,17 @@ class Side:
         self.sock = sock
         self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
-        # The calls made per read and per send, bound once. For TLS, the SSL object's own (the
-        # SSLSocket methods only add checks around them; their errors all end the side anyway).
-        sslobj = getattr(sock, "_sslobj", None) if self.tls else None
-        self.recv: Callable[[int], bytes] = sslobj.read if sslobj is not None else sock.recv
-        self.send: Callable[[Any], int] = sslobj.write if sslobj is not None else sock.send
-        self.pending: Callable[[], int] = sslobj.pending if sslobj is not None else _nothing_pending
+        # The calls made per read and per send, bound once (public APIs: SSLSocket's for TLS).
+        self.recv: Callable[[int], bytes] = sock.recv
+        self.send: Callable[[Any], int] = sock.send
+        self.pending: Callable[[], int] = sock.pending if isinstance(sock, ssl.SSLSocket) else _nothing_pending
         self.feed = feed
         self.take = take
-        self.out: bytes | memoryview = b""  # sent in part: the rest, as given to the last send
+        # In flight: the bytes of the last send the kernel (or OpenSSL) did not take all of, kept
+        # as given, because a TLS write that wanted a read or a write must be retried with the
+        # same buffer (OpenSSL's rule); what the relay queues meanwhile waits in `more`.
+        self.out: bytes | memoryview = b""
+        self.more: list[bytes] = []
         self.mask = 0  # what the reactor watches for (0: not registered)
         self.eof = False  # the peer's stream ended (or broke): nothing more to read
         self.closed = False  # our socket is closed: nothing more to send
@@ -125,7 +125,7 @@ class Link:
         "backend",
         "client",
         "close_timeout",
-        "failed",
+        "failed_by_bug",
         "metrics",
         "relay",
     )
@@ -172,7 +172,7 @@ class Link:
         self._close_timer: TimerEntry | None = None
         self._on_end = on_end  # the session's end: sockets closed, counts released, log line
         self._done = False
-        self.failed = False  # a bug ended this session (logged)
+        self.failed_by_bug = False  # a bug ended this session (logged)
 
     # --- the session's side ----------------------------------------------------------------
 
@@ -207,17 +207,20 @@ class Link:
     # --- the reactor's side ----------------------------------------------------------------
 
     def on_event(self, fd: int, mask: int) -> None:
+        """A socket of this session is ready. What raises here is the reactor's to catch: it logs
+        the traceback once, counts it, and calls `failed` (this session alone ends)."""
         if self._done:
             return
         side = self.client if fd == self.client.fd else self.backend
-        try:
-            if side.out and not side.closed:
-                self._write(side)
-            if self._may_read(side):
-                self._read(side)
-            self._settle()
-        except Exception:
-            self._crash()
+        if side.out and not side.closed:
+            self._write(side)
+        if self._may_read(side):
+            self._read(side)
+        self._settle()
+
+    def failed(self) -> None:
+        self.failed_by_bug = True
+        self._finish()
 
     def reactor_stopped(self) -> None:
         self._finish()
@@ -290,26 +293,32 @@ class Link:
                 self._hold_back(newly=not was_limited)
 
     def _write(self, s: Side) -> None:
-        out = s.out
-        try:
-            sent = s.send(out)
-        except ssl.SSLWantReadError:
-            s.write_wants_read = True
-            sent = 0
-        except _WOULD_BLOCK:
-            s.write_wants_read = False
-            sent = 0
-        except (OSError, ssl.SSLError):
-            self._broken(s)
-            return
-        else:
-            s.write_wants_read = False
-        if sent == len(out):
-            s.out = b""
-            if s.stall_began is not None:
-                self._stall_over(s)
-            return
-        s.out = memoryview(out)[sent:] if sent else out  # unchanged: TLS retries need the same buffer
+        """Send the in-flight bytes, then what queued behind them, until the kernel stops taking."""
+        while True:
+            out = s.out
+            try:
+                sent = s.send(out)
+            except ssl.SSLWantReadError:
+                s.write_wants_read = True
+                sent = 0
+            except _WOULD_BLOCK:
+                s.write_wants_read = False
+                sent = 0
+            except (OSError, ssl.SSLError):
+                self._broken(s)
+                return
+            else:
+                s.write_wants_read = False
+            if sent != len(out):
+                break
+            if not s.more:
+                s.out = b""
+                if s.stall_began is not None:
+                    self._stall_over(s)
+                return
+            s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
+            s.more.clear()
+        s.out = memoryview(out)[sent:] if sent else out  # unchanged: a TLS retry needs the same buffer
         if s.stall_began is None:
             s.stall_began = trio.current_time()
             if self._slow_limit is not None:
@@ -342,6 +351,7 @@ class Link:
             reason = f"{s.name} too slow: nothing accepted for {limit:g}s"
             self.relay.abandon(s.name, other_code=GOING_AWAY, reason=reason)
             s.out = b""
+            s.more.clear()
             s.stall_began = None
             self._close(s)
             self.settle()
@@ -351,6 +361,7 @@ class Link:
     def _broken(self, s: Side) -> None:
         """A send failed: the peer is gone; the relay decides what the other side hears."""
         s.out = b""
+        s.more.clear()
         if s.stall_began is not None:
             self._stall_over(s)
         self._close(s)
@@ -396,10 +407,12 @@ class Link:
                 data = s.take()
                 if not data or s.closed:
                     continue
-                s.out = data if not s.out else bytes(s.out) + data
-                closed = s.closed
+                if s.out:  # a send in flight: never grow its buffer (a TLS retry must repeat it)
+                    s.more.append(data)
+                    continue
+                s.out = data
                 self._write(s)
-                changed = changed or s.closed != closed
+                changed = changed or s.closed
             if self._may_backlog:
                 for s, other in ((client, backend), (backend, client)):
                     if relay.backlog(s.name) and not other.out:  # (a finished side's output is dropped)
@@ -408,7 +421,7 @@ class Link:
             if not changed:
                 break
         else:
-            self._reactor.soon(self.settle)  # a long backlog: the rest in the next round, fairly
+            self._reactor.soon(self.settle, self)  # a long backlog: the rest in the next round, fairly
         if relay.closing:  # (a side can only be done once a close or a failure started)
             if self._close_timer is None:
                 self._close_timer = self._timers.schedule(self._now() + self.close_timeout, self._close_expired)
@@ -440,9 +453,9 @@ class Link:
             mask |= OUT
         if reading and s.tls and not s.again and s.pending():
             # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
-            # the handshake): the kernel socket may be empty, so epoll would never say so.
+            # the handshake): the kernel socket may be empty, so the poller would never say so.
             s.again = True
-            self._reactor.soon(lambda: self._read_again(s))
+            self._reactor.soon(lambda: self._read_again(s), self)
         if mask == s.mask:
             return
         if mask == 0:  # not even registered: a hung-up socket would report itself every round
@@ -477,8 +490,11 @@ class Link:
         sock.close()
 
     def _crash(self) -> None:
+        """A step run outside the reactor's rounds (a timer, the session's task) raised: log it
+        once and count it, as the reactor does for its own calls, and end this session only."""
         log.exception("session relay failed (%s)", self._peer_name("client"))
-        self.failed = True
+        self.metrics.relay_failure()
+        self.failed_by_bug = True
         self._finish()
 
     def _release(self) -> None:

@@ -4,9 +4,7 @@ Reads the client's request (h11), asks handshake.py whether it is a valid Upgrad
 to a pool, walks the balancer's candidates (connect + upstream handshake, retrying the next
 candidate while nothing has been sent to the client), answers 101, then hands both sockets to
 the shared readiness loop (link.py), and the session's task ends: the link ends the session
-(`_link_ended`). Where there is no loop (no epoll, or TLS after a PROXY header) it runs two pumps
-that feed the sans-I/O relay instead, in one nursery whose scope is cancelled when both hops are
-done or the close timeout runs out. Every wait here has a deadline from the config.
+(`_link_ended`). Every wait here has a deadline from the config.
 """
 
 from __future__ import annotations
@@ -15,10 +13,8 @@ import contextlib
 import itertools
 import logging
 import random
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import h11
 import trio
@@ -29,11 +25,7 @@ from wsproxy.observe import session_log
 from wsproxy.observe.metrics import (
     ABORTED,
     BACKEND_RESPONSE,
-    BUFFER_FULL,
     REJECTED,
-    SEND_STALL_SECONDS,
-    SEND_STALLED,
-    SLOW_CONSUMER_CLOSED,
     UPGRADED,
     Metrics,
 )
@@ -52,13 +44,11 @@ from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
-from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
+from wsproxy.runtime.streams import FastSocketStream, Stream
 from wsproxy.runtime.timers import TimerEntry, Timers
 from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
-
-Stream = trio.SocketStream | trio.SSLStream | FastSocketStream | FastTLSStream
 
 
 @dataclass(slots=True)
@@ -88,17 +78,12 @@ class Session:
 
     __slots__ = (
         "_active",
-        "_backend_lock",
         "_backend_stream",
-        "_client_lock",
-        "_close_armed",
-        "_closed",
         "_edge",
         "_flow",
         "_lease",
         "_link",
         "_metrics",
-        "_nursery",
         "_on_end",
         "_reactor",
         "_schedule",
@@ -129,7 +114,7 @@ class Session:
         local_addr: tuple[str, int] | None = None,
         metrics: Metrics,
         edge: gate.Edge | None = None,
-        reactor: Reactor | None = None,
+        reactor: Reactor,
         on_end: Callable[[Session], None] | None = None,
     ) -> None:
         self.client_stream = stream
@@ -141,13 +126,8 @@ class Session:
         self.relay: Relay | None = None
         self.backend: Backend | None = None  # the backend this session is relayed to (after its 101)
         self.started = trio.current_time()
-        self._backend_stream: trio.SocketStream | FastSocketStream | None = None
+        self._backend_stream: FastSocketStream | None = None
         self._scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
-        self._client_lock: trio.Lock | None = None  # the task-driven relay's send locks (not the reactor's)
-        self._backend_lock: trio.Lock | None = None
-        self._closed = {"client": False, "backend": False}
-        self._close_armed = False
         self._timers = timers
         self._schedule: Schedule | None = None
         self._metrics = metrics
@@ -157,16 +137,16 @@ class Session:
         self._ticket: Ticket | None = None  # this session's place in the session counts, once admitted
         self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
         self._flow: FlowLimiter | None = None  # client-to-backend message/byte budget
-        self._reactor = reactor if reactor is not None and reactor.running else None
+        self._reactor = reactor
         self._lease: Lease | None = None  # this session's count on its backend, once chosen
-        self._link: Link | None = None  # the relay phase on the reactor (else: two pump tasks)
+        self._link: Link | None = None  # the relay phase, on the reactor
         self._on_end = on_end  # told once, when everything of this session is released
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The session's task: the handshake, then either the relay on the reactor (this task
-        then ends and the link ends the session: an idle session holds no task) or the pumps."""
+        """The session's task: the handshake, then the hand-over to the reactor (this task then
+        ends and the link ends the session: an idle session holds no task)."""
         try:
             with self._scope:
                 await self._serve()
@@ -177,24 +157,25 @@ class Session:
         finally:
             if self._link is None:  # else the link owns the end (_link_ended)
                 try:
-                    for stream in (self.client_stream, self._backend_stream):
-                        if stream is not None and not close_now(stream):
-                            with trio.CancelScope(shield=True):
-                                await trio.aclose_forcefully(stream)
+                    self._close_streams()
                 finally:
                     self._release()
 
     def _link_ended(self, link: Link) -> None:
         """The reactor-driven relay phase ended (both hops done, the close timeout, a cut, the
         reactor stopping, or a bug): close the sockets and release the session."""
-        if link.failed:
+        if link.failed_by_bug:
             self.outcome.reason = self.outcome.reason or "internal error"
         try:
-            for stream in (self.client_stream, self._backend_stream):
-                if stream is not None:
-                    close_now(stream)
+            self._close_streams()
         finally:
             self._release()
+
+    def _close_streams(self) -> None:
+        """Close both sockets now (those the link closed already are left as they are)."""
+        self.client_stream.close_now()
+        if self._backend_stream is not None:
+            self._backend_stream.close_now()
 
     def _release(self) -> None:
         """Everything a session holds beyond its sockets, released once; then its metrics, its
@@ -220,12 +201,7 @@ class Session:
             self.relay.close(client_code=code, backend_code=code, reason=reason)
             self._link.settle()
             return
-        if self.relay is None or self._nursery is None:
-            self._scope.cancel()  # still in the handshake: nothing to close gracefully
-            return
-        self.relay.close(client_code=code, backend_code=code, reason=reason)
-        with contextlib.suppress(RuntimeError):  # the relay phase may already have ended
-            self._nursery.start_soon(self._flush)
+        self._scope.cancel()  # still in the handshake: nothing to close gracefully
 
     def live_traffic(self) -> tuple[str, str, RelayStats] | None:
         """(listener, pool, stats) while this session counts as active in the metrics."""
@@ -254,7 +230,7 @@ class Session:
         released by `_release`)."""
         trailing = await self._handshake()
         if trailing is not None:
-            await self._relay(*trailing)
+            self._relay(*trailing)
 
     async def _handshake(self) -> tuple[bytes, bytes] | None:
         """Both handshakes; (client bytes, backend bytes) already read past them once the client
@@ -413,7 +389,7 @@ class Session:
         if remaining <= 0:
             return Rejection(504, "handshake deadline passed before trying this backend")
         try:
-            stream = FastSocketStream(await connect(backend.address, min(cfg.timeouts.connect, remaining)))
+            stream = await connect(backend.address, min(cfg.timeouts.connect, remaining))
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._backend_stream = stream
@@ -484,9 +460,9 @@ class Session:
 
     async def _drop_backend(self) -> None:
         if self._backend_stream is not None:
-            if not close_now(self._backend_stream):
-                await trio.aclose_forcefully(self._backend_stream)
+            self._backend_stream.close_now()
             self._backend_stream = None
+        await trio.lowlevel.checkpoint()
 
     async def _pass_response(self, h: h11.Connection, answer: UpstreamAnswer, deadline: float) -> None:
         """The backend answered with a normal HTTP response: give it to the client as is."""
@@ -558,52 +534,17 @@ class Session:
         self._flow = gate.flow_limiter(cfg, trio.current_time())
         return bytes(h.trailing_data[0]), answer.trailing
 
-    async def _relay(self, client_trailing: bytes, backend_trailing: bytes) -> None:
-        relay = self.relay
-        assert relay is not None
-        client_sock = raw_socket(self.client_stream)
-        backend_sock = raw_socket(self._backend_stream) if self._backend_stream is not None else None
-        if self._reactor is not None and self._reactor.running and client_sock and backend_sock:
-            self._relay_on_reactor(self._reactor, client_sock, backend_sock, client_trailing, backend_trailing)
-            return
-        # The relay phase moves bytes on plain sockets without a scheduler trip per call (TLS
-        # client streams arrive as streams.FastTLSStream already, from Server._handle).
-        self._client_lock, self._backend_lock = trio.Lock(), trio.Lock()
-        if isinstance(self.client_stream, trio.SocketStream):
-            self.client_stream = FastSocketStream(self.client_stream)
-        if isinstance(self._backend_stream, trio.SocketStream):
-            self._backend_stream = FastSocketStream(self._backend_stream)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            if client_trailing:
-                relay.feed_client(client_trailing)
-            if backend_trailing:
-                relay.feed_backend(backend_trailing)
-            await self._flush()
-            assert self._backend_stream is not None
-            nursery.start_soon(self._pump, self._backend_stream, relay.feed_backend, "backend")
-            # the client pump runs in this task: one task fewer per session (most of an idle
-            # session's memory is its tasks)
-            await self._pump(self.client_stream, relay.feed_client, "client")
-
-    def _relay_on_reactor(
-        self,
-        reactor: Reactor,
-        client_sock: socket.socket,
-        backend_sock: socket.socket,
-        client_trailing: bytes,
-        backend_trailing: bytes,
-    ) -> None:
+    def _relay(self, client_trailing: bytes, backend_trailing: bytes) -> None:
         """The relay phase on the shared readiness loop. The session's task ends after this; the
         link ends the session (`_link_ended`), so an idle session holds no task at all."""
         relay = self.relay
-        assert relay is not None
+        assert relay is not None and self._backend_stream is not None
         cfg = self.snapshot.config
         link = Link(
-            reactor=reactor,
+            reactor=self._reactor,
             relay=relay,
-            client=client_sock,
-            backend=backend_sock,
+            client=self.client_stream.socket,
+            backend=self._backend_stream.socket,
             timers=self._timers,
             metrics=self._metrics,
             receive_size=cfg.limits.buffer_bytes,
@@ -640,65 +581,6 @@ class Session:
             reason=f"client over its rate limit for {rl.close_after or 0:g}s",
         )
 
-    async def _pump(self, stream: Stream, feed: Callable[[bytes], None], side: str) -> None:
-        size = self.snapshot.config.limits.buffer_bytes
-        relay = self.relay
-        schedule = self._schedule
-        assert relay is not None
-        while not self._closed[side]:
-            try:
-                data = await stream.receive_some(size)
-            except trio.ClosedResourceError:
-                return  # we closed this side ourselves
-            except trio.BrokenResourceError:
-                data = b""
-            sent_before = relay.stats.messages_to_backend
-            if schedule is not None and data:
-                schedule.saw_traffic(side, trio.current_time())
-                self._consume(feed, data)
-            else:
-                feed(data)
-            await self._flush()
-            if relay.backlog(side):  # inflated input waits until the other peer took some
-                self._metrics.backpressure_event("backend" if side == "client" else "client", BUFFER_FULL)
-                while relay.backlog(side):
-                    if schedule is not None:
-                        self._consume(relay.resume, side)
-                    else:
-                        relay.resume(side)
-                    await self._flush()
-            if self._flow is not None and side == "client" and data and not relay.closing:
-                await self._throttle(self._flow, len(data), relay.stats.messages_to_backend - sent_before)
-            if not data:
-                return
-
-    async def _throttle(self, flow: FlowLimiter, nbytes: int, messages: int) -> None:
-        """Charge a client read to its budget; over it, stop reading (backpressure) for as long as
-        the budget needs, and close the client with 1008 once it has been over for close_after."""
-        was_limited = flow.limited_since is not None
-        flow.charge(trio.current_time(), messages=messages, nbytes=nbytes)
-        if flow.limited_since is None:
-            return
-        if not was_limited:
-            self._rate_throttled()
-        if await gate.hold_back(flow):
-            return
-        self._rate_close()
-        await self._flush()
-
-    def _consume(self, step: Callable[[Any], None], arg: Any) -> None:
-        """Run one relay step and tell the schedule what it carried (data, our pongs)."""
-        relay, schedule = self.relay, self._schedule
-        assert relay is not None and schedule is not None
-        now = trio.current_time()
-        frames = relay.stats.data_frames
-        step(arg)
-        if relay.stats.data_frames != frames:
-            schedule.saw_data(now)
-        pongs = relay.take_pongs()
-        if pongs:
-            self._own_pongs(pongs, now)
-
     def _own_pongs(self, pongs: list[tuple[str, bytes]], now: float) -> None:
         """Pongs that answered the proxy's pings: the round trips they measured."""
         schedule = self._schedule
@@ -707,89 +589,6 @@ class Session:
             rtt = schedule.saw_own_pong(leg, payload, now)
             if rtt is not None:
                 self._metrics.rtt(leg, rtt)
-
-    async def _flush(self) -> None:
-        """Send what the relay queued, close finished sides, arm the close timeout."""
-        relay = self.relay
-        assert relay is not None and self._nursery is not None
-        assert self._client_lock is not None and self._backend_lock is not None
-        while True:
-            sent_c = await self._send("client", self.client_stream, self._client_lock, relay.take_for_client)
-            assert self._backend_stream is not None
-            sent_b = await self._send("backend", self._backend_stream, self._backend_lock, relay.take_for_backend)
-            if not (sent_c or sent_b):
-                break
-        if relay.closing and not self._close_armed:
-            self._close_armed = True
-            scope = self._nursery.cancel_scope
-            scope.deadline = min(scope.deadline, trio.current_time() + self.snapshot.config.timeouts.close)
-        if relay.client_done:
-            await self._close_side("client", self.client_stream, self._client_lock)
-        if relay.backend_done and self._backend_stream is not None:
-            await self._close_side("backend", self._backend_stream, self._backend_lock)
-        if relay.client_done and relay.backend_done:
-            self._nursery.cancel_scope.cancel()
-
-    async def _send(self, side: str, stream: Stream, lock: trio.Lock, take: Callable[[], bytes]) -> bool:
-        """Send pending bytes for one side; True if a broken peer changed what is pending.
-
-        The hot path: most calls find nothing to send for one of the two sides, and most of the
-        rest find the side's lock free, so neither costs a trip through the scheduler. Bytes are
-        taken before the lock is awaited; trio's Lock is FIFO, so sends still go out in the order
-        their bytes were taken, and the pump and a proxy-originated close never interleave.
-        """
-        data = take()
-        if not data or self._closed[side]:
-            return False
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if self._closed[side]:
-                return False
-            assert self.relay is not None
-            limit = self.snapshot.config.limits.slow_consumer_timeout
-            began = trio.current_time()
-            try:
-                if limit is None:
-                    await stream.send_all(data)
-                    return self._sent(side, began)
-                with trio.move_on_after(limit):
-                    await stream.send_all(data)
-                    return self._sent(side, began)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                feed = self.relay.feed_client if side == "client" else self.relay.feed_backend
-                feed(b"")  # the peer is gone: the relay decides what the other side hears
-                self._closed[side] = True
-                return True
-            # The peer took nothing for `limit` seconds while data waited. Its socket is mid-frame
-            # now, so no close frame can follow: drop it, and tell the other peer why.
-            log.warning("%s %s accepted nothing for %gs: closing it", side, self._peer_name(side), limit)
-            self._metrics.backpressure_event(side, SLOW_CONSUMER_CLOSED)
-            self.relay.abandon(side, other_code=GOING_AWAY, reason=f"{side} too slow: nothing accepted for {limit:g}s")
-            self._closed[side] = True
-            await trio.aclose_forcefully(stream)
-            return True
-        finally:
-            lock.release()
-
-    def _sent(self, side: str, began: float) -> bool:
-        """A send completed: count it as a stall if it waited for the peer's window (False: the
-        send changed nothing the caller must re-check)."""
-        if trio.current_time() - began >= SEND_STALL_SECONDS:
-            self._metrics.backpressure_event(side, SEND_STALLED)
-        return False
-
-    async def _close_side(self, side: str, stream: Stream, lock: trio.Lock) -> None:
-        if self._closed[side]:
-            return
-        async with lock:
-            if self._closed[side]:
-                return
-            self._closed[side] = True
-            with trio.move_on_after(self.snapshot.config.timeouts.close):
-                await stream.aclose()
 
     # --- heartbeats and deadlines ---------------------------------------------------------------
 
@@ -823,10 +622,10 @@ class Session:
 
     def _on_timer(self, now: float) -> None:
         self._timer = None
-        relay, schedule, nursery, link = self.relay, self._schedule, self._nursery, self._link
-        if relay is None or schedule is None or (nursery is None and link is None):
+        relay, schedule, link = self.relay, self._schedule, self._link
+        if relay is None or schedule is None or link is None:
             return
-        if link is not None and link.done:
+        if link.done:
             return  # the session has ended (its timer entry was cancelled; this is a late call)
         if relay.client_done and relay.backend_done:
             return
@@ -854,14 +653,9 @@ class Session:
                 log.info("session from %s: %s", _fmt_addr(self.client_addr), reason)
                 relay.close(client_code=GOING_AWAY, backend_code=GOING_AWAY, reason=reason)
         if acted:
-            if link is not None:
-                link.settle()
-                if link.done:
-                    return
-            else:
-                assert nursery is not None
-                with contextlib.suppress(RuntimeError):  # the relay phase may have just ended
-                    nursery.start_soon(self._flush)
+            link.settle()
+            if link.done:
+                return
         if not relay.closing:
             self._arm_timer()
 
@@ -927,14 +721,3 @@ def _offers_deflate(upgrade: ClientUpgrade) -> bool:
 def _fmt_addr(addr: tuple[str, int]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def peer_address(stream: Stream) -> tuple[str, int]:
-    """The client's address from a plain or TLS stream."""
-    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    assert isinstance(inner, trio.SocketStream)
-    try:
-        addr = inner.socket.getpeername()
-    except OSError:
-        return ("?", 0)
-    return (addr[0], addr[1]) if isinstance(addr, tuple) else (str(addr), 0)
