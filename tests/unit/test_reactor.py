@@ -4,10 +4,12 @@ the loop releases every session it owns (registered or not)."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import trio
 
+from tests.support import StepTimer
 from wsproxy.runtime.reactor import READ, WRITE, EpollPoller, Reactor, SelectorPoller
 
 
@@ -90,3 +92,92 @@ async def test_stopping_the_loop_releases_every_owned_session_once(make_loop) ->
             nursery.cancel_scope.cancel()
     assert (registered.stopped, parked.stopped) == (1, 1)
     assert not loop.running and len(loop) == 0
+
+
+class Raising(Recorder):
+    """A watcher whose every event raises (a bug in one session's relay)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.failures = 0
+
+    def on_event(self, fd: int, mask: int) -> None:
+        super().on_event(fd, mask)
+        raise RuntimeError("a bug in one session")
+
+    def failed(self) -> None:
+        self.failures += 1
+
+
+async def test_a_raising_watcher_ends_only_its_own_session(nursery, make_loop, caplog) -> None:
+    counted: list[int] = []
+    loop = make_loop(on_failure=lambda: counted.append(1))
+    await nursery.start(loop.run)
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    with a, b, c, d:
+        a.setblocking(False)
+        c.setblocking(False)
+        bad, good = Raising(a), Recorder(c)
+        loop.attach(bad)
+        loop.attach(good)
+        loop.register(a.fileno(), READ, bad)
+        loop.register(c.fileno(), READ, good)
+        b.send(b"x")
+        d.send(b"x")
+        with trio.fail_after(2):
+            await good.got.wait()
+            while not bad.failures:
+                await trio.sleep(0.01)
+        for _ in range(3):  # the loop goes on serving the other watcher; the failed one is gone
+            good.got = trio.Event()
+            b.send(b"y")
+            d.send(b"y")
+            with trio.fail_after(2):
+                await good.got.wait()
+        assert loop.running
+        assert (bad.failures, len(bad.events), len(counted)) == (1, 1, 1)
+        assert len(loop) == 1  # only the good watcher is still owned
+    tracebacks = [r for r in caplog.records if r.name == "wsproxy.reactor" and r.exc_info]
+    assert len(tracebacks) == 1 and "a bug in one session" in caplog.text
+
+
+class Slow(Recorder):
+    """An always-ready watcher that takes `cost` seconds of CPU per event (never consumes)."""
+
+    def __init__(self, cost: float) -> None:
+        super().__init__()
+        self.cost = cost
+
+    def on_event(self, fd: int, mask: int) -> None:
+        end = time.perf_counter() + self.cost
+        while time.perf_counter() < end:
+            pass
+        super().on_event(fd, mask)
+
+
+async def test_a_round_yields_to_trio_once_its_budget_is_spent(nursery, make_loop) -> None:
+    """40 ready watchers of 1 ms each: one round would hold trio 40 ms; with a 2 ms budget the
+    loop yields after about 2 ms (one watcher's cost past the budget at most), and every watcher
+    still gets its turn."""
+    budget, cost = 0.002, 0.001
+    loop = make_loop(round_budget=budget)
+    await nursery.start(loop.run)
+    steps = StepTimer(loop.task)
+    pairs = [socket.socketpair() for _ in range(40)]
+    watchers = [Slow(cost) for _ in pairs]
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for (a, b), w in zip(pairs, watchers, strict=True):
+            b.send(b"x")  # never read: ready every round
+            loop.register(a.fileno(), READ, w)
+        with trio.fail_after(5):
+            while not all(w.events for w in watchers):
+                await trio.sleep(0)  # this task gets its turns between the loop's slices
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+        for (a, b), _ in zip(pairs, watchers, strict=True):
+            loop.unregister(a.fileno())
+            a.close()
+            b.close()
+    # measured ~3 ms with the budget, over 40 ms without; the slack absorbs a loaded machine
+    assert steps.longest < budget + cost + 0.015, f"the loop held trio {steps.longest * 1000:.1f} ms"
