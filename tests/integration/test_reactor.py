@@ -159,7 +159,7 @@ async def test_a_raising_watcher_ends_its_session_while_every_other_session_echo
     def feed(data: bytes) -> None:
         raise RuntimeError("a bug in one session's relay")
 
-    bad._link.client.feed = feed
+    bad._link.phase.client.feed = feed
     del bad
     with trio.fail_after(5):
         await clients[2].send(BytesMessage(data=b"boom"))

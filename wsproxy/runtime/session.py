@@ -38,7 +38,7 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake, heartbeat, proxy_protocol
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
-from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
+from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, Relay, RelayStats
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate
@@ -550,7 +550,6 @@ class Session:
             receive_size=cfg.limits.buffer_bytes,
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
-            on_pongs=self._own_pongs,
             schedule=self._schedule,
             flow=self._flow,
             on_throttled=self._rate_throttled,
@@ -564,31 +563,13 @@ class Session:
     def _rate_throttled(self) -> None:
         self._edge.admission.counts[RATE_THROTTLED] += 1
 
-    def _rate_close(self) -> None:
-        """Over its message/byte rate for close_after: 1008 to the client, 1001 to the backend."""
-        relay = self.relay
-        assert relay is not None
+    def _rate_close(self, over: float) -> None:
+        """Over its message/byte rate for close_after (`over` seconds): the relay phase closes
+        it with 1008 to the client, 1001 to the backend; here it is counted and logged."""
         self._edge.admission.counts[RATE_CLOSED] += 1
-        rl = self.snapshot.config.rate_limits
         log.warning(
-            "client %s: over its message/byte rate for %gs: closing with 1008",
-            _fmt_addr(self.client_addr),
-            rl.close_after or 0,
+            "client %s: over its message/byte rate for %gs: closing with 1008", _fmt_addr(self.client_addr), over
         )
-        relay.close(
-            client_code=POLICY_VIOLATION,
-            backend_code=GOING_AWAY,
-            reason=f"client over its rate limit for {rl.close_after or 0:g}s",
-        )
-
-    def _own_pongs(self, pongs: list[tuple[str, bytes]], now: float) -> None:
-        """Pongs that answered the proxy's pings: the round trips they measured."""
-        schedule = self._schedule
-        assert schedule is not None
-        for leg, payload in pongs:
-            rtt = schedule.saw_own_pong(leg, payload, now)
-            if rtt is not None:
-                self._metrics.rtt(leg, rtt)
 
     # --- heartbeats and deadlines ---------------------------------------------------------------
 
