@@ -46,6 +46,7 @@ from wsproxy.runtime.streams import (
     FastTLSStream,
     Stream,
     close_socket,
+    format_address,
     read_proxy_header,
     tune_tcp,
 )
@@ -185,7 +186,7 @@ class Server:
                 if got is not None:
                     return got
                 reason = "connection closed before a PROXY header"
-        log.warning("connection from %s refused: %s", _fmt(peer), reason)
+        log.warning("connection from %s refused: %s", format_address(peer), reason)
         return None
 
     # --- listeners -------------------------------------------------------------------------
@@ -459,7 +460,3 @@ def _address(get: Callable[[], Any]) -> tuple[str, int] | None:
 def _sockname(sock: socket.socket) -> tuple[str, int]:
     name = sock.getsockname()
     return (name[0], name[1])
-
-
-def _fmt(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

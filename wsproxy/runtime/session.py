@@ -1,63 +1,42 @@
-"""One proxied session, from the client's first byte to its log line.
+"""One proxied session's lifecycle, from the accepted socket to its log line.
 
-Reads the client's request (h11), asks handshake.py whether it is a valid Upgrade, routes it
-to a pool, walks the balancer's candidates (connect + upstream handshake, retrying the next
-candidate while nothing has been sent to the client), answers 101, then hands both sockets to
-the shared readiness loop (link.py), and the session's task ends: the link ends the session
-(`_link_ended`). Every wait here has a deadline from the config.
+The session runs its handshake phase (handshake_phase.py: the request, admission, the backend
+candidates, the upstream handshake, the 101), then hands both sockets and the relay to the shared
+readiness loop (link.py), and its task ends: the link ends the session later (`_link_ended`). What
+the session owns over its whole life is here: the sockets until the hand-over, its ticket in the
+caps and its backend's lease (released once, `_release`), the heartbeat and deadline schedule
+(one entry in the shared timer task), closes from outside (`go_away`, `cut`), and the one log
+line and the metrics it ends with.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import h11
 import trio
-from wsproto.extensions import PerMessageDeflate
 
 from wsproxy.config import ListenerConfig
 from wsproxy.observe import session_log
-from wsproxy.observe.metrics import (
-    ABORTED,
-    BACKEND_RESPONSE,
-    REJECTED,
-    UPGRADED,
-    Metrics,
-)
-from wsproxy.policy import health, routing
+from wsproxy.observe.metrics import ABORTED, Metrics
 from wsproxy.policy.admission import RATE_CLOSED, RATE_THROTTLED, Ticket
-from wsproxy.policy.balancing import Backend, Pool
+from wsproxy.policy.balancing import Backend
 from wsproxy.policy.balancing.base import Lease
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.policy.snapshot import Snapshot
-from wsproxy.protocol import handshake, heartbeat, proxy_protocol
-from wsproxy.protocol.handshake import ClientUpgrade, Rejection
+from wsproxy.protocol import heartbeat
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, Relay, RelayStats
-from wsproxy.protocol.relay_inspect import InspectRelay
-from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate
+from wsproxy.runtime.handshake_phase import HandshakePhase
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
-from wsproxy.runtime.streams import FastSocketStream, Stream
+from wsproxy.runtime.streams import FastSocketStream, Stream, format_address
 from wsproxy.runtime.timers import TimerEntry, Timers
-from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
-
-
-@dataclass(slots=True)
-class Upstream:
-    """A backend that answered: its 101 (checked) and this hop's negotiated extension."""
-
-    answer: UpstreamAnswer
-    accepted: handshake.BackendAccept | None = None  # None: a normal HTTP response, not a 101
-    extension: PerMessageDeflate | None = None  # inspect: this hop's negotiated deflate
 
 
 @dataclass(slots=True)
@@ -78,29 +57,28 @@ class Session:
 
     __slots__ = (
         "_active",
-        "_backend_stream",
-        "_edge",
         "_flow",
-        "_lease",
         "_link",
-        "_metrics",
         "_on_end",
         "_reactor",
         "_schedule",
         "_scope",
-        "_ticket",
         "_timer",
         "_timers",
-        "_upstream_headers",
         "backend",
+        "backend_stream",
         "client_addr",
         "client_stream",
+        "edge",
+        "lease",
         "listener",
         "local_addr",
+        "metrics",
         "outcome",
         "relay",
         "snapshot",
         "started",
+        "ticket",
     )
 
     def __init__(
@@ -126,19 +104,18 @@ class Session:
         self.relay: Relay | None = None
         self.backend: Backend | None = None  # the backend this session is relayed to (after its 101)
         self.started = trio.current_time()
-        self._backend_stream: FastSocketStream | None = None
+        self.backend_stream: FastSocketStream | None = None
         self._scope = trio.CancelScope()
         self._timers = timers
         self._schedule: Schedule | None = None
-        self._metrics = metrics
+        self.metrics = metrics
         self._active: tuple[str, str, str] | None = None  # sessions_active labels while counted
         self._timer: TimerEntry | None = None
-        self._edge = edge if edge is not None else gate.Edge()  # the server's: caps, buckets, auth caches
-        self._ticket: Ticket | None = None  # this session's place in the session counts, once admitted
-        self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
+        self.edge = edge if edge is not None else gate.Edge()  # the server's: caps, buckets, auth caches
+        self.ticket: Ticket | None = None  # this session's place in the session counts, once admitted
         self._flow: FlowLimiter | None = None  # client-to-backend message/byte budget
         self._reactor = reactor
-        self._lease: Lease | None = None  # this session's count on its backend, once chosen
+        self.lease: Lease | None = None  # this session's count on its backend, once chosen
         self._link: Link | None = None  # the relay phase, on the reactor
         self._on_end = on_end  # told once, when everything of this session is released
 
@@ -152,7 +129,7 @@ class Session:
                 await self._serve()
         except Exception:
             # A bug in one session ends that session only; the process and others go on.
-            log.exception("session from %s failed", _fmt_addr(self.client_addr))
+            log.exception("session from %s failed", format_address(self.client_addr))
             self.outcome.reason = self.outcome.reason or "internal error"
         finally:
             if self._link is None:  # else the link owns the end (_link_ended)
@@ -174,20 +151,20 @@ class Session:
     def _close_streams(self) -> None:
         """Close both sockets now (those the link closed already are left as they are)."""
         self.client_stream.close_now()
-        if self._backend_stream is not None:
-            self._backend_stream.close_now()
+        if self.backend_stream is not None:
+            self.backend_stream.close_now()
 
     def _release(self) -> None:
         """Everything a session holds beyond its sockets, released once; then its metrics, its
         log line, and the server's registry."""
         self._timers.cancel(self._timer)  # free this session now, not at its next deadline
         self._timer = None
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-        if self._ticket is not None:
-            self._ticket.release()
-            self._ticket = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        if self.ticket is not None:
+            self.ticket.release()
+            self.ticket = None
         try:
             self._finish()
         finally:
@@ -221,332 +198,39 @@ class Session:
         else:
             self._scope.cancel()
 
-    # --- handshake phase ---------------------------------------------------------------------
+    # --- the two phases ------------------------------------------------------------------------
 
     async def _serve(self) -> None:
         """Handshake, then relay. The relay runs after the handshake's frames have returned, so
         an idle session does not keep the request, both h11 connections and the balancer's
-        iterator alive for hours; `self._lease` is what must outlive them (the backend's count,
+        iterator alive for hours; `self.lease` is what must outlive them (the backend's count,
         released by `_release`)."""
-        trailing = await self._handshake()
-        if trailing is not None:
-            self._relay(*trailing)
-
-    async def _handshake(self) -> tuple[bytes, bytes] | None:
-        """Both handshakes; (client bytes, backend bytes) already read past them once the client
-        has its 101, else None (the client got its answer, or left)."""
+        upgraded = await HandshakePhase(self).run()
+        if upgraded is None:
+            return
         cfg = self.snapshot.config
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.limits.max_header_bytes)
-        with trio.move_on_after(cfg.timeouts.handshake) as waited:
-            got = await self._read_request(h)
-        if waited.cancelled_caught:
-            await self._reject(Rejection(408, f"request headers not complete within {cfg.timeouts.handshake:g}s"))
-            return
-        if got is None:
-            return  # the client left (or TLS failed) before sending a request
-        # Every request counts against its address's handshake rate, well-formed or not.
-        limited = self._edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
-        if limited is not None:
-            await self._reject(limited)
-            return
-        if isinstance(got, Rejection):
-            await self._reject(got)
-            return
-        self.outcome.path = got.target.decode("latin-1")
-        checked = handshake.validate_client_request(got)
-        if isinstance(checked, Rejection):
-            await self._reject(checked)
-            return
-        admitted = await gate.admit(
-            self._edge,
-            config=cfg,
-            pools=self.snapshot.pools,
-            listener=self.listener,
-            upgrade=checked,
-            client_ip=self.client_addr[0],
-        )
-        if isinstance(admitted, Rejection):
-            await self._reject(admitted)
-            return
-        self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
-        return await self._connect_backend(h, admitted.upgrade)
-
-    async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
-        request: h11.Request | None = None
-        size = self.snapshot.config.limits.buffer_bytes
-        while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                return Rejection(exc.error_status_hint, f"malformed request: {exc}")
-            if event is h11.NEED_DATA:
-                try:
-                    data = await self.client_stream.receive_some(size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    log.info("client %s: connection failed before a request: %s", _fmt_addr(self.client_addr), exc)
-                    return None
-                h.receive_data(data)
-                if not data and request is None and h.their_state is h11.IDLE:
-                    return None
-                continue
-            if isinstance(event, h11.Request):
-                # h11 bounds only a head still incomplete; one that arrived whole is measured here.
-                limit = self.snapshot.config.limits.max_header_bytes
-                if handshake.head_size(event) > limit:
-                    return Rejection(431, f"request head over {limit} bytes")
-                request = event
-                continue
-            if isinstance(event, h11.Data):
-                return Rejection(400, "an Upgrade request must not carry a body")
-            if isinstance(event, h11.EndOfMessage) and request is not None:
-                return request
-            if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return request
-            return Rejection(400, f"unexpected {type(event).__name__}")
-
-    async def _reject(self, rejection: Rejection) -> None:
-        self.outcome.status = rejection.status
-        self._metrics.handshake(str(self.listener.address), REJECTED, rejection.status)
-        self.outcome.reason = rejection.reason
-        log.warning(
-            "client %s: %d %s (path %s)",
-            _fmt_addr(self.client_addr),
-            rejection.status,
-            rejection.reason,
-            self.outcome.path or "-",
-        )
-        with trio.move_on_after(self.snapshot.config.timeouts.close):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await self.client_stream.send_all(rejection.to_bytes())
-
-    async def _connect_backend(self, h: h11.Connection, upgrade: ClientUpgrade) -> tuple[bytes, bytes] | None:
-        cfg = self.snapshot.config
-        pool_name = routing.select_pool(self.listener, upgrade.host, upgrade.path)
-        if pool_name is None:
-            await self._reject(
-                Rejection(404, f"no route for host {upgrade.host.decode('latin-1')} path {upgrade.path}")
-            )
-            return None
-        pool = self.snapshot.pools[pool_name]
-        self.outcome.pool = pool_name
-        key: bytes | None = None
-        if pool.config.hash_key is not None:
-            key = routing.extract_hash_key(pool.config.hash_key, upgrade, self.client_addr[0])
-            if key is None and pool.config.hash_fallback == "reject":
-                await self._reject(Rejection(400, f"request has no {pool.config.hash_key} to choose a backend by"))
-                return None
-        if not pool.backends:
-            await self._reject(Rejection(503, f"pool {pool_name} has no backends"))
-            return None
-        deadline = trio.current_time() + cfg.timeouts.handshake
-        last: Rejection | None = None
-        # Only backends healthy now (not down, not ejected), at their slow-start weights.
-        for backend in itertools.islice(pool.candidates(key, trio.current_time()), 1 + pool.config.retries):
-            self.outcome.attempts += 1
-            if self.outcome.attempts > 1:
-                self._metrics.retry(pool_name)
-            self.outcome.backend = backend.name
-            lease: Lease | None = pool.acquire(backend)
-            try:
-                result = await self._try_backend(backend, pool, upgrade, deadline)
-                if isinstance(result, Rejection):
-                    log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
-                    self._metrics.upstream_failure(pool_name, backend.name, result.status)
-                    # A Rejection here is the proxy's verdict on this backend (connect failed, no
-                    # answer in time, not a valid 101): it counts against the backend (health.py).
-                    ejected = backend.health.attempt_failed(trio.current_time(), result.reason)
-                    if ejected is not None:
-                        log.warning(
-                            "backend %s (pool %s) ejected for %gs: %s",
-                            backend.name,
-                            pool_name,
-                            ejected.duration,
-                            ejected.reason,
-                        )
-                    last = result
-                    if trio.current_time() >= deadline:
-                        break
-                    continue
-                # The backend answered, a 101 or a normal HTTP response (401, 404): it is alive.
-                backend.health.attempt_succeeded(trio.current_time())
-                if result.accepted is None:
-                    await self._pass_response(h, result.answer, deadline)
-                    return None
-                self.backend = backend
-                self._lease, lease = lease, None  # the count lasts as long as the session
-                return await self._open(h, upgrade, result)
-            finally:
-                if lease is not None:
-                    lease.release()
-        await self._reject(last if last is not None else _unavailable(pool))
-        return None
-
-    async def _try_backend(
-        self, backend: Backend, pool: Pool, upgrade: ClientUpgrade, deadline: float
-    ) -> Upstream | Rejection:
-        cfg = self.snapshot.config
-        remaining = deadline - trio.current_time()
-        if remaining <= 0:
-            return Rejection(504, "handshake deadline passed before trying this backend")
-        try:
-            stream = await connect(backend.address, min(cfg.timeouts.connect, remaining))
-        except UpstreamError as exc:
-            return Rejection(502, exc.reason)
-        self._backend_stream = stream
-        if pool.config.send_proxy_protocol is not None and self.local_addr is not None:
-            header = proxy_protocol.build(pool.config.send_proxy_protocol, self.client_addr, self.local_addr)
-            try:
-                await stream.send_all(header)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self._drop_backend()
-                return Rejection(502, f"{backend.name}: connection failed: {exc}")
-        key = handshake.new_key()
-        offer = None
-        ext = None
-        passthrough = self.listener.relay == "passthrough"
-        if self.listener.deflate and _offers_deflate(upgrade):
-            if passthrough:  # end to end: the backend answers the client's own offer
-                offer = ", ".join(o for o in upgrade.extension_offers if _is_deflate(o))
-            else:
-                ext, offer = handshake.backend_deflate_offer()
-        request = handshake.build_upstream_request(
-            upgrade,
-            key=key,
-            client_ip=self.client_addr[0],
-            scheme="https" if self.listener.tls else "http",
-            extension_offer=offer,
-            extra_headers=self._upstream_headers,
-        )
-        answer: UpstreamAnswer | None = None
-        with trio.move_on_after(deadline - trio.current_time()):
-            try:
-                answer = await request_upgrade(
-                    stream, request, max_header_bytes=cfg.limits.max_header_bytes, receive_size=cfg.limits.buffer_bytes
-                )
-            except UpstreamError as exc:
-                await self._drop_backend()
-                return Rejection(502, f"{backend.name}: {exc.reason}")
-        if answer is None:
-            await self._drop_backend()
-            return Rejection(504, f"{backend.name} did not answer the Upgrade within {cfg.timeouts.handshake:g}s")
-        if isinstance(answer.response, h11.InformationalResponse):
-            checked = handshake.check_backend_101(
-                answer.response,
-                key=key,
-                offered_subprotocols=upgrade.subprotocols,
-                offered_extensions=offer is not None,
-            )
-            if isinstance(checked, Rejection):
-                await self._drop_backend()
-                return checked
-            backend_ext = None
-            if passthrough and checked.extensions is not None:
-                parts = [p for p in checked.extensions.split(",") if p.strip()]
-                if len(parts) != 1 or not _is_deflate(parts[0]):
-                    await self._drop_backend()
-                    return Rejection(
-                        502,
-                        f"backend answered extensions {checked.extensions!r}; only one "
-                        "permessage-deflate can pass end to end",
-                    )
-            if ext is not None:
-                fin = handshake.finalize_backend_deflate(ext, checked.extensions)
-                if isinstance(fin, Rejection):
-                    await self._drop_backend()
-                    return fin
-                backend_ext = fin
-            return Upstream(answer, checked, backend_ext)
-        return Upstream(answer)
-
-    async def _drop_backend(self) -> None:
-        if self._backend_stream is not None:
-            self._backend_stream.close_now()
-            self._backend_stream = None
-        await trio.lowlevel.checkpoint()
-
-    async def _pass_response(self, h: h11.Connection, answer: UpstreamAnswer, deadline: float) -> None:
-        """The backend answered with a normal HTTP response: give it to the client as is."""
-        resp = answer.response
-        assert isinstance(resp, h11.Response)
-        self.outcome.status = resp.status_code
-        self._metrics.handshake(str(self.listener.address), BACKEND_RESPONSE, resp.status_code)
-        self.outcome.reason = "backend answered without upgrading"
-        headers = handshake.passthrough_response_headers(resp)
-        out = h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason)
-        size = self.snapshot.config.limits.buffer_bytes
-        with trio.move_on_after(max(0.0, deadline - trio.current_time())):
-            try:
-                await self.client_stream.send_all(h.send(out))
-                while True:
-                    event = answer.conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await answer.stream.receive_some(size)
-                        answer.conn.receive_data(data)
-                        continue
-                    if isinstance(event, h11.Data):
-                        await self.client_stream.send_all(h.send(h11.Data(data=event.data)))
-                        continue
-                    if isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                        await self.client_stream.send_all(h.send(h11.EndOfMessage()))
-                    break
-            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-                log.info(
-                    "passing the backend's %d to %s stopped: %s", resp.status_code, _fmt_addr(self.client_addr), exc
-                )
-
-    # --- relay phase ---------------------------------------------------------------------------
-
-    async def _open(self, h: h11.Connection, upgrade: ClientUpgrade, upstream: Upstream) -> tuple[bytes, bytes] | None:
-        """Send the client its 101 and build the relay; the bytes each peer sent past its
-        handshake go back to `_serve` for `_relay` (None: the client left)."""
-        accepted, backend_ext, answer = upstream.accepted, upstream.extension, upstream.answer
-        assert accepted is not None
-        cfg = self.snapshot.config
-        client_ext, client_answer = (None, None)
-        if self.listener.relay == "passthrough":
-            client_answer = accepted.extensions  # end to end: the backend answered the client's offer
-        elif self.listener.deflate:
-            client_ext, client_answer = handshake.negotiate_client_deflate(upgrade.extension_offers)
-        reply = handshake.build_client_101(upgrade, accepted, extensions=client_answer)
-        self.outcome.status = 101
-        self.outcome.subprotocol = accepted.subprotocol
-        try:
-            await self.client_stream.send_all(h.send(reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.outcome.reason = "client left before the 101"
-            self._metrics.handshake(str(self.listener.address), ABORTED, 0)
-            return None
+        self.relay = upgraded.relay
         listener = str(self.listener.address)
-        self._metrics.handshake(listener, UPGRADED, 101)
-        self._active = self._metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
-        relay: Relay
-        if self.listener.relay == "passthrough":
-            relay = PassthroughRelay(deflate=client_answer is not None, max_message_bytes=cfg.limits.max_message_bytes)
-        else:
-            relay = InspectRelay(
-                client_extensions=[client_ext] if client_ext else None,
-                backend_extensions=[backend_ext] if backend_ext else None,
-                max_message_bytes=cfg.limits.max_message_bytes,
-                buffer_bytes=cfg.limits.buffer_bytes,
-            )
-        self.relay = relay
+        self._active = self.metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
         self._start_schedule()
         self._flow = gate.flow_limiter(cfg, trio.current_time())
-        return bytes(h.trailing_data[0]), answer.trailing
+        self._relay(upgraded.client_trailing, upgraded.backend_trailing)
+
+    # --- relay phase ---------------------------------------------------------------------------
 
     def _relay(self, client_trailing: bytes, backend_trailing: bytes) -> None:
         """The relay phase on the shared readiness loop. The session's task ends after this; the
         link ends the session (`_link_ended`), so an idle session holds no task at all."""
         relay = self.relay
-        assert relay is not None and self._backend_stream is not None
+        assert relay is not None and self.backend_stream is not None
         cfg = self.snapshot.config
         link = Link(
             reactor=self._reactor,
             relay=relay,
             client=self.client_stream.socket,
-            backend=self._backend_stream.socket,
+            backend=self.backend_stream.socket,
             timers=self._timers,
-            metrics=self._metrics,
+            metrics=self.metrics,
             receive_size=cfg.limits.buffer_bytes,
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
@@ -561,14 +245,14 @@ class Session:
         link.start(client_trailing, backend_trailing)
 
     def _rate_throttled(self) -> None:
-        self._edge.admission.counts[RATE_THROTTLED] += 1
+        self.edge.admission.counts[RATE_THROTTLED] += 1
 
     def _rate_close(self, over: float) -> None:
         """Over its message/byte rate for close_after (`over` seconds): the relay phase closes
         it with 1008 to the client, 1001 to the backend; here it is counted and logged."""
-        self._edge.admission.counts[RATE_CLOSED] += 1
+        self.edge.admission.counts[RATE_CLOSED] += 1
         log.warning(
-            "client %s: over its message/byte rate for %gs: closing with 1008", _fmt_addr(self.client_addr), over
+            "client %s: over its message/byte rate for %gs: closing with 1008", format_address(self.client_addr), over
         )
 
     # --- heartbeats and deadlines ---------------------------------------------------------------
@@ -618,9 +302,9 @@ class Session:
             acted = True
             if isinstance(action, SendPing):
                 if relay.send_ping(action.leg, action.payload):
-                    self._metrics.ping_sent(action.leg)
+                    self.metrics.ping_sent(action.leg)
             elif isinstance(action, PeerDead):
-                self._metrics.dead_peer(action.leg)
+                self.metrics.dead_peer(action.leg)
                 log.warning(
                     "%s %s: no answer to our ping, silent for %.1fs: closing",
                     action.leg,
@@ -631,7 +315,7 @@ class Session:
                 relay.abandon(action.leg, other_code=other, reason=f"{action.leg} did not answer the proxy's ping")
             elif isinstance(action, Expired):
                 reason = "idle timeout" if action.what == "idle" else "maximum session lifetime reached"
-                log.info("session from %s: %s", _fmt_addr(self.client_addr), reason)
+                log.info("session from %s: %s", format_address(self.client_addr), reason)
                 relay.close(client_code=GOING_AWAY, backend_code=GOING_AWAY, reason=reason)
         if acted:
             link.settle()
@@ -641,7 +325,7 @@ class Session:
             self._arm_timer()
 
     def _peer_name(self, side: str) -> str:
-        return _fmt_addr(self.client_addr) if side == "client" else (self.outcome.backend or "?")
+        return format_address(self.client_addr) if side == "client" else (self.outcome.backend or "?")
 
     # --- log -----------------------------------------------------------------------------------
 
@@ -649,8 +333,8 @@ class Session:
         """The session ended: its metrics and its one log line, from one record."""
         record = self._record()
         if self.outcome.status == 0:  # no answer reached the client (it left, or shutdown cut it)
-            self._metrics.handshake(record.listener, ABORTED, 0)
-        self._metrics.session_closed(self._active, record)
+            self.metrics.handshake(record.listener, ABORTED, 0)
+        self.metrics.session_closed(self._active, record)
         self._active = None
         if self.outcome.status != 0:
             session_log.emit(record)
@@ -658,7 +342,7 @@ class Session:
     def _record(self) -> session_log.SessionRecord:
         o = self.outcome
         r = session_log.SessionRecord(
-            client=_fmt_addr(self.client_addr),
+            client=format_address(self.client_addr),
             listener=str(self.listener.address),
             pool=o.pool,
             backend=o.backend,
@@ -679,26 +363,3 @@ class Session:
         if self._schedule is not None:
             r.rtt_client, r.rtt_backend = self._schedule.rtt("client"), self._schedule.rtt("backend")
         return r
-
-
-def _unavailable(pool: Pool) -> Rejection:
-    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
-    after = health.retry_after((b.health for b in pool.backends), trio.current_time())
-    return Rejection(
-        503,
-        f"no backend available in pool {pool.name} (all down or ejected)",
-        headers=((b"Retry-After", str(after).encode()),),
-    )
-
-
-def _is_deflate(offer: str) -> bool:
-    return offer.split(";", 1)[0].strip().lower() == "permessage-deflate"
-
-
-def _offers_deflate(upgrade: ClientUpgrade) -> bool:
-    return any(_is_deflate(o) for o in upgrade.extension_offers)
-
-
-def _fmt_addr(addr: tuple[str, int]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -41,6 +41,12 @@ def tune_tcp(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, lowat, NOTSENT_LOWAT)
 
 
+def format_address(addr: tuple[str, int]) -> str:
+    """host:port, an IPv6 host in brackets: how addresses appear in logs."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def close_socket(sock: socket.socket) -> None:
     """Close `sock` now, waking any trio task that waits on it (with ClosedResourceError)."""
     if sock.fileno() != -1:
