@@ -78,22 +78,22 @@ class HandshakePhase:
             got = await self._read_request(h)
         if waited.cancelled_caught:
             await self._reject(Rejection(408, f"request headers not complete within {cfg.timeouts.handshake:g}s"))
-            return
+            return None
         if got is None:
-            return  # the client left (or TLS failed) before sending a request
+            return None  # the client left (or TLS failed) before sending a request
         # Every request counts against its address's handshake rate, well-formed or not.
         limited = self._session.edge.admission.check_handshake(cfg, self._session.client_addr[0], trio.current_time())
         if limited is not None:
             await self._reject(limited)
-            return
+            return None
         if isinstance(got, Rejection):
             await self._reject(got)
-            return
+            return None
         self._session.outcome.path = got.target.decode("latin-1")
         checked = handshake.validate_client_request(got)
         if isinstance(checked, Rejection):
             await self._reject(checked)
-            return
+            return None
         admitted = await gate.admit(
             self._session.edge,
             config=cfg,
@@ -104,7 +104,7 @@ class HandshakePhase:
         )
         if isinstance(admitted, Rejection):
             await self._reject(admitted)
-            return
+            return None
         self._session.ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
         return await self._connect_backend(h, admitted.upgrade)
 
@@ -231,9 +231,9 @@ class HandshakePhase:
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._session.backend_stream = stream
-        if pool.config.send_proxy_protocol is not None and self._session.local_addr is not None:
-            session = self._session
-            header = proxy_protocol.build(pool.config.send_proxy_protocol, session.client_addr, session.local_addr)
+        local_addr = self._session.local_addr
+        if pool.config.send_proxy_protocol is not None and local_addr is not None:
+            header = proxy_protocol.build(pool.config.send_proxy_protocol, self._session.client_addr, local_addr)
             try:
                 await stream.send_all(header)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -427,7 +427,7 @@ class Server:
             session.cut()
 
 
-def _listening_socket(family: int, sockaddr: tuple[str, int], addr: Address, *, reuseport: bool) -> socket.socket:
+def _listening_socket(family: int, sockaddr: tuple[Any, ...], addr: Address, *, reuseport: bool) -> socket.socket:
     """A non-blocking listening socket; with `reuseport`, one that other workers bind too
     (SO_REUSEPORT: the kernel spreads connects)."""
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
@@ -49,13 +50,13 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
     last: OSError | None = None
     with trio.move_on_after(timeout) as scope:
         if family is not None:
-            targets = [(family, (address.host, address.port))]
+            targets: list[tuple[int, tuple[Any, ...]]] = [(family, (address.host, address.port))]
         else:
             try:
                 infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
-            targets = [(info[0], info[4][:2]) for info in infos]
+            targets = [(info[0], tuple(info[4])) for info in infos]
         for fam, sockaddr in targets:
             try:
                 return FastSocketStream(await _connect_one(fam, sockaddr))
@@ -75,7 +76,7 @@ def _ip_family(host: str) -> int | None:
         return None
 
 
-async def _connect_one(family: int, sockaddr: tuple[str, int]) -> socket.socket:
+async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
     """A non-blocking connect on a plain socket, waiting for writability only if it is still in
     progress (trio's socket connect adds a lock and a generator context manager per call)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
