@@ -71,7 +71,8 @@ class SideState:
         self.feed = feed
         self.take = take
         self.out: bytes | memoryview = b""  # in flight: the rest of the last SEND, as it was given
-        self.more: list[bytes] = []  # queued behind `out` (only the proxy's own frames, in practice)
+        # queued behind `out` (only the proxy's own frames, in practice); None: nothing, no list
+        self.more: list[bytes] | None = None
         self.eof = False  # the peer's stream ended (or broke): nothing more to read
         self.closed = False  # the socket is closed (CLOSE was asked): nothing more to send
         self.stall_since: float | None = None  # when a send first left bytes pending
@@ -85,7 +86,6 @@ class RelayPhase:
         "_later",
         "_may_backlog",
         "_rounds",
-        "_sides",
         "_slow_limit",
         "_throttled",
         "actions",
@@ -110,7 +110,6 @@ class RelayPhase:
         self.relay = relay
         self.client = SideState(CLIENT, relay.feed_client, relay.take_for_client)
         self.backend = SideState(BACKEND, relay.feed_backend, relay.take_for_backend)
-        self._sides = {CLIENT: self.client, BACKEND: self.backend}
         self.close_timeout = close_timeout
         self._slow_limit = slow_consumer_timeout
         self.flow = flow
@@ -126,7 +125,7 @@ class RelayPhase:
     # --- queries ----------------------------------------------------------------------------
 
     def side(self, name: str) -> SideState:
-        return self._sides[name]
+        return self.client if name == CLIENT else self.backend
 
     def may_read(self, s: SideState) -> bool:
         """Read this peer now? Not once it ended, not while what it sent before still waits for
@@ -160,7 +159,7 @@ class RelayPhase:
 
     def received(self, name: str, data: bytes, now: float) -> list[tuple[Any, ...]]:
         """A read of peer `name` gave `data`; b"": its stream ended (or broke)."""
-        s = self._sides[name]
+        s = self.client if name == CLIENT else self.backend
         if self.done or s.eof:
             return self.actions
         self._rounds = 0
@@ -186,7 +185,7 @@ class RelayPhase:
     def sent(self, name: str, n: int, now: float) -> list[tuple[Any, ...]]:
         """The driver's send of side `name`'s in-flight bytes took `n` of them (0: it would block;
         for TLS, all or none)."""
-        s = self._sides[name]
+        s = self.client if name == CLIENT else self.backend
         if s.closed or self.done:
             return self.actions
         out = s.out
@@ -199,7 +198,7 @@ class RelayPhase:
             return self.actions
         if s.more:
             s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
-            s.more.clear()
+            s.more = None
             self.actions.append((SEND, name, s.out))
             return self.actions
         s.out = b""
@@ -210,11 +209,11 @@ class RelayPhase:
 
     def send_failed(self, name: str, now: float) -> list[tuple[Any, ...]]:
         """A send to `name` failed: the peer is gone; the relay decides what the other hears."""
-        s = self._sides[name]
+        s = self.client if name == CLIENT else self.backend
         if s.closed or self.done:
             return self.actions
         s.out = b""
-        s.more.clear()
+        s.more = None
         if s.stall_since is not None:
             self._stall_over(s, now)
         self._close(s)
@@ -233,7 +232,7 @@ class RelayPhase:
             self._end()
         elif kind == STALL_TIMER:
             assert name is not None
-            s = self._sides[name]
+            s = self.client if name == CLIENT else self.backend
             if s.out and not s.closed:
                 # The peer took nothing for the limit while data waited. Its socket is mid-frame,
                 # so no close frame can follow: drop it, and tell the other peer why.
@@ -242,7 +241,7 @@ class RelayPhase:
                 reason = f"{name} too slow: nothing accepted for {limit:g}s"
                 self.relay.abandon(name, other_code=GOING_AWAY, reason=reason)
                 s.out = b""
-                s.more.clear()
+                s.more = None
                 s.stall_since = None
                 self._close(s)
                 self._settle(now)
@@ -297,7 +296,10 @@ class RelayPhase:
             if not data or s.closed:
                 continue  # (a finished side's output is dropped)
             if s.out:  # a send in flight: never grow its buffer
-                s.more.append(data)
+                if s.more is None:
+                    s.more = [data]
+                else:
+                    s.more.append(data)
             else:
                 s.out = data
                 actions.append((SEND, s.name, data))
