@@ -204,7 +204,8 @@ class RelayPhase:
         s.out = b""
         if s.stall_since is not None:
             self._stall_over(s, now)
-        self._settle(now)
+        if self._may_backlog or self.relay.closing:  # (else nothing can have changed)
+            self._settle(now, take=False)
         return self.actions
 
     def send_failed(self, name: str, now: float) -> list[tuple[Any, ...]]:
@@ -286,12 +287,13 @@ class RelayPhase:
             if rtt is not None:
                 self.actions.append((REPORT, PONG_RTT, leg, rtt))
 
-    def _settle(self, now: float) -> None:
-        """Queue what the relay has for each side, resume a backlog the other side has room for,
-        and follow a closing handshake to its end."""
+    def _settle(self, now: float, *, take: bool = True) -> None:
+        """Queue what the relay has for each side (`take`: only after a relay step; a send's
+        result cannot give the relay anything new), resume a backlog the other side has room
+        for, and follow a closing handshake to its end."""
         relay = self.relay
         actions = self.actions
-        for s in (self.client, self.backend):
+        for s in (self.client, self.backend) if take else ():
             data = s.take()
             if not data or s.closed:
                 continue  # (a finished side's output is dropped)

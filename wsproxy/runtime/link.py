@@ -158,7 +158,8 @@ class Link:
         From here the reactor owns the session until `on_end`."""
         self._reactor.attach(self)
         try:
-            self._carry_out(self.phase.start(client_trailing, backend_trailing, self._now()))
+            now = self._now()
+            self._carry_out(self.phase.start(client_trailing, backend_trailing, now), now)
         except Exception:
             self._crash()
 
@@ -172,7 +173,8 @@ class Link:
         if self._done:
             return
         try:
-            self._carry_out(self.phase.settle(self._now()))
+            now = self._now()
+            self._carry_out(self.phase.settle(now), now)
         except Exception:
             self._crash()
 
@@ -199,7 +201,7 @@ class Link:
             acted = self._read(s, now) or acted
         if not acted:
             phase.settle(now)
-        self._carry_out(phase.actions)
+        self._carry_out(phase.actions, now)
 
     def failed(self) -> None:
         self.failed_by_bug = True
@@ -243,7 +245,7 @@ class Link:
             s.write_wants_read = False
         self.phase.sent(s.state.name, sent, now)
 
-    def _carry_out(self, actions: list[tuple[Any, ...]]) -> None:
+    def _carry_out(self, actions: list[tuple[Any, ...]], now: float) -> None:
         """Carry out the phase's actions in order (a send's result may add more), then watch each
         socket for what the phase now wants."""
         i = 0
@@ -255,7 +257,7 @@ class Link:
                 if tag is rp.SEND:
                     s = self.client if action[1] is rp.CLIENT else self.backend
                     if not s.closed:
-                        self._send(s, action[2], self._now())
+                        self._send(s, action[2], now)
                 elif tag is rp.CLOSE:
                     self._close(self.client if action[1] is rp.CLIENT else self.backend)
                 elif tag is rp.ARM:
@@ -283,7 +285,7 @@ class Link:
             if self._done:
                 return
             try:
-                self._carry_out(self.phase.timer(kind, side, now))
+                self._carry_out(self.phase.timer(kind, side, now), now)
             except Exception:
                 self._crash()
 
