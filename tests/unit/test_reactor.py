@@ -181,3 +181,27 @@ async def test_a_round_yields_to_trio_once_its_budget_is_spent(nursery, make_loo
             b.close()
     # measured ~3 ms with the budget, over 40 ms without; the slack absorbs a loaded machine
     assert steps.longest < budget + cost + 0.015, f"the loop held trio {steps.longest * 1000:.1f} ms"
+
+
+async def test_a_raising_soon_callback_ends_the_watcher_it_was_asked_for(nursery, make_loop) -> None:
+    counted: list[int] = []
+    loop = make_loop(on_failure=lambda: counted.append(1))
+    await nursery.start(loop.run)
+    a, b = socket.socketpair()
+    with a, b:
+        owner = Raising(a)
+        loop.attach(owner)
+        loop.register(a.fileno(), READ, owner)
+        done = trio.Event()
+
+        def boom() -> None:
+            raise RuntimeError("a bug in a callback")
+
+        loop.soon(boom, owner)
+        loop.soon(done.set)
+        with trio.fail_after(2):
+            await done.wait()
+        assert (owner.failures, len(counted), len(loop)) == (1, 1, 0)
+        b.send(b"x")  # its socket is no longer watched
+        await trio.sleep(0.05)
+        assert owner.events == []

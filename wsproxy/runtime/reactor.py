@@ -8,8 +8,8 @@ manager watches it, so the task sleeps like any other) and calls each ready sock
 directly. An idle session is then a few objects and no task of its own; a busy one costs its
 system calls and a share of one poll per round.
 
-The poller is the only part that varies by platform (`Poller`): epoll itself on Linux (measured
-cheaper per round than `selectors`, see `EpollPoller`), otherwise `selectors.DefaultSelector`
+The poller is the only part that varies by platform (`Poller`): epoll itself on Linux (cheaper
+per round than `selectors`, see `EpollPoller`), otherwise `selectors.DefaultSelector`
 (kqueue on BSD and macOS). Both are level-triggered and have a descriptor trio can wait on.
 
 Fairness and isolation are the loop's: every ready socket gets one turn per round; a round has a
@@ -60,9 +60,10 @@ class Poller(Protocol):
 
 
 class EpollPoller:
-    """epoll itself: READ/WRITE are its own bits, so nothing is translated per event. Measured
-    against `SelectorPoller` on Linux (epoll under it too), it saves the SelectorKey look-up and
-    the list of (key, events) pairs `selectors` builds per round (docs/performance.md)."""
+    """epoll itself: READ/WRITE are its own bits, so nothing is translated per event. Against
+    `SelectorPoller` on Linux (epoll under it too) it saves the SelectorKey look-ups and the
+    (key, events) list `selectors` builds per poll, and a SelectorKey per registration change:
+    a few microseconds per round and per change (benchmarks/poller_bench.py)."""
 
     __slots__ = ("_ep",)
 
