@@ -223,6 +223,9 @@ class Session:
         link ends the session (`_link_ended`), so an idle session holds no task at all."""
         relay = self.relay
         assert relay is not None and self.backend_stream is not None
+        if not self._reactor.running:  # the server stopped as this handshake ended: no loop to relay on
+            self.outcome.reason = self.outcome.reason or "proxy stopped"
+            return  # (run() closes the sockets and releases the session)
         cfg = self.snapshot.config
         link = Link(
             reactor=self._reactor,
