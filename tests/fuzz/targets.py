@@ -134,7 +134,7 @@ def request_bytes_strategy(draw: st.DrawFn) -> bytes:
 
 
 def read_request(data: bytes, cuts: list[int]) -> h11.Request | int | None:
-    """What session._read_request makes of these bytes: a request, an error status, or None."""
+    """What HandshakePhase._read_request makes of these bytes: a request, an error status, or None."""
     h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)] + [b""]
     request = None

@@ -48,6 +48,10 @@ RETRIES = 2
 HASH_BALANCE_FACTOR = 1.25
 HASH_FALLBACK = "least_conn"
 
+# the relay's readiness loop (runtime/reactor.py): watcher calls per round before it yields to
+# trio, so handshakes, health checks and the admin listener never wait behind a long round
+REACTOR_ROUND_BUDGET = 0.002  # seconds
+
 # listeners
 DEFLATE = True
 RELAY = "passthrough"

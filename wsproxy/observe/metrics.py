@@ -253,6 +253,11 @@ class Metrics:
             ["side", "event"],
             registry=r,
         )
+        self.relay_failures = Counter(
+            "wsproxy_relay_failures",
+            "Sessions a bug ended in their relay phase (the traceback is logged once; other sessions go on)",
+            registry=r,
+        )
         self.reloads = Counter(
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
@@ -325,6 +330,9 @@ class Metrics:
 
     def backpressure_event(self, side: Side, event: str) -> None:
         self._child(self.backpressure, side, event).inc()
+
+    def relay_failure(self) -> None:
+        self.relay_failures.inc()
 
     # --- configuration -----------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Two relays implement this interface: `relay_inspect.InspectRelay` (every frame parsed,
 validated, unmasked and re-framed, per-hop permessage-deflate) and, per ARCHITECTURE.md "Two
 relay paths", `relay_passthrough.PassthroughRelay`, which forwards frames verbatim. The shell
-(link.py, or session.py's pumps) drives either without knowing which: it feeds what it reads,
+(runtime/link.py, on the readiness loop) drives either without knowing which: it feeds what it reads,
 sends what the relay queued, closes a peer's socket once the relay says that peer is done, and
 arms the close timeout once the relay says a closing handshake started.
 """

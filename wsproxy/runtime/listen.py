@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from typing import Any
 
 import trio
 
@@ -84,30 +85,44 @@ def tls_problems(config: Config) -> list[tuple[str, str]]:
     return problems
 
 
-async def open_sockets(address: Address, *, label: str, reuse_port: bool) -> list[trio.SocketListener]:
-    """The listening sockets of one address; ListenError names it when it cannot be bound."""
+async def open_sockets(address: Address, *, label: str, reuse_port: bool) -> list[socket.socket]:
+    """Listening stdlib sockets (non-blocking), one per address the host resolves to, so the
+    server owns every connection's socket from accept on; ListenError names the listener when one
+    cannot be bound (and closes those already open)."""
     try:
         if reuse_port:
-            return [_reuseport_listener(address)]
-        return list(await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG))
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            return [_listening_socket(family, (address.host, address.port), reuse_port=True)]
+        host = address.host or None
+        infos = await trio.socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
+        raise ListenError(label, f"cannot listen on {address}: {exc.strerror or exc}") from None
+    opened: list[socket.socket] = []
+    try:
+        for family, _, _, _, sockaddr in dict.fromkeys((i[0], i[1], i[2], i[3], i[4]) for i in infos):
+            opened.append(_listening_socket(family, sockaddr, reuse_port=False))
+    except OSError as exc:
+        for sock in opened:
+            sock.close()
         why = "in use by another program" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
         raise ListenError(label, f"cannot listen on {address}: {why}") from None
+    return opened
 
 
-def _reuseport_listener(addr: Address) -> trio.SocketListener:
-    """A listening socket that other workers bind too (SO_REUSEPORT: the kernel spreads connects)."""
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+def _listening_socket(family: int, sockaddr: tuple[Any, ...], *, reuse_port: bool) -> socket.socket:
+    """A non-blocking listening socket; with `reuse_port`, one that other workers bind too
+    (SO_REUSEPORT: the kernel spreads connects)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((addr.host, addr.port))
+        sock.bind(sockaddr)
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
         raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return sock
