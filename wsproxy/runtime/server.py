@@ -10,6 +10,7 @@ the same way, then cuts whatever is left at the deadline.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -59,6 +60,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
 
 LISTEN_BACKLOG = 1024
+PROXY_REFUSED_DRAIN = 65536  # bytes taken from a connection refused for its PROXY header, before the close
 
 
 def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
@@ -187,6 +189,10 @@ class Server:
                     return got
                 reason = "connection closed before a PROXY header"
         log.warning("connection from %s refused: %s", format_address(peer), reason)
+        # The header was only peeked at: take what arrived, so the close is a FIN, not a reset
+        # for unread data (bounded: a client that keeps sending gets the reset).
+        with contextlib.suppress(OSError):
+            sock.recv(PROXY_REFUSED_DRAIN)
         return None
 
     # --- listeners -------------------------------------------------------------------------
