@@ -157,8 +157,8 @@ class Admin:
         if not host_allowed(host, self.hosts | _own_names(stream)):
             shown = (host or b"").decode("latin-1")[:100]
             log.warning("admin: refused a request for Host %r (not this listener's address or admin.hosts)", shown)
-            body = b"this admin listener answers to its own address, localhost and admin.hosts only\n"
-            await self._send(stream, h, Response(421, body), head=request.method == b"HEAD")
+            refusal = b"this admin listener answers to its own address, localhost and admin.hosts only\n"
+            await self._send(stream, h, Response(421, refusal), head=request.method == b"HEAD")
             return
         try:
             response = self.respond(request.method, request.target)
