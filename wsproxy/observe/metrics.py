@@ -83,6 +83,15 @@ def backend_health(backend: Any, now: float | None = None) -> tuple[str, bool]:
     return name, up
 
 
+ADMIN_STATES = ("ready", "drain", "maint")  # policy/control.py's, as metric label values
+
+
+def admin_state(backend: Any) -> str:
+    """The operator's state of a backend (ready when it has none)."""
+    admin = getattr(backend, "admin", None)
+    return str(getattr(admin, "state", "ready"))
+
+
 class _BackendCollector(Collector):
     """Backend state read at scrape time, so a reload or a health change shows at once."""
 
@@ -102,6 +111,11 @@ class _BackendCollector(Collector):
         weight = GaugeMetricFamily(
             "wsproxy_backend_weight", "The backend's current balancing weight", labels=["pool", "backend"]
         )
+        admin = GaugeMetricFamily(
+            "wsproxy_backend_admin_state",
+            "1 for the operator's state of the backend (ready, drain, maint), 0 for the others",
+            labels=["pool", "backend", "state"],
+        )
         now = self._clock() if self._clock is not None else None
         for pool_name, pool in self._pools().items():
             for backend in pool.backends:
@@ -109,7 +123,10 @@ class _BackendCollector(Collector):
                 up.add_metric([pool_name, backend.name], 1.0 if is_up else 0.0)
                 state.add_metric([pool_name, backend.name, name], 1.0)
                 weight.add_metric([pool_name, backend.name], float(backend.weight))
-        return [up, state, weight]
+                current = admin_state(backend)
+                for s in ADMIN_STATES:
+                    admin.add_metric([pool_name, backend.name, s], 1.0 if s == current else 0.0)
+        return [up, state, weight, admin]
 
 
 Traffic = tuple[str, str, Any]  # (listener, pool, RelayStats) of one open, counted session

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from wsproxy.observe.metrics import backend_health
+from wsproxy.observe.metrics import admin_state, backend_health
 
 TOP_SESSIONS = 20
 RECENT_ERRORS = 50
@@ -104,6 +104,7 @@ def build_status(
                     "health": state,
                     "up": up,
                     "weight": b.weight,
+                    "admin_state": admin_state(b),
                     "active_sessions": per_backend.get((name, b.name), 0),
                 }
             )

@@ -76,9 +76,20 @@ class Admin:
             errors=self.errors.entries,
         )
 
-    def respond(self, method: bytes, target: bytes) -> Response:
+    def respond(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        body: bytes = b"",
+        peer: str = "?",
+    ) -> Response:
         """The response to one request (pure routing; no I/O)."""
         path = target.split(b"?", 1)[0]
+        api = self.server.control_api
+        if api.handles(path):  # /sessions and the writes (admin_api.py)
+            status, doc, extra = api.respond(method, target, headers, body, peer)
+            return Response(status, doc, "application/json", extra)
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
         if path == b"/metrics":
@@ -118,7 +129,7 @@ class Admin:
         limit = defaults.ADMIN_MAX_REQUEST_BYTES
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
         request: h11.Request | None = None
-        body = 0
+        body = bytearray()
         try:
             while True:
                 event = h.next_event()
@@ -132,8 +143,8 @@ class Admin:
                 if isinstance(event, h11.Request):
                     request = event
                 elif isinstance(event, h11.Data):
-                    body += len(event.data)
-                    if body > limit:
+                    body += event.data
+                    if len(body) > limit:
                         await self._send(stream, h, Response(413, b"request body too large\n"), head=False)
                         return
                 elif isinstance(event, h11.EndOfMessage):
@@ -145,7 +156,8 @@ class Admin:
             return
         assert request is not None
         try:
-            response = self.respond(request.method, request.target)
+            peer = _peer(stream)
+            response = self.respond(request.method, request.target, tuple(request.headers), bytes(body), peer)
         except Exception:  # a bug in a page must not take the admin listener down
             log.exception("admin: %s %s failed", request.method.decode(), request.target.decode("latin-1"))
             response = Response(500, b"internal error\n")
@@ -169,6 +181,14 @@ class Admin:
             await stream.send_all(out)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 async def serve_admin(

@@ -36,6 +36,8 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.runtime.admin import serve_admin
+from wsproxy.runtime.admin_api import ControlApi, ControlCollector
+from wsproxy.runtime.control import Control
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
@@ -107,9 +109,13 @@ class Server:
         self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
+        self.control = Control(self)  # runtime control: session ids, admin states, closes (control.py)
+        self.control_api = ControlApi(self.control, lambda: self.snapshot.config.admin)
+        self.metrics.registry.register(ControlCollector(lambda: self.control_api))
 
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.control.forget(session)
         if self.draining and not self.sessions:
             self._all_gone.set()
 
@@ -126,6 +132,7 @@ class Server:
                 stream.socket.close()
         if session is not None:
             self.sessions.add(session)
+            self.control.track(session)
             await session.run()
 
     async def _admit_connection(self, stream: trio.SocketStream, slot: _Listening) -> Session | None:

@@ -234,6 +234,11 @@ class Session:
         return (self._active[0], self._active[1], self.relay.stats)
 
     @property
+    def last_activity(self) -> float | None:
+        """When the last data frame passed either way (None: no schedule keeps it)."""
+        return self._schedule.last_data if self._schedule is not None else None
+
+    @property
     def closing(self) -> bool:
         """A closing handshake has started (by either peer or the proxy)."""
         return self.relay is not None and self.relay.closing
