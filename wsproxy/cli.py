@@ -1,4 +1,4 @@
-"""The command line: `wsproxy run|check|reload|demo -c FILE`, `--version`. Exit codes: 0 ok,
+"""The command line: `wsproxy run|check|reload|ctl|demo -c FILE`, `--version`. Exit codes: 0 ok,
 1 cannot start / cannot signal, 2 bad config.
 
 Other tooling drives wsproxy through these commands, so they are extended, never renamed.
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
     reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload.add_argument("--pid-file", default=None, help="default: pid_file of the config")
+    from wsproxy import ctl
+
+    ctl.add_parser(sub)
     demo = sub.add_parser("demo", help="run two demo backends and the proxy on conf/demo.yaml")
     demo.add_argument("-c", "--config", default=None, help="default: conf/demo.yaml")
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(config, args)
     if args.command == "reload":
         return _reload(args)
+    if args.command == "ctl":
+        from wsproxy import ctl
+
+        return ctl.run(args)
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
