@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 from wsproxy.config import AdmissionConfig, defaults
 from wsproxy.policy.ratelimit import TokenBucket
@@ -29,18 +30,29 @@ def spread_retry_after(spread: float, unit_random: float) -> int:
 class StormShield:
     """Upgrade budgets of one server; rebuilt (refilled) when a reload changes them."""
 
-    __slots__ = ("_config", "_global", "_last_log", "_per_pool", "_unlogged", "refused")
+    __slots__ = (
+        "_admitted_since",
+        "_config",
+        "_global",
+        "_last_log",
+        "_per_pool",
+        "_unlogged",
+        "admitted",
+        "refused",
+    )
 
     def __init__(self) -> None:
         self._config: AdmissionConfig | None = None
         self._global: TokenBucket | None = None
         self._per_pool: dict[str, TokenBucket] = {}
         self.refused: Counter[str] = Counter()  # by pool (GLOBAL: the global budget): a metric
+        self.admitted: Counter[str] = Counter()  # upgrades that passed the budgets, by pool
         self._unlogged: Counter[str] = Counter()
-        self._last_log = -math.inf
+        self._last_log: float | None = None
+        self._admitted_since = 0
 
     def configure(self, config: AdmissionConfig, now: float) -> None:
-        if config == self._config:
+        if config is self._config or config == self._config:
             return
         self._config = config
         up = config.upgrades
@@ -63,16 +75,35 @@ class StormShield:
                 if self._global is not None:
                     self._global.tokens += 1.0  # refused after all: the global token goes back
         if which is None:
+            self.admitted[pool] += 1
+            self._admitted_since += 1
             return None
         self.refused[which] += 1
         self._unlogged[which] += 1
         return spread_retry_after(config.retry_after_spread, unit_random)
 
-    def log_due(self, now: float) -> dict[str, int] | None:
-        """The refusals since the last report, once STORM_LOG_INTERVAL has passed (else None)."""
-        if not self._unlogged or now - self._last_log < defaults.STORM_LOG_INTERVAL:
+    def log_due(self, now: float) -> StormReport | None:
+        """What happened since the last report, once STORM_LOG_INTERVAL has passed and something
+        was refused (else None). The first refusal opens the first interval."""
+        if not self._unlogged:
             return None
-        report = dict(self._unlogged)
+        if self._last_log is None:
+            self._last_log = now
+            return None
+        if now - self._last_log < defaults.STORM_LOG_INTERVAL:
+            return None
+        report = StormReport(dict(self._unlogged), self._admitted_since, now - self._last_log)
         self._unlogged.clear()
+        self._admitted_since = 0
         self._last_log = now
         return report
+
+
+@dataclass(frozen=True, slots=True)
+class StormReport:
+    """One log line's worth: refusals by pool (GLOBAL: the global budget) and upgrades admitted
+    over the last `seconds`."""
+
+    refused: dict[str, int]
+    admitted: int
+    seconds: float

@@ -49,6 +49,7 @@ class Rejection:
     reason: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    quiet: bool = False  # logged in aggregate elsewhere (the storm shield): no warning per request
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""

@@ -10,6 +10,7 @@ so TCP pushes back on the client). `Edge` is the state a server shares with all 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,11 +18,13 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wsproxy.config import Config, ListenerConfig
+from wsproxy.config import Config, ListenerConfig, defaults
 from wsproxy.policy import admission as adm
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.policy.reconnects import ReconnectTable
+from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
 
@@ -45,11 +48,13 @@ LIMIT_NAMES = (
 class Edge:
     """What a server's sessions share for edge protection: counts, buckets, auth caches."""
 
-    __slots__ = ("admission", "auth")
+    __slots__ = ("admission", "auth", "reconnects", "storm")
 
     def __init__(self) -> None:
         self.admission = Admission()
         self.auth = AuthService()
+        self.storm = StormShield()  # the budget of new upgrades (admission.upgrades / per_pool)
+        self.reconnects = ReconnectTable(defaults.RECONNECT_WINDOW, defaults.RECONNECT_CLIENTS)
 
 
 @dataclass(slots=True)
@@ -85,6 +90,9 @@ async def admit(
     if isinstance(checked, Rejection):
         counts[adm.ORIGIN if checked.status == 403 else adm.SUBPROTOCOL] += 1
         return checked
+    shielded = storm_check(edge, config, rules.pool)
+    if shielded is not None:
+        return shielded
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
@@ -113,6 +121,34 @@ async def admit(
         counts[adm.AUTH_DENIED if refused.status in (401, 403) else adm.AUTH_ERROR] += 1
         return refused
     return Admitted(checked, rules.pool, ticket, answer.copy)
+
+
+def storm_check(edge: Edge, config: Config, pool: str) -> Rejection | None:
+    """The storm shield: over the upgrade budget, 503 with a Retry-After spread at random over
+    admission.retry_after_spread; refusals are logged in one line per second, not one per request."""
+    if config.admission.upgrades is None and not config.admission.per_pool:
+        return None
+    now = trio.current_time()
+    edge.storm.configure(config.admission, now)
+    after = edge.storm.admit(pool, now, random.random())
+    if after is None:
+        return None
+    report = edge.storm.log_due(now)
+    if report is not None:
+        log.warning(
+            "storm shield: in the last %.2fs admitted %d upgrade(s), refused %d (%s); told to retry within %gs",
+            report.seconds,
+            report.admitted,
+            sum(report.refused.values()),
+            ", ".join(f"{'all pools' if k == '*' else 'pool ' + k}: {n}" for k, n in sorted(report.refused.items())),
+            config.admission.retry_after_spread,
+        )
+    return Rejection(
+        503,
+        f"over the upgrade budget (pool {pool}): retry in {after}s",
+        ((b"Retry-After", str(after).encode()),),
+        quiet=True,
+    )
 
 
 def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
@@ -167,4 +203,16 @@ class EdgeCollector(Collector):
             "wsproxy_edge_tracked_ips", "Client addresses with a handshake rate bucket (bounded by max_tracked_ips)"
         )
         tracked.add_metric([], float(a.tracked_ips))
-        return [refused, auth, admitted, tracked]
+        storm = CounterMetricFamily(
+            "wsproxy_storm_refused",
+            "Upgrades refused by the storm shield's budget, by pool (* : the global budget)",
+            labels=["pool"],
+        )
+        for name, n in sorted(self._edge.storm.refused.items()):
+            storm.add_metric([name], float(n))
+        passed = CounterMetricFamily(
+            "wsproxy_storm_admitted", "Upgrades that passed the storm shield's budgets, by pool", labels=["pool"]
+        )
+        for name, n in sorted(self._edge.storm.admitted.items()):
+            passed.add_metric([name], float(n))
+        return [refused, auth, admitted, tracked, storm, passed]

@@ -337,7 +337,8 @@ class Session:
         self.outcome.status = rejection.status
         self._metrics.handshake(str(self.listener.address), REJECTED, rejection.status)
         self.outcome.reason = rejection.reason
-        log.warning(
+        log.log(
+            logging.DEBUG if rejection.quiet else logging.WARNING,
             "client %s: %d %s (path %s)",
             _fmt_addr(self.client_addr),
             rejection.status,
