@@ -217,3 +217,52 @@ async def test_rebalance_closes_a_share_of_the_busiest_backend(nursery, backends
         with trio.move_on_after(2):
             codes.append((await c.wait_close()).code)
     assert codes.count(1012) == 3 and len(codes) == 3
+
+
+async def test_new_metrics_reconnects_latency_backlog_build_and_process(nursery, backends) -> None:
+    proxy, admin = await _proxy(nursery, backends, count=1, extra="observability: {reconnect_window: 30s}\n")
+    b1 = f"127.0.0.1:{backends[0].port}"
+    first = await _open(proxy, 1)
+    await first[0].close()
+    with trio.fail_after(5):
+        while proxy.server.sessions:
+            await trio.sleep(0.01)
+    again = await _open(proxy, 2, "/again/")  # the same address comes back within the window
+    metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    text = metrics.decode()
+    # the second new session of the same client: its first session is forgotten once counted
+    assert metric_value(metrics, f'wsproxy_reconnects_total{{backend="{b1}",pool="p"}}') == 1.0
+    assert metric_value(metrics, 'wsproxy_handshake_seconds_count{listener="127.0.0.1:0"}') == 3.0
+    assert metric_value(metrics, f'wsproxy_backend_handshake_seconds_count{{backend="{b1}",pool="p"}}') == 3.0
+    assert metric_value(metrics, f'wsproxy_backlog_bytes{{backend="{b1}",direction="to_client",pool="p"}}') == 0.0
+    assert 'wsproxy_build_info{python="' in text and 'version="' in text
+    assert "process_resident_memory_bytes " in text and "process_open_fds " in text
+    for c in again:
+        await trio.aclose_forcefully(c.stream)
+
+
+async def test_backlog_and_send_stalls_show_a_client_that_stops_reading(nursery, backends) -> None:
+    from wsproto.events import BytesMessage
+
+    proxy, admin = await _proxy(nursery, backends, count=1, extra="limits: {buffer_bytes: 65536}\n")
+    b1 = f"127.0.0.1:{backends[0].port}"
+    (client,) = await _open(proxy, 1)
+    line = f'wsproxy_backlog_bytes{{backend="{b1}",direction="to_client",pool="p"}}'
+    waiting = 0.0
+    with trio.move_on_after(10):  # bounded: the echo fills the proxy's send to a client that never reads
+        for _ in range(400):
+            with trio.move_on_after(0.2):
+                await client.send(BytesMessage(data=b"x" * 65536))
+            metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            waiting = metric_value(metrics, line) or 0.0
+            if waiting > 0:
+                break
+    assert waiting > 0  # bytes from the backend wait in the proxy for the client's window
+    with trio.fail_after(10):  # the client reads again: the stall ends and is measured
+        while True:
+            with trio.move_on_after(0.2):
+                await client.receive_message()
+            metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if (metric_value(metrics, 'wsproxy_send_stall_seconds_count{side="client"}') or 0) >= 1:
+                break
+    await trio.aclose_forcefully(client.stream)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 # WebSocket sessions live from milliseconds to days.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
+# Handshakes and send stalls: a millisecond on loopback to seconds through a slow backend.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Handshake outcomes (the `outcome` label of wsproxy_handshakes_total).
@@ -259,6 +261,28 @@ class Metrics:
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
         self.config_info = Info("wsproxy_config", "The loaded configuration: file and sha256", registry=r)
+        self.build_info = Info("wsproxy_build", "The running wsproxy: its version and Python's", registry=r)
+        self.handshake_latency = Histogram(
+            "wsproxy_handshake_seconds",
+            "From accepting the connection to sending the client its 101",
+            ["listener"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "wsproxy_backend_handshake_seconds",
+            "Backend connect plus the upstream Upgrade, for attempts the backend answered",
+            ["pool", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.send_stalls = Histogram(
+            "wsproxy_send_stall_seconds",
+            "How long sends to a peer waited for its TCP window (stalls of the relay phase)",
+            ["side"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for result in ("ok", "failed"):
             self.reloads.labels(result)  # both series exist from the start, at 0
         if pools is not None:
@@ -310,6 +334,16 @@ class Metrics:
                 self._child(self.close_codes, side, close_code_label(rec.code)).inc()
         self._child(self.first_closer, record.first_closer or "none").inc()
 
+    def upgraded_after(self, listener: str, seconds: float) -> None:
+        """A client got its 101 `seconds` after its connection was accepted."""
+        self._child(self.handshake_latency, listener).observe(seconds)
+
+    def backend_handshake(self, pool: str, backend: str, seconds: float) -> None:
+        self._child(self.backend_latency, pool, backend).observe(seconds)
+
+    def send_stall(self, side: str, seconds: float) -> None:
+        self._child(self.send_stalls, side).observe(seconds)
+
     def ping_sent(self, leg: str) -> None:
         self._child(self.pings_sent, leg).inc()
 
@@ -323,6 +357,10 @@ class Metrics:
         self._child(self.backpressure, side, event).inc()
 
     # --- configuration -----------------------------------------------------------------------
+
+    def built(self, version: str, python: str) -> None:
+        """wsproxy_build_info: which wsproxy (and Python) is running."""
+        self.build_info.info({"version": version, "python": python})
 
     def config_loaded(self, config: Config) -> None:
         """The snapshot now serving: its file and sha256 (wsproxy_config_info)."""

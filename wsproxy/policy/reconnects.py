@@ -29,6 +29,10 @@ class ReconnectTable:
     def __len__(self) -> int:
         return len(self._closes)
 
+    @property
+    def max_clients(self) -> int:
+        return self._closes.max_entries
+
     def resize(self, window: float, max_clients: int) -> None:
         """New settings (a reload): the window applies at once; a smaller table drops the oldest."""
         self.window = window

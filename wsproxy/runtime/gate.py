@@ -13,13 +13,16 @@ import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wsproxy.config import Config, ListenerConfig, defaults
+from wsproxy.observe.metrics import Metrics
 from wsproxy.policy import admission as adm
+from wsproxy.policy import routing
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
@@ -27,6 +30,9 @@ from wsproxy.policy.reconnects import ReconnectTable
 from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
+
+if TYPE_CHECKING:
+    from wsproxy.runtime.session import Session
 
 log = logging.getLogger("wsproxy.edge")
 
@@ -48,13 +54,14 @@ LIMIT_NAMES = (
 class Edge:
     """What a server's sessions share for edge protection: counts, buckets, auth caches."""
 
-    __slots__ = ("admission", "auth", "reconnects", "storm")
+    __slots__ = ("admission", "auth", "keys", "reconnects", "storm")
 
     def __init__(self) -> None:
         self.admission = Admission()
         self.auth = AuthService()
         self.storm = StormShield()  # the budget of new upgrades (admission.upgrades / per_pool)
         self.reconnects = ReconnectTable(defaults.RECONNECT_WINDOW, defaults.RECONNECT_CLIENTS)
+        self.keys: dict[Session, str] = {}  # open upgraded sessions' client keys: bounded by the registry
 
 
 @dataclass(slots=True)
@@ -151,6 +158,38 @@ def storm_check(edge: Edge, config: Config, pool: str) -> Rejection | None:
     )
 
 
+def reconnect_key(session: Session, upgrade: ClientUpgrade) -> str:
+    """Who a client is across its sessions: the sticky cookie when its pool hashes on one, else
+    its address."""
+    pool = session.snapshot.pools.get(session.outcome.pool or "")
+    hk = pool.config.hash_key if pool is not None else None
+    if hk is not None and hk.kind == "cookie":
+        value = routing.extract_hash_key(hk, upgrade, session.client_addr[0])
+        if value is not None:
+            return "cookie:" + value[:256].decode("latin-1")
+    return session.client_addr[0]
+
+
+def upgraded(edge: Edge, session: Session, upgrade: ClientUpgrade, metrics: Metrics) -> None:
+    """A client got its 101: the handshake's latency, and whether it is a reconnect."""
+    now = trio.current_time()
+    metrics.upgraded_after(str(session.listener.address), now - session.started)
+    obs = session.snapshot.config.observability
+    table = edge.reconnects
+    if (table.window, table.max_clients) != (obs.reconnect_window, obs.reconnect_clients):
+        table.resize(obs.reconnect_window, obs.reconnect_clients)
+    key = reconnect_key(session, upgrade)
+    edge.keys[session] = key
+    table.opened(key, session.outcome.pool or "-", session.outcome.backend or "-", now)
+
+
+def ended(edge: Edge, session: Session) -> None:
+    """A session left the registry: remember when its client was last here."""
+    key = edge.keys.pop(session, None)
+    if key is not None:
+        edge.reconnects.closed(key, trio.current_time())
+
+
 def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
     """The client-to-backend budget of a new session, or None when no session rate is set."""
     rl = config.rate_limits
@@ -215,4 +254,12 @@ class EdgeCollector(Collector):
         )
         for name, n in sorted(self._edge.storm.admitted.items()):
             passed.add_metric([name], float(n))
-        return [refused, auth, admitted, tracked, storm, passed]
+        reconnects = CounterMetricFamily(
+            "wsproxy_reconnects",
+            "New sessions from a client (address, or sticky cookie) whose session closed within "
+            "observability.reconnect_window",
+            labels=["pool", "backend"],
+        )
+        for (pool, backend), n in sorted(self._edge.reconnects.counts.items()):
+            reconnects.add_metric([pool, backend], float(n))
+        return [refused, auth, admitted, tracked, storm, passed, reconnects]

@@ -190,6 +190,10 @@ class Link:
             return
         self.settle()
 
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend)."""
+        return len(self.client.out), len(self.backend.out)
+
     def end(self) -> None:
         """End the session now, without a closing handshake (a cut, a shutdown deadline)."""
         self._finish()
@@ -317,7 +321,9 @@ class Link:
 
     def _stall_over(self, s: Side) -> None:
         assert s.stall_began is not None
-        if trio.current_time() - s.stall_began >= SEND_STALL_SECONDS:
+        stalled = trio.current_time() - s.stall_began
+        self.metrics.send_stall(s.name, stalled)
+        if stalled >= SEND_STALL_SECONDS:
             self.metrics.backpressure_event(s.name, SEND_STALLED)
         s.stall_began = None
         self._timers.cancel(s.stall_timer)

@@ -35,6 +35,7 @@ from wsproxy.policy.reload_plan import (
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
+from wsproxy.runtime import gate, telemetry
 from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.admin_api import ControlApi, ControlCollector
 from wsproxy.runtime.control import Control
@@ -112,10 +113,12 @@ class Server:
         self.control = Control(self)  # runtime control: session ids, admin states, closes (control.py)
         self.control_api = ControlApi(self.control, lambda: self.snapshot.config.admin)
         self.metrics.registry.register(ControlCollector(lambda: self.control_api))
+        telemetry.install(self)  # process_*, wsproxy_build_info, the backlog gauge
 
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
         self.control.forget(session)
+        gate.ended(self.edge, session)  # reconnect tracking
         if self.draining and not self.sessions:
             self._all_gone.set()
 

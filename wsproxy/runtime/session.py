@@ -233,6 +233,11 @@ class Session:
             return None
         return (self._active[0], self._active[1], self.relay.stats)
 
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend); the task-driven relay
+        sends whole reads and keeps none waiting."""
+        return self._link.backlog() if self._link is not None else (0, 0)
+
     @property
     def last_activity(self) -> float | None:
         """When the last data frame passed either way (None: no schedule keeps it)."""
@@ -378,7 +383,10 @@ class Session:
             self.outcome.backend = backend.name
             lease: Lease | None = pool.acquire(backend)
             try:
+                began = trio.current_time()
                 result = await self._try_backend(backend, pool, upgrade, deadline)
+                if not isinstance(result, Rejection):
+                    self._metrics.backend_handshake(pool_name, backend.name, trio.current_time() - began)
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
                     self._metrics.upstream_failure(pool_name, backend.name, result.status)
@@ -549,6 +557,7 @@ class Session:
         listener = str(self.listener.address)
         self._metrics.handshake(listener, UPGRADED, 101)
         self._active = self._metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
+        gate.upgraded(self._edge, self, upgrade, self._metrics)  # handshake latency, reconnect tracking
         relay: Relay
         if self.listener.relay == "passthrough":
             relay = PassthroughRelay(deflate=client_answer is not None, max_message_bytes=cfg.limits.max_message_bytes)
@@ -783,7 +792,10 @@ class Session:
     def _sent(self, side: str, began: float) -> bool:
         """A send completed: count it as a stall if it waited for the peer's window (False: the
         send changed nothing the caller must re-check)."""
-        if trio.current_time() - began >= SEND_STALL_SECONDS:
+        stalled = trio.current_time() - began
+        if stalled > 0:
+            self._metrics.send_stall(side, stalled)
+        if stalled >= SEND_STALL_SECONDS:
             self._metrics.backpressure_event(side, SEND_STALLED)
         return False
 
