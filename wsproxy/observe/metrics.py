@@ -199,6 +199,12 @@ class Metrics:
             ["listener", "pool", "backend"],
             registry=r,
         )
+        self.sessions_opened = Counter(
+            "wsproxy_sessions_opened",
+            "Sessions that reached the relay phase (a 101), by where they went",
+            ["listener", "pool", "backend"],
+            registry=r,
+        )
         self.handshakes = Counter(
             "wsproxy_handshakes",
             "Client handshakes by outcome (upgraded, rejected, backend_response, aborted) and HTTP status",
@@ -312,6 +318,7 @@ class Metrics:
         """Count an upgraded session as active; give the labels back to `session_closed`."""
         labels = (listener, pool, backend)
         self._child(self.sessions_active, *labels).inc()
+        self._child(self.sessions_opened, *labels).inc()
         return labels
 
     def session_closed(self, active: tuple[str, str, str] | None, record: SessionRecord) -> None:

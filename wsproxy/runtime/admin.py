@@ -74,7 +74,7 @@ class Admin:
             config=s.snapshot.config,
             listeners=s.bound,
             errors=self.errors.entries,
-        )
+        ) | s.telemetry.overview()  # charts, totals, rates, uptime (telemetry.py)
 
     def respond(
         self,

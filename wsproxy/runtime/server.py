@@ -113,7 +113,7 @@ class Server:
         self.control = Control(self)  # runtime control: session ids, admin states, closes (control.py)
         self.control_api = ControlApi(self.control, lambda: self.snapshot.config.admin)
         self.metrics.registry.register(ControlCollector(lambda: self.control_api))
-        telemetry.install(self)  # process_*, wsproxy_build_info, the backlog gauge
+        self.telemetry = telemetry.Telemetry(self)  # process_*, build info, backlog; the charts' history
 
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -238,6 +238,7 @@ class Server:
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.timers.run)
+            await connections.start(self.telemetry.run)
             if REACTOR_AVAILABLE:
                 await connections.start(self.reactor.run)
             self.health.sync(self.snapshot)
