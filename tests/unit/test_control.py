@@ -243,3 +243,26 @@ def test_recheck_before_needs_an_expiry_header() -> None:
     text = BASE.replace("pool: p}", "pool: p, auth: {url: http://127.0.0.1:1/ok, recheck_before: 30s}}")
     with pytest.raises(ConfigError, match=r"listeners\[0\]\.auth\.recheck_before"):
         parse_config(text)
+
+
+def test_expiry_headers_name_a_time_three_ways() -> None:
+    from wsproxy.policy.credentials import parse_expiry
+
+    assert parse_expiry(b"30", 1_700_000_000.0) == 1_700_000_030.0  # seconds from now
+    assert parse_expiry(b"1700000100", 1_700_000_000.0) == 1_700_000_100.0  # a Unix time
+    assert parse_expiry(b"Tue, 14 Nov 2023 22:15:00 GMT", 0.0) == 1_700_000_100.0  # an HTTP date
+    for bad in (b"", b"soon", b"-5", b"nan", b"1e300"):
+        assert parse_expiry(bad, 0.0) is None
+
+
+def test_expiry_steps_are_spread_earlier_never_later() -> None:
+    from wsproxy.policy.credentials import EXPIRE, RECHECK, next_step
+
+    assert next_step(100.0, None, 0.0) == next_step(100.0, None, 0.0)
+    assert next_step(100.0, None, 0.0).delay == 100.0 and next_step(100.0, None, 0.0).what == EXPIRE
+    assert next_step(100.0, None, 0.999).delay == pytest.approx(95.005)  # at most AUTH_EXPIRY_SPREAD earlier
+    assert next_step(2.0, None, 1.0).delay == pytest.approx(1.8)  # short ones: at most a tenth earlier
+    step = next_step(100.0, 30.0, 0.5)
+    assert step.what == RECHECK and step.delay == pytest.approx(67.5)
+    assert next_step(20.0, 30.0, 0.5).what == EXPIRE  # too late to recheck: close at expiry
+    assert next_step(-5.0, None, 0.5).delay == 0.0

@@ -30,6 +30,8 @@ from wsproxy.policy.reconnects import ReconnectTable
 from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
+from wsproxy.runtime.credentials import Credentials, CredentialWatch
+from wsproxy.runtime.timers import Timers
 
 if TYPE_CHECKING:
     from wsproxy.runtime.session import Session
@@ -54,7 +56,7 @@ LIMIT_NAMES = (
 class Edge:
     """What a server's sessions share for edge protection: counts, buckets, auth caches."""
 
-    __slots__ = ("admission", "auth", "keys", "reconnects", "storm")
+    __slots__ = ("admission", "auth", "keys", "reconnects", "storm", "tasks", "timers", "watches")
 
     def __init__(self) -> None:
         self.admission = Admission()
@@ -62,6 +64,9 @@ class Edge:
         self.storm = StormShield()  # the budget of new upgrades (admission.upgrades / per_pool)
         self.reconnects = ReconnectTable(defaults.RECONNECT_WINDOW, defaults.RECONNECT_CLIENTS)
         self.keys: dict[Session, str] = {}  # open upgraded sessions' client keys: bounded by the registry
+        self.watches: dict[Session, CredentialWatch] = {}  # sessions bound to credentials that expire
+        self.timers = Timers()  # the server's (set by the server): expiry timers
+        self.tasks: trio.Nursery | None = None  # the server's nursery (set while serving): auth rechecks
 
 
 @dataclass(slots=True)
@@ -72,6 +77,7 @@ class Admitted:
     pool: str
     ticket: Ticket
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+    credentials: Credentials | None = None  # the auth answer carried an expiry
 
 
 def pool_full(pool: Pool) -> bool:
@@ -127,7 +133,11 @@ async def admit(
         ticket.release()
         counts[adm.AUTH_DENIED if refused.status in (401, 403) else adm.AUTH_ERROR] += 1
         return refused
-    return Admitted(checked, rules.pool, ticket, answer.copy)
+    creds = None
+    if answer.expires_at is not None:
+        scheme = "https" if listener.tls else "http"
+        creds = Credentials(rules.auth, checked, client_ip, scheme, answer.expires_at)
+    return Admitted(checked, rules.pool, ticket, answer.copy, creds)
 
 
 def storm_check(edge: Edge, config: Config, pool: str) -> Rejection | None:
@@ -170,8 +180,14 @@ def reconnect_key(session: Session, upgrade: ClientUpgrade) -> str:
     return session.client_addr[0]
 
 
-def upgraded(edge: Edge, session: Session, upgrade: ClientUpgrade, metrics: Metrics) -> None:
-    """A client got its 101: the handshake's latency, and whether it is a reconnect."""
+def upgraded(
+    edge: Edge, session: Session, upgrade: ClientUpgrade, metrics: Metrics, credentials: Credentials | None = None
+) -> None:
+    """A client got its 101: the handshake's latency, whether it is a reconnect, and (when its
+    auth answer carried an expiry) the timer that rechecks or closes it."""
+    if credentials is not None:
+        watch = edge.watches[session] = CredentialWatch(edge, session, credentials)
+        watch.arm()
     now = trio.current_time()
     metrics.upgraded_after(str(session.listener.address), now - session.started)
     obs = session.snapshot.config.observability
@@ -185,6 +201,9 @@ def upgraded(edge: Edge, session: Session, upgrade: ClientUpgrade, metrics: Metr
 
 def ended(edge: Edge, session: Session) -> None:
     """A session left the registry: remember when its client was last here."""
+    watch = edge.watches.pop(session, None)
+    if watch is not None:
+        watch.cancel()
     key = edge.keys.pop(session, None)
     if key is not None:
         edge.reconnects.closed(key, trio.current_time())

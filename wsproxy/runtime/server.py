@@ -108,6 +108,7 @@ class Server:
         )  # this server's own
         self.metrics.config_loaded(config)
         self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
+        self.edge.timers = self.timers  # credential expiry timers run on the one timer task
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
         self.control = Control(self)  # runtime control: session ids, admin states, closes (control.py)
@@ -237,6 +238,7 @@ class Server:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
         async with trio.open_nursery() as connections:
             self._connections = connections
+            self.edge.tasks = connections  # auth rechecks before credentials expire
             await connections.start(self.timers.run)
             await connections.start(self.telemetry.run)
             if REACTOR_AVAILABLE:

@@ -93,6 +93,7 @@ class Session:
         "_client_lock",
         "_close_armed",
         "_closed",
+        "_credentials",
         "_edge",
         "_flow",
         "_lease",
@@ -156,6 +157,7 @@ class Session:
         self._edge = edge if edge is not None else gate.Edge()  # the server's: caps, buckets, auth caches
         self._ticket: Ticket | None = None  # this session's place in the session counts, once admitted
         self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
+        self._credentials: gate.Credentials | None = None  # the auth answer's expiry, if it had one
         self._flow: FlowLimiter | None = None  # client-to-backend message/byte budget
         self._reactor = reactor if reactor is not None and reactor.running else None
         self._lease: Lease | None = None  # this session's count on its backend, once chosen
@@ -303,6 +305,7 @@ class Session:
             await self._reject(admitted)
             return
         self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
+        self._credentials = admitted.credentials
         return await self._connect_backend(h, admitted.upgrade)
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
@@ -557,7 +560,8 @@ class Session:
         listener = str(self.listener.address)
         self._metrics.handshake(listener, UPGRADED, 101)
         self._active = self._metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
-        gate.upgraded(self._edge, self, upgrade, self._metrics)  # handshake latency, reconnect tracking
+        gate.upgraded(self._edge, self, upgrade, self._metrics, self._credentials)  # latency, reconnects, expiry
+        self._credentials = None
         relay: Relay
         if self.listener.relay == "passthrough":
             relay = PassthroughRelay(deflate=client_answer is not None, max_message_bytes=cfg.limits.max_message_bytes)
