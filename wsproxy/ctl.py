@@ -90,6 +90,46 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return ctl
 
 
+def add_upgrade_parser(sub: Any) -> argparse.ArgumentParser:
+    """`wsproxy upgrade`: a binary upgrade without refused connections (cli.py calls this)."""
+    up = sub.add_parser(
+        "upgrade",
+        help="validate the file, then tell the running proxy to hand its listeners to a new process (SIGUSR2)",
+        description="Validate FILE, then send SIGUSR2 to the proxy named by the pid file: it starts a new "
+        "wsproxy (the installed one) on FILE, hands it the listening sockets, and once the new process "
+        "accepts, stops accepting and drains its own sessions with 1001 over shutdown.drain_window. A new "
+        "process that fails to start leaves the old one serving. With workers: N, every worker is replaced.",
+    )
+    up.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    up.add_argument("--pid-file", default=None, help="default: pid_file of the config")
+    return up
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    """Validate first (a bad file never reaches the running proxy), then SIGUSR2 it."""
+    import os
+    import signal
+    from pathlib import Path
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    pid_file = Path(args.pid_file) if args.pid_file else config.pid_file
+    if pid_file is None:
+        print(f"{args.config}: pid_file: not set; give --pid-file or set pid_file in the config", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGUSR2)
+    except (OSError, ValueError) as exc:
+        print(f"cannot signal the proxy named by {pid_file}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sent SIGUSR2 to wsproxy (pid {pid}); it logs whether the new process took over")
+    return EXIT_OK
+
+
 class CtlError(Exception):
     """The proxy could not be reached or refused the request."""
 

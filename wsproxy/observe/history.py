@@ -69,8 +69,10 @@ def sample_from_metrics(families: Iterable[Any], max_series: int) -> dict[str, A
             elif s.name == "wsproxy_sessions_opened_total":
                 key = "new"
             elif s.name == "wsproxy_messages_total":
-                key = labels.get("direction", "").replace("client_to_backend", "to_backend").replace(
-                    "backend_to_client", "to_client"
+                key = (
+                    labels.get("direction", "")
+                    .replace("client_to_backend", "to_backend")
+                    .replace("backend_to_client", "to_client")
                 )
                 if key in total:
                     total[key] += s.value

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -65,16 +66,19 @@ class Admin:
 
     def status(self) -> dict[str, object]:
         s = self.server
-        return build_status(
-            pools=s.snapshot.pools,
-            sessions=s.sessions,
-            now=trio.current_time(),
-            wall_time=time.time(),
-            draining=s.draining,
-            config=s.snapshot.config,
-            listeners=s.bound,
-            errors=self.errors.entries,
-        ) | s.telemetry.overview()  # charts, totals, rates, uptime (telemetry.py)
+        return (
+            build_status(
+                pools=s.snapshot.pools,
+                sessions=s.sessions,
+                now=trio.current_time(),
+                wall_time=time.time(),
+                draining=s.draining,
+                config=s.snapshot.config,
+                listeners=s.bound,
+                errors=self.errors.entries,
+            )
+            | s.telemetry.overview()
+        )  # charts, totals, rates, uptime (telemetry.py)
 
     def respond(
         self,
@@ -196,12 +200,17 @@ async def serve_admin(
     config: AdminConfig,
     port_offset: int = 0,
     *,
+    inherited: list[socket.socket] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
-    listeners = await trio.open_tcp_listeners(port, host=config.address.host)
+    if inherited:  # handed over by the previous process (an upgrade)
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in inherited]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=config.address.host)
+    server.admin_sockets = listeners
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()

@@ -40,6 +40,7 @@ from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.admin_api import ControlApi, ControlCollector
 from wsproxy.runtime.control import Control
 from wsproxy.runtime.gate import Edge, EdgeCollector
+from wsproxy.runtime.handover import Inherited
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
 from wsproxy.runtime.reactor import Reactor
@@ -86,8 +87,11 @@ class _Listening:
 class Server:
     """Everything a running proxy holds: snapshot, listeners, sessions."""
 
-    def __init__(self, config: Config, *, worker_index: int = 0) -> None:
+    def __init__(self, config: Config, *, worker_index: int = 0, inherited: Inherited | None = None) -> None:
         self.worker_index = worker_index  # with workers > 1: this worker's admin port is admin's + index
+        self._inherited = inherited  # listening sockets handed over by the previous process (an upgrade)
+        self._admin_scope = trio.CancelScope()
+        self.admin_sockets: list[trio.SocketListener] = []  # the admin listener's (for a handover)
         self.snapshot = Snapshot.build(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
@@ -200,7 +204,13 @@ class Server:
 
     # --- listeners -------------------------------------------------------------------------
 
-    async def _open_sockets(self, listener: ListenerConfig) -> list[trio.SocketListener]:
+    async def _open_sockets(
+        self, listener: ListenerConfig, key: ListenerKey | None = None
+    ) -> list[trio.SocketListener]:
+        if self._inherited is not None and key is not None:
+            socks = self._inherited.take(listener_key_name(key))
+            if socks:  # the previous process's sockets: no moment without a listener
+                return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
         addr = listener.address
         if self.snapshot.config.workers > 1:
             return [_reuseport_listener(addr)]
@@ -247,12 +257,10 @@ class Server:
             await connections.start(self.health.run)
             for key, lst in listener_keys(self.snapshot.config).items():
                 ctx = server_ssl_context(lst) if lst.tls is not None else None
-                self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
+                self._listening[key] = _Listening(lst, await self._open_sockets(lst, key), ctx)
             self._refresh_bound()
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
-                self.admin_bound = await connections.start(
-                    serve_admin, self, self.snapshot.config.admin, self.worker_index
-                )
+                self.admin_bound = await connections.start(self._serve_admin)
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
                     self._accepting = accepting
@@ -266,6 +274,25 @@ class Server:
             if self.sessions:
                 await self._all_gone.wait()
             connections.cancel_scope.cancel()
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.snapshot.config.admin
+        assert config is not None
+        inherited = self._inherited.admin if self._inherited is not None else None
+        with self._admin_scope:
+            await serve_admin(self, config, self.worker_index, inherited=inherited, task_status=task_status)
+
+    def listening_fds(self) -> tuple[dict[str, list[int]], list[int]]:
+        """The descriptors a successor takes over: listeners by key, and the admin listener's."""
+        listeners = {
+            listener_key_name(key): [sock.socket.fileno() for sock in slot.sockets]
+            for key, slot in self._listening.items()
+        }
+        return listeners, [sock.socket.fileno() for sock in self.admin_sockets]
+
+    def stop_admin(self) -> None:
+        """The successor answers on the admin address now."""
+        self._admin_scope.cancel()
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -451,6 +478,11 @@ def _reuseport_listener(addr: Address) -> trio.SocketListener:
             raise OSError(exc.errno, f"{addr} is in use by another program") from None
         raise
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def listener_key_name(key: ListenerKey) -> str:
+    """A listener's identity as text, the same in a successor that reads the same file."""
+    return str(key) if isinstance(key, Address) else f"{key[0]}#{key[1]}"
 
 
 def _local(stream: trio.SocketStream) -> tuple[str, int] | None:
