@@ -247,9 +247,8 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             log.info("worker %d started (pid %d)", index, proc.pid)
             code = await proc.wait()
-            while self.procs[index] is not proc and self.procs[index] is not None:  # replaced by an upgrade
-                proc = self.procs[index]
-                assert proc is not None
+            while (current := self.procs[index]) is not None and current is not proc:  # replaced by an upgrade
+                proc = current
                 code = await proc.wait()
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %d", index, proc.pid, code)
