@@ -120,20 +120,20 @@ async def test_drain_takes_no_new_sessions_and_keeps_the_open_ones(nursery, back
 async def test_maint_closes_the_open_sessions_with_1012_spread_over_the_window(nursery, backends) -> None:
     proxy, admin = await _proxy(nursery, backends)
     b1 = f"127.0.0.1:{backends[0].port}"
-    clients = await _open(proxy, 8)
+    clients = await _open(proxy, 16)
     on_b1 = [c for i, c in enumerate(clients) if i % 2 == 0]
-    body = {"pool": "p", "backend": b1, "state": "maint", "spread": "1s"}
+    body = {"pool": "p", "backend": b1, "state": "maint", "spread": "2s"}
     start = trio.current_time()
     status, doc, _ = await admin_call(admin, "POST", "/backends/state", body)
-    assert status == 200 and doc["closing"] == 4 and doc["spread_s"] == 1.0
+    assert status == 200 and doc["closing"] == 8 and doc["spread_s"] == 2.0
     times = []
     for c in on_b1:
         with trio.fail_after(5):
             close = await c.wait_close()
         assert (close.code, close.reason) == (1012, "backend in maintenance")
         times.append(trio.current_time() - start)
-    assert max(times) - min(times) >= 0.25  # spread, not all at once
-    assert max(times) <= 2.0
+    assert max(times) - min(times) >= 0.75  # spread (ideally about 1.75 s), not all at once
+    assert max(times) <= 4.0
     for c in clients[1::2]:
         assert await _echoes(c)
         await trio.aclose_forcefully(c.stream)
@@ -186,19 +186,19 @@ async def test_sessions_are_listed_paged_and_filtered(nursery, backends) -> None
 
 async def test_close_by_selector_uses_the_code_and_reason_at_a_flat_rate(nursery, backends) -> None:
     proxy, admin = await _proxy(nursery, backends)
-    doomed = await _open(proxy, 4, "/chat/")
+    doomed = await _open(proxy, 8, "/chat/")
     spared = await _open(proxy, 2, "/feed/")
-    body = {"selector": {"route": "/chat/"}, "code": 4001, "reason": "please reconnect", "spread": "800ms"}
+    body = {"selector": {"route": "/chat/"}, "code": 4001, "reason": "please reconnect", "spread": "2s"}
     start = trio.current_time()
     status, doc, _ = await admin_call(admin, "POST", "/sessions/close", body)
-    assert status == 200 and doc == {"closing": 4, "code": 4001, "spread_s": 0.8}
+    assert status == 200 and doc == {"closing": 8, "code": 4001, "spread_s": 2.0}
     times = []
     for c in doomed:
         with trio.fail_after(5):
             close = await c.wait_close()
         assert (close.code, close.reason) == (4001, "please reconnect")
         times.append(trio.current_time() - start)
-    assert max(times) - min(times) >= 0.2
+    assert max(times) - min(times) >= 0.75  # spread (ideally about 1.75 s), not all at once
     for c in spared:
         assert await _echoes(c)
         await trio.aclose_forcefully(c.stream)

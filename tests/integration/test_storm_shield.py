@@ -86,9 +86,10 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
             for _ in range(32):
                 opening.start_soon(_connect_some, port, streams, STORM // 32)
         start = trio.current_time()
+        sent_at = []
         for stream in streams:
             await stream.send_all(UPGRADE)
-        sent_within = trio.current_time() - start
+            sent_at.append(trio.current_time() - start)
         last_answer = start
 
         async def read(stream: trio.SocketStream) -> None:
@@ -104,7 +105,8 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
             for stream in streams:
                 readers.start_soon(read, stream)
     busy = last_answer - start  # the proxy answered the whole storm within this long
-    assert len(streams) == STORM and sent_within < 1.0, sent_within  # thousands of attempts within a second
+    in_first_second = sum(t < 1.0 for t in sent_at)
+    assert len(streams) == STORM and in_first_second >= 2000, in_first_second  # thousands within a second
     assert statuses[101] + statuses[503] == STORM
     admitted = statuses[101]
 
@@ -113,9 +115,11 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
     reports = [re.search(r"in the last ([\d.]+)s admitted (\d+) upgrade\(s\), refused (\d+)", ln) for ln in proc.lines]
     rates = [int(m.group(2)) / float(m.group(1)) for m in reports if m]
     print("admitted per second, by report:", [round(r, 1) for r in rates], "retry-after:", sorted(retry_after.items()))
-    assert len(rates) >= 2, proc.lines
-    # the first report also holds the burst (and what passed before the first refusal)
-    assert all(RATE * 0.75 <= r <= RATE * 1.25 for r in rates[1:]), rates  # flat at the budget
+    # the first report also holds the burst (and what passed before the first refusal), the last
+    # may cover the storm's end; every one between is flat at the budget
+    assert len(rates) >= 3, rates
+    assert all(RATE * 0.75 <= r <= RATE * 1.25 for r in rates[1:-1]), rates
+    assert rates[-1] <= RATE * 1.25, rates
     assert admitted <= RATE + RATE * busy + 2
     # retry times spread over the whole window, none all at once
     refused = statuses[503]

@@ -291,6 +291,8 @@ function renderTotals(d) {
   add("to clients", "total_to_client", d.totals.to_client, d.rates.to_client);
   add("closes", "total_closes", d.totals.closes, d.rates.closes);
 }
+// the SVG namespace, derived from the page's own (XHTML's) rather than spelled as a URL
+const SVG_NS = document.documentElement.namespaceURI.replace("1999/xhtml", "2000/svg");
 const COLOURS = ["#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#0a7d8c", "#6e7781"];
 // series: [{name, points: [[t, v], ...]}], t in seconds (negative: before now)
 function chart(id, title, series) {
@@ -298,21 +300,21 @@ function chart(id, title, series) {
   const box = el("div", null, "chart"); box.id = "chart-" + id;
   box.appendChild(el("h3", title));
   const max = Math.max(1, ...series.flatMap(s => s.points.map(p => p[1])));
-  const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
+  const svg = document.createElementNS(SVG_NS, "svg");
   svg.setAttribute("width", W); svg.setAttribute("height", H + 16);
   svg.dataset.max = max; svg.dataset.top = T; svg.dataset.height = H;
   const x = t => L + (W - 2 * L) * (1 + Math.max(-span, t) / span), y = v => T + H * (1 - v / max);
-  const axis = document.createElementNS(ns, "text");
+  const axis = document.createElementNS(SVG_NS, "text");
   axis.setAttribute("x", L); axis.setAttribute("y", H + T + 9); axis.setAttribute("font-size", "10");
   axis.textContent = "15 min ago \u2014 max " + fmt(max) + " \u2014 now";
   svg.appendChild(axis);
-  const base = document.createElementNS(ns, "line");
+  const base = document.createElementNS(SVG_NS, "line");
   base.setAttribute("x1", L); base.setAttribute("x2", W - L);
   base.setAttribute("y1", T + H); base.setAttribute("y2", T + H);
   base.setAttribute("stroke", "#bbb"); svg.appendChild(base);
   const legend = el("div");
   series.forEach((s, i) => {
-    const colour = COLOURS[i % COLOURS.length], line = document.createElementNS(ns, "polyline");
+    const colour = COLOURS[i % COLOURS.length], line = document.createElementNS(SVG_NS, "polyline");
     line.setAttribute("points", s.points.map(p => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(2)).join(" "));
     line.setAttribute("fill", "none"); line.setAttribute("stroke", colour); line.setAttribute("stroke-width", "1.6");
     line.dataset.series = s.name;
