@@ -51,10 +51,10 @@ class Inherited:
     def take(self, key: str) -> list[socket.socket] | None:
         return self.listeners.pop(key, None)
 
-    def close_unused(self) -> None:
-        """Sockets for listeners the successor's config no longer has: closed here (the old
-        process closes its copies as it stops), so they stop listening."""
-        for socks in self.listeners.values():
+    def close_unused(self, *, admin_used: bool) -> None:
+        """Sockets the successor's config no longer has a listener for (nor an admin listener):
+        closed here (the old process closes its copies as it stops), so they stop listening."""
+        for socks in [*self.listeners.values(), [] if admin_used else self.admin]:
             for s in socks:
                 s.close()
         self.listeners.clear()

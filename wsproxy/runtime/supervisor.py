@@ -55,7 +55,7 @@ async def run(
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2) as signals:
             await nursery.start(server.serve)
             if inherited is not None:
-                inherited.close_unused()
+                inherited.close_unused(admin_used=config.admin is not None)
                 await inherited.ready()  # the previous process stops accepting now
             log.info("wsproxy ready (config %s, sha256 %s, pid %d)", config.source, config.digest[:12], os.getpid())
             task_status.started(server)
