@@ -45,7 +45,7 @@ Exit codes: 0 done, 1 the proxy refused or could not be reached, 2 bad config.
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """The `ctl` subcommand and its own subcommands (cli.py calls this)."""
-    ctl = sub.add_parser(
+    ctl: argparse.ArgumentParser = sub.add_parser(
         "ctl",
         help="runtime control: sessions, drain, maint, ready, close, rebalance",
         description=DESCRIPTION,
@@ -92,7 +92,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def add_upgrade_parser(sub: Any) -> argparse.ArgumentParser:
     """`wsproxy upgrade`: a binary upgrade without refused connections (cli.py calls this)."""
-    up = sub.add_parser(
+    up: argparse.ArgumentParser = sub.add_parser(
         "upgrade",
         help="validate the file, then tell the running proxy to hand its listeners to a new process (SIGUSR2)",
         description="Validate FILE, then send SIGUSR2 to the proxy named by the pid file: it starts a new "

@@ -2,8 +2,8 @@
 
 The decisions are pure (admission.py, ratelimit.py, origin.py); this module runs them where a
 session needs them and does the waiting they imply: the auth subrequest before a backend is
-contacted, and the pause a client over its message or byte rate gets (its pump does not read,
-so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
+contacted, and the session's message/byte budget (`flow_limiter`; the relay driver stops
+reading a client over it, so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
 `EdgeCollector` shows its counters as Prometheus metrics.
 """
 
@@ -109,9 +109,8 @@ async def admit(
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
-        return Rejection(
-            503, f"every backend of pool {rules.pool} is at its max_sessions", retry_after(config.limits.retry_after)
-        )
+        why = f"every backend of pool {rules.pool} is at its max_sessions"
+        return Rejection(503, why, retry_after(config.limits.retry_after), public=why)
     ticket = edge.admission.admit(config, client_ip, rules.pool)
     if isinstance(ticket, Rejection):
         return ticket
@@ -160,12 +159,8 @@ def storm_check(edge: Edge, config: Config, pool: str) -> Rejection | None:
             ", ".join(f"{'all pools' if k == '*' else 'pool ' + k}: {n}" for k, n in sorted(report.refused.items())),
             config.admission.retry_after_spread,
         )
-    return Rejection(
-        503,
-        f"over the upgrade budget (pool {pool}): retry in {after}s",
-        ((b"Retry-After", str(after).encode()),),
-        quiet=True,
-    )
+    why = f"over the upgrade budget (pool {pool}): retry in {after}s"  # the proxy's own limit: fit to show
+    return Rejection(503, why, ((b"Retry-After", str(after).encode()),), public=why, quiet=True)
 
 
 def reconnect_key(session: Session, upgrade: ClientUpgrade) -> str:
@@ -220,17 +215,6 @@ def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
         nbytes=(rl.bytes.rate, rl.bytes.burst) if rl.bytes else None,
         close_after=rl.close_after,
     )
-
-
-async def hold_back(limiter: FlowLimiter) -> bool:
-    """Wait while the sender is over its budget. False: it has been over it for `close_after`."""
-    while True:
-        pause = limiter.pause(trio.current_time())
-        if pause is None:
-            return False
-        if pause <= 0:
-            return True
-        await trio.sleep(pause)
 
 
 class EdgeCollector(Collector):
