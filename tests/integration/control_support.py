@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.support import raw_http, status_of
+import trio
+
+from tests.support import RawClient, raw_http, status_of
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 
@@ -34,3 +36,19 @@ def metric_value(exposition: bytes, line_start: str) -> float | None:
         if line.startswith(line_start + " "):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+async def closes_with_times(clients: list[RawClient], start: float, timeout: float = 5.0) -> list[tuple[Any, float]]:
+    """Each client's close frame and when it arrived (seconds after `start`), every client
+    watched at once, so a close is timed when it arrives, not when the test gets to it."""
+    got: list[tuple[Any, float]] = [(None, 0.0)] * len(clients)
+
+    async def watch(i: int, client: RawClient) -> None:
+        with trio.fail_after(timeout):
+            close = await client.wait_close()
+        got[i] = (close, trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        for i, client in enumerate(clients):
+            nursery.start_soon(watch, i, client)
+    return got

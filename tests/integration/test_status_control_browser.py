@@ -73,7 +73,7 @@ async def test_drain_and_ready_buttons_appear_with_the_token_and_change_the_back
         text = await browser.evaluate("document.getElementById('control').textContent")
         assert text == f"{b1}: drain \u2192 ready"
         assert TOKEN not in await browser.evaluate("document.body.innerText")  # the secret is not shown
-        metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert metric_value(metrics, 'wsproxy_admin_actions_total{action="backend_state",result="ok"}') == 2
     finally:
         await browser.close()
@@ -89,7 +89,7 @@ async def test_charts_are_drawn_in_the_page_and_a_drawn_value_matches_the_metric
         for _ in range(5):
             await c.send(TextMessage(data="hello"))
             assert await c.receive_message() == "hello"
-    metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    metrics = await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     open_now = sum(
         metric_value(
             metrics, f'wsproxy_sessions_active{{backend="127.0.0.1:{b.port}",listener="127.0.0.1:0",pool="p"}}'

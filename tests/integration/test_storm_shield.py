@@ -1,6 +1,7 @@
 """The storm shield under a replayed reconnect storm: thousands of upgrade attempts within a
-second, and the accepted upgrades per second stay flat at the budget while the refused clients
-are told to come back at times spread over admission.retry_after_spread."""
+second, the refused clients told to come back at times spread over admission.retry_after_spread,
+and coming back then (once each): the accepted upgrades per second stay flat at the budget for
+as long as the storm lasts."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ async def test_a_reconnect_storm_is_admitted_at_the_budget_and_told_to_come_back
         with trio.fail_after(20):
             while True:
                 try:
-                    if status_of(await raw_http(admin, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200:
+                    if status_of(await raw_http(admin, b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")) == 200:
                         break
                 except OSError:  # not listening yet
                     assert proc.proc.poll() is None, "".join(proc.lines)
@@ -80,7 +81,8 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
     # then every upgrade request sent within a second (bounded: STORM attempts, 60 s in all).
     streams: list[trio.SocketStream] = []
     retry_after: Counter[int] = Counter()
-    statuses: Counter[int] = Counter()
+    statuses: Counter[int] = Counter()  # the first attempts' answers
+    again: Counter[int] = Counter()  # the answers to the refused clients' second attempts
     with trio.fail_after(60):
         async with trio.open_nursery() as opening:
             for _ in range(32):
@@ -100,6 +102,12 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
             if status != 101:
                 assert status == 503 and after is not None, status
                 retry_after[after] += 1
+                await trio.sleep(after)  # told when to come back: it does, once
+                retry = await trio.open_tcp_stream("127.0.0.1", port)
+                await retry.send_all(UPGRADE)
+                status, _ = await _answer(retry)
+                again[status] += 1
+                last_answer = trio.current_time()
 
         async with trio.open_nursery() as readers:
             for stream in streams:
@@ -108,7 +116,8 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
     in_first_second = sum(t < 1.0 for t in sent_at)
     assert len(streams) == STORM and in_first_second >= 2000, in_first_second  # thousands within a second
     assert statuses[101] + statuses[503] == STORM
-    admitted = statuses[101]
+    assert again[101] + again[503] == statuses[503]
+    admitted = statuses[101] + again[101]
 
     # The proxy's own once-a-second report says how many it admitted over how long, measured
     # where the decision is taken (a client here sees its 101 later, after the backend's).
@@ -116,7 +125,8 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
     rates = [int(m.group(2)) / float(m.group(1)) for m in reports if m]
     print("admitted per second, by report:", [round(r, 1) for r in rates], "retry-after:", sorted(retry_after.items()))
     # the first report also holds the burst (and what passed before the first refusal), the last
-    # may cover the storm's end; every one between is flat at the budget
+    # may cover the storm's end; every one between is flat at the budget (the comebacks, spread
+    # over SPREAD seconds, keep asking for more than the budget all along)
     assert len(rates) >= 3, rates
     assert all(RATE * 0.75 <= r <= RATE * 1.25 for r in rates[1:-1]), rates
     assert rates[-1] <= RATE * 1.25, rates
@@ -126,8 +136,8 @@ async def _storm(port: int, admin: int, proc: ProxyProcess) -> None:
     assert set(retry_after) == set(range(1, SPREAD + 1)), retry_after
     assert max(retry_after.values()) <= 2 * refused / SPREAD
     # counted, and logged about once a second rather than once per refusal
-    metrics = (await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).decode()
-    assert f'wsproxy_storm_refused_total{{pool="*"}} {float(refused)}' in metrics
+    metrics = (await raw_http(admin, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).decode()
+    assert f'wsproxy_storm_refused_total{{pool="*"}} {float(refused + again[503])}' in metrics
     lines = [ln for ln in proc.lines if "storm shield" in ln]
     assert len(lines) <= busy + 2, len(lines)
     assert not [ln for ln in proc.lines if "over the upgrade budget" in ln]  # no line per refusal
