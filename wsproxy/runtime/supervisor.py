@@ -63,10 +63,12 @@ async def run(
     such a successor: it takes its listening sockets from the process waiting at that path.
     `supervised`: a worker of a `Supervisor`, which starts the successor itself."""
     path = Path(config_path) if config_path is not None else Path(config.source)
-    inherited = await handover.receive_listeners(inherit) if inherit is not None else None
-    server = Server(config, worker_index=worker_index, inherited=inherited)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2) as signals:
+    # The receiver first: a signal sent once the pid file exists waits for the loop below instead
+    # of killing a process still taking its sockets over or building its server.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2) as signals:
+        inherited = await handover.receive_listeners(inherit) if inherit is not None else None
+        server = Server(config, worker_index=worker_index, inherited=inherited)
+        async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             if inherited is not None:
                 inherited.close_unused(admin_used=config.admin is not None)
