@@ -13,11 +13,18 @@ TOKEN = "s3cret-token-for-the-tests-0123456789"
 
 
 async def admin_call(
-    port: int, method: str, path: str, body: Any = None, *, token: str | None = TOKEN, raw_body: bytes | None = None
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = TOKEN,
+    raw_body: bytes | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[int, Any, bytes]:
     """(status, JSON document or None, the whole response) of one admin request."""
     data = raw_body if raw_body is not None else (json.dumps(body).encode() if body is not None else b"")
-    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", f"Content-Length: {len(data)}"]
+    head = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close", f"Content-Length: {len(data)}"]
     if data:
         head.append("Content-Type: application/json")
     if token is not None:

@@ -42,6 +42,18 @@ async def _echoes(client: RawClient) -> bool:
         return await client.receive_message() == "ping?"
 
 
+async def test_a_write_for_another_host_is_misdirected_even_with_the_token(nursery, backends) -> None:
+    # DNS rebinding: a page on another name that points at the admin address must not write
+    proxy, admin = await _proxy(nursery, backends)
+    body = {"pool": "p", "backend": f"127.0.0.1:{backends[0].port}", "state": "maint"}
+    status, _, _ = await admin_call(admin, "POST", "/backends/state", body, host="evil.example")
+    assert status == 421
+    assert proxy.server.snapshot.pools["p"].backends[0].admin.state == "ready"
+    assert not proxy.server.control_api.counts  # never reached the write API
+    status, _, _ = await admin_call(admin, "POST", "/backends/state", body, host=f"localhost:{admin}")
+    assert status == 200 and proxy.server.snapshot.pools["p"].backends[0].admin.state == "maint"
+
+
 async def test_writes_need_the_bearer_token_compared_and_counted(nursery, backends, caplog) -> None:
     proxy, admin = await _proxy(nursery, backends)
     name = f"127.0.0.1:{backends[0].port}"
