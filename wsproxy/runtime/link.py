@@ -54,6 +54,10 @@ def _no_name(side: Side) -> str:
     return side
 
 
+def _waiting(state: SideState) -> int:
+    return len(state.out) + sum(len(chunk) for chunk in state.more or ())
+
+
 class PeerSocket:
     """One peer's socket, as the driver sees it."""
 
@@ -163,6 +167,11 @@ class Link:
             self._carry_out(self.phase.start(client_trailing, backend_trailing, now), now)
         except Exception:
             self._crash()
+
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend): each side's send in flight
+        and the proxy's frames queued behind it."""
+        return _waiting(self.client.state), _waiting(self.backend.state)
 
     def end(self) -> None:
         """End the session now, without a closing handshake (a cut, a shutdown deadline)."""
@@ -296,6 +305,7 @@ class Link:
         if what is rp.BUFFER_FULL:
             self._metrics.backpressure_event(side, BUFFER_FULL)
         elif what is rp.STALL_ENDED:
+            self._metrics.send_stall(side, value)
             if value >= SEND_STALL_SECONDS:
                 self._metrics.backpressure_event(side, SEND_STALLED)
         elif what is rp.PONG_RTT:

@@ -190,6 +190,15 @@ class Session:
             return None
         return (self._active[0], self._active[1], self.relay.stats)
 
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend)."""
+        return self._link.backlog() if self._link is not None else (0, 0)
+
+    @property
+    def last_activity(self) -> float | None:
+        """When the last data frame passed either way (None: no schedule keeps it)."""
+        return self._schedule.last_data if self._schedule is not None else None
+
     @property
     def closing(self) -> bool:
         """A closing handshake has started (by either peer or the proxy)."""
@@ -216,6 +225,8 @@ class Session:
         self.relay = upgraded.relay
         listener = str(self.listener.address)
         self._active = self.metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
+        # the handshake's latency, whether it is a reconnect, and the credentials' expiry timer
+        gate.upgraded(self.edge, self, upgraded.upgrade, self.metrics, upgraded.credentials)
         self._start_schedule()
         self._flow = gate.flow_limiter(cfg, trio.current_time())
         self._relay(upgraded.client_trailing, upgraded.backend_trailing)
