@@ -52,7 +52,7 @@ class Rejection:
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""
-        body = self.body or f"{self.status} {phrase(self.status)}: {self.reason}\n".encode()
+        body = self.body_bytes()
         head = [f"HTTP/1.1 {self.status} {phrase(self.status)}".encode()]
         head += [k + b": " + v for k, v in self.headers]
         head += [
@@ -61,6 +61,10 @@ class Rejection:
             b"Connection: close",
         ]
         return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+    def body_bytes(self) -> bytes:
+        """The response body: the given one, else a line with the status and the reason."""
+        return self.body or f"{self.status} {phrase(self.status)}: {self.reason}\n".encode()
 
 
 def phrase(status: int) -> str:
@@ -72,6 +76,8 @@ _PHRASES = {
     403: "Forbidden",
     404: "Not Found",
     408: "Request Timeout",
+    413: "Content Too Large",
+    417: "Expectation Failed",
     426: "Upgrade Required",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
@@ -91,6 +97,8 @@ class ClientUpgrade:
     subprotocols: tuple[str, ...]
     extension_offers: tuple[str, ...]  # the raw Sec-WebSocket-Extensions offers, in order
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # original names and order
+    method: bytes = b"GET"
+    websocket: bool = True  # False: a plain HTTP request (http1.plain_request), no key or offers
 
     @property
     def path(self) -> str:
@@ -115,6 +123,13 @@ def _tokens(values: list[bytes]) -> list[bytes]:
 
 def _all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
+
+
+def is_upgrade(req: h11.Request) -> bool:
+    """The request asks for a protocol switch (an Upgrade header, or upgrade in Connection):
+    validate_client_request judges it; anything else is a plain HTTP request."""
+    headers = list(req.headers)
+    return bool(_all(headers, b"upgrade")) or b"upgrade" in _tokens(_all(headers, b"connection"))
 
 
 def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
@@ -217,12 +232,34 @@ def build_upstream_request(
     offers for Sec-WebSocket-Extensions (None: no extensions). `extra_headers` are added after
     the client's (the auth service's `copy_headers`; the caller removed the client's own).
     """
-    listed = _connection_listed(list(upgrade.raw_headers))
+    own = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
+    if extension_offer:
+        own.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
+    out = forward_headers(
+        upgrade, client_ip=client_ip, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS
+    )
+    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+
+
+def forward_headers(
+    request: ClientUpgrade,
+    *,
+    client_ip: str,
+    scheme: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    own: Iterable[tuple[bytes, bytes]] = (),
+    drop: frozenset[bytes] = frozenset(),
+) -> Headers:
+    """The headers a backend gets for a client's request (an Upgrade or a plain HTTP request):
+    end-to-end headers as received, in order, without hop-by-hop ones, those the client's
+    Connection lists and `drop`; then `extra_headers`, this hop's `own`, and the forwarding
+    headers (X-Forwarded-For/-Proto/-Host and Forwarded, the client's element appended)."""
+    listed = _connection_listed(list(request.raw_headers))
     out: Headers = []
     xff_prior: list[bytes] = []
-    for name, value in upgrade.raw_headers:
+    for name, value in request.raw_headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING:
+        if low in HOP_BY_HOP or low in listed or low in drop or low in FORWARDING:
             continue
         if low == b"x-forwarded-for":
             xff_prior.append(value.strip())
@@ -231,20 +268,16 @@ def build_upstream_request(
             continue  # re-added below with our element appended
         out.append((name, value))
     out.extend(extra_headers)
-    out.append((b"Connection", b"Upgrade"))
-    out.append((b"Upgrade", b"websocket"))
-    out.append((b"Sec-WebSocket-Key", key))
-    if extension_offer:
-        out.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
+    out.extend(own)
     xff = b", ".join([*xff_prior, client_ip.encode()])
     out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
-    out.append((b"X-Forwarded-Host", upgrade.host))
-    prior_fwd = [v.strip() for k, v in upgrade.raw_headers if k.lower() == b"forwarded"]
-    host_q = upgrade.host.decode("latin-1").replace('"', "")
+    out.append((b"X-Forwarded-Host", request.host))
+    prior_fwd = [v.strip() for k, v in request.raw_headers if k.lower() == b"forwarded"]
+    host_q = request.host.decode("latin-1").replace('"', "")
     element = f'for={_forwarded_for(client_ip)};proto={scheme};host="{host_q}"'.encode()
     out.append((b"Forwarded", b", ".join([*prior_fwd, element])))
-    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,15 +344,17 @@ def build_client_101(
     return h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
 
 
-def passthrough_response_headers(response: h11.Response) -> Headers:
-    """Headers of a backend's non-101 answer as sent to the client: hop-by-hop removed."""
+def passthrough_response_headers(response: h11.Response, *, close: bool = True) -> Headers:
+    """Headers of a backend's non-101 answer as sent to the client: hop-by-hop removed (and,
+    with `close`, Connection: close: the handshake path ends the connection after it)."""
     listed = _connection_listed(list(response.headers))
     out = [
         (bytes(k), bytes(v))
         for k, v in response.headers.raw_items()
         if k.lower() not in HOP_BY_HOP and k.lower() not in listed
     ]
-    out.append((b"Connection", b"close"))
+    if close:
+        out.append((b"Connection", b"close"))
     return out
 
 

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from wsproxy.config import Config, ListenerConfig
 from wsproxy.policy import admission as adm
+from wsproxy.policy import health
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
@@ -60,6 +61,16 @@ class Admitted:
     pool: str
     ticket: Ticket
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def unavailable(pool: Pool) -> Rejection:
+    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
+    after = health.retry_after((b.health for b in pool.backends), trio.current_time())
+    return Rejection(
+        503,
+        f"no backend available in pool {pool.name} (all down or ejected)",
+        headers=((b"Retry-After", str(after).encode()),),
+    )
 
 
 def pool_full(pool: Pool) -> bool:

@@ -35,9 +35,12 @@ from wsproxy.policy.reload_plan import (
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
+from wsproxy.runtime import listener_tls
 from wsproxy.runtime.admin import serve_admin
+from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
+from wsproxy.runtime.http_pool import IdleConnections
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.session import Session, peer_address
@@ -54,14 +57,11 @@ PROXY_HEADER_READ = 256  # a PROXY header is at most 107 (v1) or 16 + a few hund
 
 
 def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only. Built once per listener
-    and again on reload (so renewed cert files on disk are picked up)."""
+    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only, the certificate chosen
+    by SNI when there are several (listener_tls.py). Built once per listener and again on reload
+    (so renewed cert files on disk are picked up)."""
     assert listener.tls is not None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(listener.tls.cert), str(listener.tls.key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return listener_tls.server_context(listener.tls)
 
 
 class ReloadError(Exception):
@@ -83,9 +83,11 @@ class _Listening:
 class Server:
     """Everything a running proxy holds: snapshot, listeners, sessions."""
 
-    def __init__(self, config: Config, *, worker_index: int = 0) -> None:
+    def __init__(self, config: Config, *, worker_index: int = 0, secret: bytes | None = None) -> None:
         self.worker_index = worker_index  # with workers > 1: this worker's admin port is admin's + index
-        self.snapshot = Snapshot.build(config)
+        self.snapshot = Snapshot.build(config, secret=secret)  # secret: the affinity cookies' key
+        self.backend_tls = BackendContexts()  # client TLS contexts for wss:// backends, rebuilt on reload
+        self.backend_tls.load(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
         self._listening: dict[ListenerKey, _Listening] = {}
@@ -96,7 +98,8 @@ class Server:
         self.draining = False
         self.timers = Timers()
         self.reactor = Reactor()  # the relay phase of every session, on one readiness loop (Linux)
-        self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
+        self.health = HealthMonitor(on_down=self._backend_down, tls=self.backend_tls)  # sync() on start and reload
+        self.idle = IdleConnections(self.timers)  # kept-alive backend connections of plain HTTP requests
         self.reloads = 0
         self.metrics = Metrics(
             pools=lambda: self.snapshot.pools,
@@ -164,6 +167,8 @@ class Server:
             edge=self.edge,
             reactor=self.reactor,
             on_end=self._unregister,  # told once: by run(), or later by its link on the reactor
+            backend_tls=self.backend_tls,
+            idle=self.idle,
         )
         return session
 
@@ -225,6 +230,12 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self.idle.close_all()  # kept-alive backend connections of plain HTTP requests
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.timers.run)
@@ -272,8 +283,13 @@ class Server:
             if lst.tls is not None:
                 try:
                     contexts[lst.address] = server_ssl_context(lst)
-                except (OSError, ssl.SSLError) as exc:
+                except (OSError, ssl.SSLError, ValueError) as exc:
                     raise ReloadError(f"listener {lst.address}: cannot load TLS cert/key: {exc}") from None
+        backend_tls = BackendContexts()
+        try:
+            backend_tls.load(config)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReloadError(f"cannot load the TLS files for backends: {exc}") from None
         opened: list[tuple[ListenerKey, _Listening]] = []
         try:
             for key, lst in plan.open:
@@ -285,6 +301,7 @@ class Server:
             raise ReloadError(f"cannot listen on {lst.address}: {exc}") from None
         # the swap: from here on nothing fails
         self.snapshot = Snapshot.build(config, previous=self.snapshot)
+        self.backend_tls.replace(backend_tls)
         self.reloads += 1
         self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
         for key, lst in plan.keep:

@@ -17,7 +17,7 @@ import logging
 import random
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h11
@@ -37,24 +37,27 @@ from wsproxy.observe.metrics import (
     UPGRADED,
     Metrics,
 )
-from wsproxy.policy import health, routing
+from wsproxy.policy import routing, sticky
 from wsproxy.policy.admission import RATE_CLOSED, RATE_THROTTLED, Ticket
 from wsproxy.policy.balancing import Backend, Pool
 from wsproxy.policy.balancing.base import Lease
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.policy.snapshot import Snapshot
-from wsproxy.protocol import handshake, heartbeat, proxy_protocol
+from wsproxy.protocol import handshake, heartbeat, http1, proxy_protocol
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate
+from wsproxy.runtime.backend_tls import BackendContexts, BackendStream, open_stream
+from wsproxy.runtime.http_pool import IdleConnections
+from wsproxy.runtime.http_proxy import HttpConnection
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
 from wsproxy.runtime.timers import TimerEntry, Timers
-from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
+from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
 
@@ -81,6 +84,8 @@ class Outcome:
     path: str | None = None
     subprotocol: str | None = None
     attempts: int = 0
+    http_requests: int = 0  # plain HTTP requests answered on this connection (http_proxy.py)
+    cookie: bytes | None = None  # the affinity Set-Cookie for the 101 (sticky.py)
 
 
 class Session:
@@ -90,11 +95,13 @@ class Session:
         "_active",
         "_backend_lock",
         "_backend_stream",
+        "_backend_tls",
         "_client_lock",
         "_close_armed",
         "_closed",
         "_edge",
         "_flow",
+        "_idle",
         "_lease",
         "_link",
         "_metrics",
@@ -131,6 +138,8 @@ class Session:
         edge: gate.Edge | None = None,
         reactor: Reactor | None = None,
         on_end: Callable[[Session], None] | None = None,
+        backend_tls: BackendContexts | None = None,
+        idle: IdleConnections | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -141,7 +150,7 @@ class Session:
         self.relay: Relay | None = None
         self.backend: Backend | None = None  # the backend this session is relayed to (after its 101)
         self.started = trio.current_time()
-        self._backend_stream: trio.SocketStream | FastSocketStream | None = None
+        self._backend_stream: BackendStream | None = None
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._client_lock: trio.Lock | None = None  # the task-driven relay's send locks (not the reactor's)
@@ -161,6 +170,8 @@ class Session:
         self._lease: Lease | None = None  # this session's count on its backend, once chosen
         self._link: Link | None = None  # the relay phase on the reactor (else: two pump tasks)
         self._on_end = on_end  # told once, when everything of this session is released
+        self._backend_tls = backend_tls if backend_tls is not None else BackendContexts()  # the server's
+        self._idle = idle if idle is not None else IdleConnections()  # the server's kept-alive backend connections
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -276,6 +287,10 @@ class Session:
         if isinstance(got, Rejection):
             await self._reject(got)
             return
+        if self.listener.http == "proxy" and not handshake.is_upgrade(got):
+            got = await self._serve_http(h, got)  # plain HTTP requests; an Upgrade among them comes back
+            if got is None:
+                return None
         self.outcome.path = got.target.decode("latin-1")
         checked = handshake.validate_client_request(got)
         if isinstance(checked, Rejection):
@@ -302,7 +317,7 @@ class Session:
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
-                return Rejection(exc.error_status_hint, f"malformed request: {exc}")
+                return Rejection(http1.error_status(exc), f"malformed request: {exc}")
             if event is h11.NEED_DATA:
                 try:
                     data = await self.client_stream.receive_some(size)
@@ -319,6 +334,8 @@ class Session:
                 if handshake.head_size(event) > limit:
                     return Rejection(431, f"request head over {limit} bytes")
                 request = event
+                if self.listener.http == "proxy" and not handshake.is_upgrade(event):
+                    return event  # a plain request: http_proxy.py streams its body
                 continue
             if isinstance(event, h11.Data):
                 return Rejection(400, "an Upgrade request must not carry a body")
@@ -365,7 +382,9 @@ class Session:
         deadline = trio.current_time() + cfg.timeouts.handshake
         last: Rejection | None = None
         # Only backends healthy now (not down, not ejected), at their slow-start weights.
-        for backend in itertools.islice(pool.candidates(key, trio.current_time()), 1 + pool.config.retries):
+        pinned = self._pinned(pool, upgrade)
+        candidates = sticky.candidates(pinned, pool.candidates(key, trio.current_time()))
+        for backend in itertools.islice(candidates, 1 + pool.config.retries):
             self.outcome.attempts += 1
             if self.outcome.attempts > 1:
                 self._metrics.retry(pool_name)
@@ -398,11 +417,12 @@ class Session:
                     return None
                 self.backend = backend
                 self._lease, lease = lease, None  # the count lasts as long as the session
+                self._set_cookie(pool, backend, pinned)
                 return await self._open(h, upgrade, result)
             finally:
                 if lease is not None:
                     lease.release()
-        await self._reject(last if last is not None else _unavailable(pool))
+        await self._reject(last if last is not None else gate.unavailable(pool))
         return None
 
     async def _try_backend(
@@ -413,7 +433,8 @@ class Session:
         if remaining <= 0:
             return Rejection(504, "handshake deadline passed before trying this backend")
         try:
-            stream = FastSocketStream(await connect(backend.address, min(cfg.timeouts.connect, remaining)))
+            tls = self._backend_tls.target(pool.config, backend.config)
+            stream = await open_stream(backend.address, tls=tls, timeout=min(cfg.timeouts.connect, remaining))
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._backend_stream = stream
@@ -482,6 +503,42 @@ class Session:
             return Upstream(answer, checked, backend_ext)
         return Upstream(answer)
 
+    # --- plain HTTP requests and affinity (http_proxy.py, sticky.py) ---------------------------
+
+    async def _serve_http(self, h: h11.Connection, request: h11.Request) -> h11.Request | None:
+        """Hand plain HTTP requests to http_proxy.py; an Upgrade that follows comes back."""
+        http = HttpConnection(
+            stream=self.client_stream,
+            h=h,
+            client_addr=self.client_addr,
+            local_addr=self.local_addr,
+            listener=self.listener,
+            snapshot=self.snapshot,
+            metrics=self._metrics,
+            edge=self._edge,
+            backend_tls=self._backend_tls,
+            idle=self._idle,
+            read_request=self._read_request,
+        )
+        try:
+            return await http.serve(request)
+        finally:
+            self.outcome.http_requests = http.requests
+
+    def _pinned(self, pool: Pool, upgrade: ClientUpgrade) -> Backend | None:
+        spec = pool.config.sticky
+        if spec is None:
+            return None
+        secret = self.snapshot.sticky_secret(pool.name)
+        value = sticky.cookie_value(upgrade, spec.cookie)
+        return sticky.pinned(secret, pool.name, pool.backends, value, trio.current_time())[0]
+
+    def _set_cookie(self, pool: Pool, backend: Backend, pinned: Backend | None) -> None:
+        spec = pool.config.sticky
+        if spec is not None and backend is not pinned:
+            value = sticky.backend_id(self.snapshot.sticky_secret(pool.name), pool.name, backend)
+            self.outcome.cookie = sticky.set_cookie(spec, value, client_tls=self.listener.tls is not None)
+
     async def _drop_backend(self) -> None:
         if self._backend_stream is not None:
             if not close_now(self._backend_stream):
@@ -531,6 +588,9 @@ class Session:
             client_answer = accepted.extensions  # end to end: the backend answered the client's offer
         elif self.listener.deflate:
             client_ext, client_answer = handshake.negotiate_client_deflate(upgrade.extension_offers)
+        if self.outcome.cookie is not None:
+            cookie = (b"Set-Cookie", self.outcome.cookie)
+            accepted = replace(accepted, passthrough_headers=(*accepted.passthrough_headers, cookie))
         reply = handshake.build_client_101(upgrade, accepted, extensions=client_answer)
         self.outcome.status = 101
         self.outcome.subprotocol = accepted.subprotocol
@@ -873,7 +933,7 @@ class Session:
     def _finish(self) -> None:
         """The session ended: its metrics and its one log line, from one record."""
         record = self._record()
-        if self.outcome.status == 0:  # no answer reached the client (it left, or shutdown cut it)
+        if self.outcome.status == 0 and not self.outcome.http_requests:  # no answer reached the client
             self._metrics.handshake(record.listener, ABORTED, 0)
         self._metrics.session_closed(self._active, record)
         self._active = None
@@ -904,16 +964,6 @@ class Session:
         if self._schedule is not None:
             r.rtt_client, r.rtt_backend = self._schedule.rtt("client"), self._schedule.rtt("backend")
         return r
-
-
-def _unavailable(pool: Pool) -> Rejection:
-    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
-    after = health.retry_after((b.health for b in pool.backends), trio.current_time())
-    return Rejection(
-        503,
-        f"no backend available in pool {pool.name} (all down or ejected)",
-        headers=((b"Retry-After", str(after).encode()),),
-    )
 
 
 def _is_deflate(offer: str) -> bool:

@@ -113,7 +113,7 @@ async def request_upgrade(
                 raise UpstreamError("backend closed the connection without answering the Upgrade")
             conn.receive_data(data)
             continue
-        if isinstance(event, h11.InformationalResponse | h11.Response) and _head_size(event) > max_header_bytes:
+        if isinstance(event, h11.InformationalResponse | h11.Response) and response_head_size(event) > max_header_bytes:
             raise UpstreamError(f"backend's response head is over {max_header_bytes} bytes")
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
@@ -125,7 +125,7 @@ async def request_upgrade(
         raise UpstreamError(f"unexpected event from backend: {type(event).__name__}")
 
 
-def _head_size(response: h11.InformationalResponse | h11.Response) -> int:
+def response_head_size(response: h11.InformationalResponse | h11.Response) -> int:
     """h11 bounds only a head still incomplete; one that arrived whole is measured here."""
     line = len(response.http_version) + len(response.reason) + 14
     return line + sum(len(k) + len(v) + 4 for k, v in response.headers.raw_items())
