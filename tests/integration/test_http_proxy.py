@@ -13,9 +13,10 @@ import logging
 import h11
 import pytest
 import trio
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from tests.http_backends import HttpBackend, start_http_backend
-from tests.support import RawClient, proxy_yaml, raw_http, start_backend, start_proxy, status_of
+from tests.support import RawClient, free_port, proxy_yaml, raw_http, start_backend, start_proxy, status_of
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 0.5s, http_idle: 2s, http_response: 2s}\n"
 
@@ -105,7 +106,8 @@ async def test_get_reaches_the_pool_with_forwarding_headers_and_hop_by_hop_remov
     http_backends.append(start_http_backend("b1"))
     proxy = await _proxy(nursery, http_backends)
     client = await Client.open(proxy.port())
-    resp, body = await client.request("GET", "/id?q=1", headers="Keep-Alive: 5\r\nX-Custom: yes\r\nX-Forwarded-For: 10.0.0.9\r\n")
+    extra = "Keep-Alive: 5\r\nX-Custom: yes\r\nX-Forwarded-For: 10.0.0.9\r\n"
+    resp, body = await client.request("GET", "/id?q=1", headers=extra)
     assert resp.status_code == 200 and body == b"b1 GET /id?q=1"
     seen = http_backends[0].seen[0].headers
     assert seen["Host"] == "app.test" and seen["X-Custom"] == "yes"
@@ -211,17 +213,13 @@ async def test_upgrade_after_plain_requests_on_the_same_connection(nursery, http
             got += await stream.receive_some(65536)
     assert got.startswith(b"HTTP/1.1 ")  # the websockets backend answers a plain GET itself
     length = int(next(ln.split(b":")[1] for ln in got.split(b"\r\n") if ln.lower().startswith(b"content-length")))
-    head, _, rest = got.partition(b"\r\n\r\n")
+    rest = got.partition(b"\r\n\r\n")[2]
     while len(rest) < length:
         rest += await stream.receive_some(65536)
     client = RawClient(stream)
-    from wsproto.events import Request, TextMessage
-
     await stream.send_all(client.ws.send(Request(host="app.test", target="/ws")))
     with trio.fail_after(5):
         while client.accept is None:
-            from wsproto.events import AcceptConnection
-
             ev = await client.next_event()
             if isinstance(ev, AcceptConnection):
                 client.accept = ev
@@ -241,7 +239,8 @@ async def test_request_body_with_content_length_and_chunked_reach_backend_intact
     resp, body = await client.request("POST", "/echo", payload)
     assert resp.status_code == 200 and body == payload
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (payload[:1000], payload[1000:70000], payload[70000:]))
-    await client.send(b"PUT /echo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n")
+    head = b"PUT /echo HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    await client.send(head + chunked + b"0\r\n\r\n")
     client.h.send(h11.Request(method="PUT", target="/echo", headers=[("Host", "x"), ("Transfer-Encoding", "chunked")]))
     client.h.send(h11.EndOfMessage())
     resp, body = await client.response()
@@ -308,7 +307,8 @@ async def test_chunked_body_over_max_body_bytes_is_413(nursery, http_backends) -
     http_backends.append(start_http_backend("b1"))
     proxy = await _proxy(nursery, http_backends, extra=FAST + "limits: {max_body_bytes: 1000}\n")
     body = b"%x\r\n%s\r\n" % (800, b"a" * 800) * 2 + b"0\r\n\r\n"
-    answer = await raw_http(proxy.port(), b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    head = b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer = await raw_http(proxy.port(), head + body)
     assert status_of(answer) == 413
 
 
@@ -320,7 +320,9 @@ SMUGGLING = {
     "te_and_cl": b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     "two_different_cl": b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
     "cl_list_differs": b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 5\r\n\r\nabcde",
-    "two_te": b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two_te": (
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
     "bad_chunk_size": b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     "negative_cl": b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
     "no_host": b"GET /id HTTP/1.1\r\n\r\n",
@@ -361,8 +363,6 @@ async def test_origin_rule_applies_to_plain_requests(nursery, http_backends) -> 
 
 
 async def test_idempotent_request_is_retried_on_another_backend_when_connect_fails(nursery, http_backends) -> None:
-    from tests.support import free_port
-
     http_backends.append(start_http_backend("alive"))
     dead = free_port()
     proxy = await start_proxy(nursery, proxy_yaml([dead, http_backends[0].port], extra=FAST))
@@ -374,8 +374,6 @@ async def test_idempotent_request_is_retried_on_another_backend_when_connect_fai
 
 
 async def test_post_with_body_is_not_retried_and_gets_502(nursery, http_backends) -> None:
-    from tests.support import free_port
-
     http_backends.append(start_http_backend("alive"))
     dead = free_port()
     proxy = await start_proxy(nursery, proxy_yaml([dead, http_backends[0].port], extra=FAST))
@@ -397,8 +395,6 @@ async def test_backend_answering_too_late_is_504(nursery, http_backends) -> None
 
 
 async def test_http_failures_eject_a_backend_and_no_backend_left_is_503(nursery, http_backends) -> None:
-    from tests.support import free_port
-
     dead = free_port()
     proxy = await start_proxy(
         nursery, proxy_yaml([dead], extra=FAST, pool_extra="passive: {failures: 1, eject_for: 30s}\nretries: 0")
