@@ -29,6 +29,7 @@ log = logging.getLogger("wsproxy")
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its back-off
+SECRET_ENV = "WSPROXY_AFFINITY_SECRET"  # supervisor -> workers: one affinity-cookie key for all
 
 
 async def run(
@@ -40,7 +41,7 @@ async def run(
 ) -> None:
     """Serve `config` in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
     path = Path(config_path) if config_path is not None else Path(config.source)
-    server = Server(config, worker_index=worker_index)
+    server = Server(config, worker_index=worker_index, secret=_shared_secret())
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             await nursery.start(server.serve)
@@ -60,6 +61,13 @@ async def run(
                 log.warning("received %s again: stopping now", signal.Signals(sig).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _shared_secret() -> bytes | None:
+    """The affinity cookies' key the supervisor gave its workers (None: this process makes one),
+    so a cookie set by one worker is valid in all of them."""
+    value = os.environ.get(SECRET_ENV)
+    return bytes.fromhex(value) if value else None
 
 
 async def reload_from_file(server: Server, path: Path) -> bool:
@@ -109,6 +117,7 @@ class Supervisor:
         self.procs: list[trio.Process | None] = [None] * count
         self.stopping = False
         self.restarts = 0
+        self.env = {**os.environ, SECRET_ENV: os.urandom(32).hex()}  # the workers' shared affinity key
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -154,7 +163,7 @@ class Supervisor:
             started = trio.current_time()
             # own session: a terminal's Ctrl-C reaches the supervisor only, which passes it on once
             cmd = [*self.cmd, "--worker", str(index)]
-            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
             self.procs[index] = proc
             if self.stopping:  # the stop signal went out while this one was starting
                 proc.send_signal(signal.SIGTERM)
