@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_CONFIG
+        problems = _load_tls_files(config)
+        if problems:
+            print("\n".join(f"{config.source}: {p}" for p in problems), file=sys.stderr)
+            return EXIT_BAD_CONFIG
         print(config.summary())
         return EXIT_OK
     if args.command == "run":
@@ -80,6 +84,29 @@ def main(argv: list[str] | None = None) -> int:
         from wsproxy import demo
         return demo.main(args.config, self_check_only=args.self_check_only)
     return EXIT_BAD_CONFIG  # argparse rejects unknown commands before this
+
+
+def _load_tls_files(config: Config) -> list[str]:
+    """Load every certificate and key the config names (each listener's, the backends' CA and
+    client certificates), as the proxy would at start; the problems, one line each."""
+    import ssl
+
+    from wsproxy.runtime.backend_tls import client_context, specs
+    from wsproxy.runtime.server import server_ssl_context
+
+    problems = []
+    for i, lst in enumerate(config.listeners):
+        if lst.tls is not None:
+            try:
+                server_ssl_context(lst)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                problems.append(f"listeners[{i}].tls: cannot load the certificates: {exc}")
+    for pool, spec in specs(config):
+        try:
+            client_context(spec)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"pools.{pool}.tls: cannot load the TLS files: {exc}")
+    return problems
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
