@@ -23,6 +23,7 @@ import trio
 from tests.support import free_port, start_proxy
 
 HERE = Path(__file__).resolve().parent.parent / "socketio"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "socketio.yaml"
 CLIENTS = 100
 NODE = shutil.which("node") or "/usr/bin/node"
 
@@ -55,17 +56,18 @@ def socketio_backends() -> Iterator[list[tuple[subprocess.Popen[str], int]]]:
 
 
 def _yaml(ports: list[int], *, sticky: bool) -> str:
-    backends = ", ".join(f"127.0.0.1:{p}" for p in ports)
-    pool = f"    backends: [{backends}]\n    balance: round_robin\n"
-    if sticky:
-        pool += "    sticky: {cookie: io_affinity}\n"
-    return (
-        "listeners:\n  - {address: 127.0.0.1:0, pool: io}\n"
-        f"pools:\n  io:\n{pool}"
-        "timeouts: {connect: 2s, handshake: 5s, http_response: 40s}\n"
-        "heartbeat: {interval: off}\n"
-        "log: {level: warning}\n"
-    )
+    """conf/socketio.yaml (the README's example) on an ephemeral port and these backends; without
+    its `sticky` mapping for the control run."""
+    text = CONF.read_text().replace("127.0.0.1:8080", "127.0.0.1:0")
+    for fixed, port in zip((3001, 3002, 3003), ports, strict=True):
+        text = text.replace(f"127.0.0.1:{fixed}", f"127.0.0.1:{port}")
+    if not sticky:
+        lines = text.splitlines()
+        start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("sticky:"))
+        end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("      "))
+        text = "\n".join(lines[:start] + lines[end:]) + "\n"
+        assert "sticky" not in text
+    return text + "log: {level: warning}\n"
 
 
 async def _run_clients(port: int) -> dict:

@@ -328,7 +328,8 @@ class Config:
         out = [f"{self.source}: OK (sha256 {self.digest[:12]})", "listeners:"]
         for lst in self.listeners:
             target = f"pool {lst.pool}" if lst.pool else f"{len(lst.routes)} route(s)"
-            tls = " tls" if lst.tls else ""
+            tls = f" tls ({len(lst.tls.certs)} certificates, by SNI)" if lst.tls and len(lst.tls.certs) > 1 else ""
+            tls = (tls or (" tls" if lst.tls else "")) + (" http=reject" if lst.http == "reject" else "")
             out.append(f"  {lst.scheme}://{lst.address} -> {target}{tls}")
             for r in lst.routes:
                 m = r.match
@@ -337,6 +338,8 @@ class Config:
         out.append("pools:")
         for pool in self.pools.values():
             extra = f" key={pool.hash_key}" if pool.hash_key else ""
+            extra += f" sticky={pool.sticky.cookie}" if pool.sticky else ""
+            extra += " tls" if pool.tls or any(b.tls for b in pool.backends) else ""
             out.append(f"  {pool.name}: {pool.balance}{extra}, {len(pool.backends)} backend(s)")
             for b in pool.backends:
                 out.append(f"    {b.address} weight={b.weight}")
