@@ -99,7 +99,7 @@ class BackendTLSStream(FastTLSStream):
     __slots__ = ()
 
     def __init__(self, stream: trio.SocketStream, tls: ClientTLS) -> None:  # (FastTLSStream's is server-side)
-        raw = stream.socket._sock  # taken over: from here on this object owns the descriptor
+        raw = stream.socket._sock  # type: ignore[attr-defined]  # taken over: from here on this object owns the descriptor
         self._ssl = tls.context.wrap_socket(
             raw,
             server_side=False,

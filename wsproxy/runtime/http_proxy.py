@@ -342,7 +342,7 @@ class HttpConnection:
             data = b""
             with trio.move_on_after(self.snapshot.config.timeouts.http_idle) as waited:
                 try:
-                    data = await self.stream.receive_some(self.snapshot.config.limits.buffer_bytes)
+                    data = bytes(await self.stream.receive_some(self.snapshot.config.limits.buffer_bytes))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise ClientGone(f"client connection broke inside a request body: {exc}") from None
             if waited.cancelled_caught:
