@@ -430,3 +430,19 @@ async def test_http_requests_have_their_own_metrics_and_log_line(nursery, http_b
     lines = [r.getMessage() for r in caplog.records if r.name == "wsproxy.http"]
     assert any("method=POST path=/echo" in ln and "status=200" in ln and "bytes_in_client=5" in ln for ln in lines)
     assert not [r for r in caplog.records if r.name == "wsproxy.session" and r.getMessage().startswith("session ")]
+
+
+async def test_reload_ends_keep_alive_between_requests_so_the_next_uses_the_new_config(nursery, http_backends) -> None:
+    from wsproxy.config import parse_config
+
+    for name in ("old", "new"):
+        http_backends.append(start_http_backend(name))
+    proxy = await start_proxy(nursery, proxy_yaml([http_backends[0].port], extra=FAST))
+    client = await Client.open(proxy.port())
+    assert (await client.request("GET", "/id"))[1].startswith(b"old")
+    await proxy.server.reload(parse_config(proxy_yaml([http_backends[1].port], extra=FAST), source="r.yaml"))
+    assert (await client.request("GET", "/id"))[1].startswith(b"old")  # answered, then the connection ends
+    assert await client.closed_by_peer()
+    again = await Client.open(proxy.port())
+    assert (await again.request("GET", "/id"))[1].startswith(b"new")
+    await again.aclose()

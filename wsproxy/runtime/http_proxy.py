@@ -82,6 +82,7 @@ class HttpConnection:
         backend_tls: BackendContexts,
         idle: IdleConnections,
         read_request: ReadRequest,
+        current: Callable[[], Snapshot] | None = None,
     ) -> None:
         self.stream = stream
         self.h = h
@@ -94,6 +95,7 @@ class HttpConnection:
         self.backend_tls = backend_tls
         self.idle = idle
         self.read_request = read_request
+        self.current = current  # the server's snapshot now: a reload ends the keep-alive between requests
         self.requests = 0  # answered on this connection
         self._client_eof = False  # the client's last read was the end of its stream
 
@@ -114,6 +116,8 @@ class HttpConnection:
             h = self.h
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return None  # Connection: close, HTTP/1.0, or a body left unread
+            if self.current is not None and self.current() is not self.snapshot:
+                return None  # reloaded: the client's next request comes on a new connection, new config
             h.start_next_cycle()
             got: h11.Request | Rejection | None = None
             with trio.move_on_after(cfg.timeouts.http_idle):

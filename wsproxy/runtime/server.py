@@ -169,6 +169,7 @@ class Server:
             on_end=self._unregister,  # told once: by run(), or later by its link on the reactor
             backend_tls=self.backend_tls,
             idle=self.idle,
+            current_snapshot=lambda: self.snapshot,
         )
         return session
 

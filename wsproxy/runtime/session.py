@@ -99,6 +99,7 @@ class Session:
         "_client_lock",
         "_close_armed",
         "_closed",
+        "_current",
         "_edge",
         "_flow",
         "_idle",
@@ -140,6 +141,7 @@ class Session:
         on_end: Callable[[Session], None] | None = None,
         backend_tls: BackendContexts | None = None,
         idle: IdleConnections | None = None,
+        current_snapshot: Callable[[], Snapshot] | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -172,6 +174,7 @@ class Session:
         self._on_end = on_end  # told once, when everything of this session is released
         self._backend_tls = backend_tls if backend_tls is not None else BackendContexts()  # the server's
         self._idle = idle if idle is not None else IdleConnections()  # the server's kept-alive backend connections
+        self._current = current_snapshot  # the server's snapshot now (plain HTTP keep-alive ends on reload)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -519,6 +522,7 @@ class Session:
             backend_tls=self._backend_tls,
             idle=self._idle,
             read_request=self._read_request,
+            current=self._current,
         )
         try:
             return await http.serve(request)
