@@ -20,6 +20,7 @@ HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
 HTTP_MODES = ("proxy", "reject")  # listeners[].http: what a request that is not an Upgrade gets
 SAME_SITE = ("lax", "strict", "none")
+LOG_QUERY_MODES = ("redact", "keep", "drop")
 
 
 class ConfigError(Exception):
@@ -119,6 +120,8 @@ class ListenerConfig:
     allowed_subprotocols: tuple[str, ...] | None = None  # for `pool:`; routes carry their own
     auth: AuthConfig | None = None  # for `pool:`; routes carry their own
     http: str = defaults.HTTP_MODE  # proxy: plain HTTP requests go to the pool; reject: 426
+    # peers whose forwarding headers are kept and believed (docs/security.md)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = defaults.TRUSTED_PROXIES
 
     @property
     def scheme(self) -> str:
@@ -298,12 +301,14 @@ class AdminConfig:
 
     address: Address
     allow_remote: bool = defaults.ADMIN_ALLOW_REMOTE
+    hosts: tuple[str, ...] = defaults.ADMIN_HOSTS  # Host names answered besides its address and localhost
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = defaults.LOG_FORMAT  # text | json
     level: str = defaults.LOG_LEVEL  # debug | info | warning | error
+    query: str = defaults.LOG_QUERY  # redact | keep | drop: query strings wherever a target is shown
 
 
 @dataclass(frozen=True, slots=True)

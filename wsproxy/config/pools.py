@@ -200,6 +200,10 @@ def _backend_address(value: Any) -> tuple[Address, str | None]:
 def _parse_backend(ck: Checker, path: str, raw: Any) -> _Parsed | None:
     if isinstance(raw, str):  # shorthand: "- 127.0.0.1:9001"
         raw = {"address": raw}
+    elif not isinstance(raw, dict):
+        shapes = '"host:port" or a mapping such as {address: "127.0.0.1:9001", weight: 2}'
+        ck.fail(path, f"expected {shapes}, got {raw!r}")
+        return None
     m = ck.mapping(raw, path, ("address", "weight", "max_sessions"))
     if "address" not in m:
         if isinstance(raw, dict):

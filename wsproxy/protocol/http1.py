@@ -4,8 +4,9 @@ h11 parses both hops (framing, chunked coding, keep-alive, the 100-continue stat
 adds what a proxy must decide on top of it: which requests are refused before any backend sees
 them (framing a smuggler could exploit: Transfer-Encoding together with Content-Length, two
 different Content-Lengths, a body over `limits.max_body_bytes`, an Expect we cannot honour), the
-request the backend gets (the same forwarding headers as an Upgrade, from handshake.py's one
-builder; hop-by-hop headers dropped; the body framed for this hop), the response the client gets,
+request the backend gets (the target normalised and the forwarding headers written as for an
+Upgrade, by target.py, forwarding.py and handshake.py's one builder; hop-by-hop headers dropped;
+the body framed for this hop), the response the client gets (the proxy's own 5xx without detail),
 and which requests may be retried on another backend. Identical repeated Content-Length values
 are one value (RFC 9112 section 6.3, as h11 reads them) and reach the backend as one header.
 """
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 
 import h11
 
+from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.handshake import (
     ClientUpgrade,
     Headers,
@@ -24,6 +26,7 @@ from wsproxy.protocol.handshake import (
     passthrough_response_headers,
     phrase,
 )
+from wsproxy.protocol.target import BadTarget, normalize_target
 
 # RFC 9110 section 9.2.2: a retry cannot change what the first attempt did.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -55,8 +58,12 @@ def plain_request(req: h11.Request) -> ClientUpgrade | Rejection:
     expects = [v.strip().lower() for v in _all(headers, b"expect")]
     if any(e != b"100-continue" for e in expects):
         return Rejection(417, "only Expect: 100-continue is supported")
+    try:  # the same normal form as an Upgrade's: routes cannot be bypassed by spelling (target.py)
+        target = normalize_target(req.target, host=hosts[0].strip())
+    except BadTarget as exc:
+        return Rejection(400, f"request target {exc}")
     return ClientUpgrade(
-        target=req.target,
+        target=target,
         host=hosts[0].strip(),
         key=b"",
         subprotocols=(),
@@ -100,17 +107,18 @@ def may_retry(request: ClientUpgrade, body_sent: int) -> bool:
 def backend_request(
     request: ClientUpgrade,
     *,
-    client_ip: str,
+    origin: Origin,
     scheme: str,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
-    """The request for the backend: end-to-end headers, forwarding headers, and this hop's body
-    framing (the client's Content-Length kept; a chunked body re-chunked by h11)."""
+    """The request for the backend: the normalised target, end-to-end headers, the forwarding
+    headers for `origin` (forwarding.py, as for an Upgrade), and this hop's body framing (the
+    client's Content-Length kept; a chunked body re-chunked by h11)."""
     own: Headers = []
     if is_chunked(request):
         own.append((b"Transfer-Encoding", b"chunked"))
     headers = forward_headers(
-        request, client_ip=client_ip, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_HTTP
+        request, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_HTTP
     )
     return h11.Request(method=request.method, target=request.target, headers=headers)
 

@@ -1,9 +1,9 @@
 """TLS to backends: the client contexts built from `pools.NAME.tls` (or wss:// addresses), and
 opening a backend connection with the TLS handshake done.
 
-A TLS backend connection is a `BackendTLSStream`: OpenSSL on the non-blocking socket itself (the
-client-side twin of streams.FastTLSStream, sharing its I/O loop), so the relay's readiness loop
-gets a handshaken `ssl.SSLSocket` and link.py drives it as it drives a TLS client. Contexts are
+A TLS backend connection is a client-side streams.FastTLSStream: OpenSSL on the non-blocking
+socket the upstream connect made, so the relay's readiness loop gets a handshaken `ssl.SSLSocket`
+and link.py drives it as it drives a TLS client. Contexts are
 built once per distinct `BackendTLS` setting, at start and again on every reload (renewed CA or
 client certificate files are picked up); `verify: false` is logged as a warning each time.
 """
@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import trio
 
 from wsproxy.config import Address, BackendConfig, BackendTLS, Config, PoolConfig
-from wsproxy.runtime.streams import FastSocketStream, FastTLSStream
+from wsproxy.runtime.streams import FastTLSStream, Stream
 from wsproxy.runtime.upstream import UpstreamError, connect
 
 log = logging.getLogger("wsproxy.backend_tls")
 
-BackendStream = FastSocketStream | FastTLSStream
+BackendStream = Stream  # a backend connection: FastSocketStream, or FastTLSStream (client side)
 
 
 def client_context(spec: BackendTLS) -> ssl.SSLContext:
@@ -93,36 +93,18 @@ class BackendContexts:
         return ClientTLS(ctx, spec.server_name or backend.address.host)
 
 
-class BackendTLSStream(FastTLSStream):
-    """Client-side TLS on a non-blocking `ssl.SSLSocket`: FastTLSStream's loop, our handshake."""
-
-    __slots__ = ()
-
-    def __init__(self, stream: trio.SocketStream, tls: ClientTLS) -> None:  # (FastTLSStream's is server-side)
-        raw = stream.socket._sock  # type: ignore[attr-defined]  # taken over: from here on this object owns the descriptor
-        self._ssl = tls.context.wrap_socket(
-            raw,
-            server_side=False,
-            server_hostname=tls.server_name,
-            do_handshake_on_connect=False,
-            suppress_ragged_eofs=True,
-        )
-        self._ssl.setblocking(False)
-        self._handshaken = False
-        self._streak = 0
-
-    async def handshake(self) -> None:
-        await self._handshake()
-
-
 async def open_stream(address: Address, *, tls: ClientTLS | None, timeout: float) -> BackendStream:
     """Connect to a backend and, for TLS, complete the handshake, all within `timeout`. A
     failure (refused, timed out, a certificate that does not verify) raises UpstreamError."""
     deadline = trio.current_time() + timeout
     stream = await connect(address, timeout)
     if tls is None:
-        return FastSocketStream(stream)
-    wrapped = BackendTLSStream(stream, tls)
+        return stream
+    try:
+        wrapped = FastTLSStream(stream.socket, tls.context, server_hostname=tls.server_name)  # owns the socket now
+    except (OSError, ValueError) as exc:  # ssl.SSLError included; ValueError: a server_name OpenSSL refuses
+        stream.close_now()
+        raise UpstreamError(f"TLS with {address} could not start: {exc}") from None
     with trio.move_on_after(deadline - trio.current_time()) as scope:
         try:
             await wrapped.handshake()

@@ -20,7 +20,6 @@ import trio
 from wsproxy.config import HttpPool
 from wsproxy.policy.balancing import Backend
 from wsproxy.runtime.backend_tls import BackendStream
-from wsproxy.runtime.streams import close_now, raw_socket
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 
@@ -36,8 +35,8 @@ class Idle:
 def still_open(stream: BackendStream) -> bool:
     """An idle connection may be reused: nothing to read (not closed by the backend, no stray
     bytes). A TLS socket's read also takes in what OpenSSL has pending (session tickets)."""
-    sock = raw_socket(stream)
-    if sock is None:
+    sock = stream.socket
+    if sock.fileno() == -1:
         return False
     try:
         sock.recv(1)
@@ -70,7 +69,7 @@ class IdleConnections:
                 if not queue:
                     del self._idle[backend]
                 return idle
-            close_now(idle.stream)
+            idle.stream.close_now()
         self._idle.pop(backend, None)
         return None
 
@@ -78,19 +77,19 @@ class IdleConnections:
         """Keep a connection whose exchange ended cleanly (h11 at its next cycle), or close it
         when the backend's idle list is full."""
         if settings.max_idle == 0:
-            close_now(stream)
+            stream.close_now()
             return
         now = trio.current_time()
         queue = self._idle.setdefault(backend, deque())
         while len(queue) >= settings.max_idle:
-            close_now(queue.popleft().stream)  # the oldest goes
+            queue.popleft().stream.close_now()  # the oldest goes
         queue.append(Idle(stream, conn, now + settings.idle_timeout))
         self._arm(now + settings.idle_timeout)
 
     def close_all(self) -> None:
         for queue in self._idle.values():
             for idle in queue:
-                close_now(idle.stream)
+                idle.stream.close_now()
         self._idle.clear()
         if self._timers is not None:
             self._timers.cancel(self._sweep)
@@ -113,7 +112,7 @@ class IdleConnections:
             kept = deque(i for i in queue if i.until > now)
             for idle in queue:
                 if idle.until <= now:
-                    close_now(idle.stream)
+                    idle.stream.close_now()
             if kept:
                 self._idle[backend] = kept
                 first = min(i.until for i in kept)

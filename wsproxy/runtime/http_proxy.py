@@ -1,15 +1,20 @@
 """Plain HTTP/1.1 requests on a WebSocket listener (`listeners[].http: proxy`), one client
 connection at a time: the requests are answered in order (h11 reads a pipelined request only
 after the previous response ended), each routed, checked and balanced exactly as an Upgrade is
-(routing, origins, auth and the per-IP rules through gate.admit; the pool's candidates with the
-affinity cookie first; the same forwarding headers), sent over a kept-alive backend connection
+(the target normalised by target.py first, so no spelling of a path slips past its route; the
+client behind `trusted_proxies` resolved per request by forwarding.py, since a trusted proxy may
+send several clients' requests over one connection; routing, origins, auth and the per-IP rules
+through gate.admit; the pool's candidates with the affinity cookie first; the same forwarding
+headers), sent over a kept-alive backend connection
 from the idle pool (http_pool.py) or a new one (TLS when the pool says so), and the bodies
 streamed both ways one read at a time, so a slow reader stops the reads on the other side.
 
 Failures map as for Upgrades: a backend that cannot be reached counts against its health and
 another is tried only for an idempotent request whose body has not started; otherwise the client
 gets 502 (no answer, a broken answer) or 504 (no answer within `timeouts.http_response`). Each
-request ends with one `http` log line and its own metrics (observe/http_log.py). An Upgrade
+request ends with one `http` log line (its query shown as `log.query` says) and its own metrics
+(observe/http_log.py). The proxy's own 5xx answers carry the status only (handshake.Rejection):
+a backend's name or address stays in the log. An Upgrade
 arriving on the same connection is handed back to the session (`serve` returns it).
 """
 
@@ -23,18 +28,19 @@ import h11
 import trio
 
 from wsproxy.config import ListenerConfig
-from wsproxy.observe import http_log
+from wsproxy.observe import http_log, session_log
 from wsproxy.observe.http_log import HttpRecord
 from wsproxy.observe.metrics import Metrics
 from wsproxy.policy import routing, sticky
 from wsproxy.policy.balancing import Backend, Pool
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake, http1, proxy_protocol
+from wsproxy.protocol.forwarding import Origin, resolve_client
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime import gate
 from wsproxy.runtime.backend_tls import BackendContexts, BackendStream, open_stream
 from wsproxy.runtime.http_pool import IdleConnections
-from wsproxy.runtime.streams import close_now
+from wsproxy.runtime.streams import format_address
 from wsproxy.runtime.upstream import UpstreamError, response_head_size
 
 log = logging.getLogger("wsproxy.http")
@@ -73,7 +79,8 @@ class HttpConnection:
         *,
         stream: trio.abc.Stream,
         h: h11.Connection,
-        client_addr: tuple[str, int],
+        peer: str,
+        client_port: int,
         local_addr: tuple[str, int] | None,
         listener: ListenerConfig,
         snapshot: Snapshot,
@@ -86,7 +93,8 @@ class HttpConnection:
     ) -> None:
         self.stream = stream
         self.h = h
-        self.client_addr = client_addr
+        self.origin = Origin.direct(peer)  # who the current request is from (resolved per request)
+        self.client_port = client_port
         self.local_addr = local_addr
         self.listener = listener
         self.snapshot = snapshot
@@ -100,15 +108,23 @@ class HttpConnection:
         self._client_eof = False  # the client's last read was the end of its stream
 
     @property
+    def client_addr(self) -> tuple[str, int]:
+        """The current request's client (behind a trusted proxy: the one it speaks for)."""
+        return (self.origin.client, self.client_port)
+
+    @property
     def _client(self) -> str:
-        host, port = self.client_addr
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(self.client_addr)
+
+    def _resolve(self, request: h11.Request) -> None:
+        self.origin = resolve_client(self.origin.peer, request.headers, self.listener.trusted_proxies)
 
     async def serve(self, first: h11.Request) -> h11.Request | None:
         """Answer `first` and the requests after it; an Upgrade among them is returned for the
         session to handle (None: the connection is done)."""
         cfg = self.snapshot.config
         request = first
+        self._resolve(first)
         while True:
             self.requests += 1
             if not await self._exchange(request):
@@ -124,6 +140,8 @@ class HttpConnection:
                 got = await self.read_request(h)
             if got is None:
                 return None  # idle past timeouts.http_idle, or the client closed
+            if isinstance(got, h11.Request):
+                self._resolve(got)
             limited = self.edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
             if isinstance(got, Rejection) or limited is not None:
                 refusal = got if isinstance(got, Rejection) else limited
@@ -139,9 +157,8 @@ class HttpConnection:
     async def _exchange(self, req: h11.Request) -> bool:
         """One request and its response, its log line and metrics; True: the connection goes on."""
         method = req.method.decode("latin-1")
-        rec = HttpRecord(
-            client=self._client, listener=str(self.listener.address), method=method, path=req.target.decode("latin-1")
-        )
+        shown = session_log.shown_target(req.target, self.snapshot.config.log.query)  # as sent, until normalised
+        rec = HttpRecord(client=self._client, listener=str(self.listener.address), method=method, path=shown)
         started = trio.current_time()
         keep = False
         try:
@@ -163,8 +180,9 @@ class HttpConnection:
     async def _answer(self, req: h11.Request, rec: HttpRecord) -> bool:
         cfg = self.snapshot.config
         checked = http1.plain_request(req)
-        if isinstance(checked, Rejection):  # framing we do not trust: nothing after it is read
+        if isinstance(checked, Rejection):  # framing or a target we do not trust: nothing after it is read
             return await self._refuse(checked, rec, close=True)
+        rec.path = session_log.shown_target(checked.target, cfg.log.query)
         admitted = await gate.admit(
             self.edge,
             config=cfg,
@@ -222,7 +240,7 @@ class HttpConnection:
                     break
             finally:
                 lease.release()
-        return await self._refuse(last if last is not None else gate.unavailable(pool), rec)
+        return await self._refuse(last if last is not None else gate.unavailable(pool, trio.current_time()), rec)
 
     def _count_failure(self, backend: Backend, pool: Pool, rejection: Rejection) -> None:
         log.warning("backend %s (pool %s): %s", backend.name, pool.name, rejection.reason)
@@ -249,7 +267,7 @@ class HttpConnection:
             try:
                 await stream.send_all(header)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                close_now(stream)
+                stream.close_now()
                 raise UpstreamError(f"connection failed: {exc}") from None
         return stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=cfg.limits.max_header_bytes), False
 
@@ -274,7 +292,7 @@ class HttpConnection:
         try:
             out = http1.backend_request(
                 request,
-                client_ip=self.client_addr[0],
+                origin=self.origin,
                 scheme="https" if self.listener.tls else "http",
                 extra_headers=extra,
             )
@@ -299,7 +317,7 @@ class HttpConnection:
             return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
         finally:
             if not kept:
-                close_now(stream)
+                stream.close_now()
 
     async def _send_body(self, stream: BackendStream, conn: h11.Connection, rec: HttpRecord, backend: Backend) -> None:
         """Stream the request body to the backend, one client read at a time (a 100 Continue

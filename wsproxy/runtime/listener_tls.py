@@ -1,10 +1,11 @@
-"""A TLS listener's server context: one certificate, or several chosen by SNI.
+"""Several certificates on one TLS listener, chosen by SNI.
 
-Each `{cert, key}` gets its own context (TLS 1.2 minimum, ALPN http/1.1 only); with more than
-one, the first context's SNI callback switches the connection to the certificate policy/sni.py
-picks from the names each certificate covers (its DNS subjectAltNames, else its common name).
-Contexts are built when the listener opens and again on every reload, so a renewed file applies
-to new connections while open sessions keep the context they started with.
+listen.server_ssl_context builds one context per `{cert, key}` (TLS 1.2 minimum, ALPN http/1.1
+only, errors naming the files); with more than one, the first context's SNI callback (here)
+switches the connection to the certificate policy/sni.py picks from the names each certificate
+covers (its DNS subjectAltNames, else its common name). Contexts are built when the listener
+opens and again on every reload, so a renewed file applies to new connections while open
+sessions keep the context they started with.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from wsproxy.config import CertKey, TLSConfig
 from wsproxy.policy.sni import choose_certificate
 
 
@@ -29,21 +29,9 @@ def certificate_names(cert: Path) -> list[str]:
         return [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
 
 
-def _one(pair: CertKey) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(pair.cert), str(pair.key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
-def server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """The context a listener wraps new connections with (raises OSError, ssl.SSLError or
-    ValueError when a file does not load: the caller refuses the config)."""
-    contexts = [_one(pair) for pair in tls.certs]
-    if len(contexts) == 1:
-        return contexts[0]
-    names = [certificate_names(pair.cert) for pair in tls.certs]
+def choose_by_sni(contexts: list[ssl.SSLContext], names: list[list[str]]) -> ssl.SSLContext:
+    """The context a listener wraps new connections with: the first of `contexts`, whose SNI
+    callback switches a connection to the one policy/sni.py picks by `names` (each context's)."""
 
     def pick(conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext) -> None:
         conn.context = contexts[choose_certificate(server_name, names)]
