@@ -30,6 +30,7 @@ from wsproxy.protocol import heartbeat
 from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, Relay, RelayStats
+from wsproxy.protocol.sides import SIDES, Side
 from wsproxy.runtime import gate
 from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.handshake_phase import HandshakePhase
@@ -283,7 +284,7 @@ class Session:
             lifetime = heartbeat.lifetime_with_jitter(
                 cfg.timeouts.max_lifetime, cfg.timeouts.max_lifetime_jitter, random.random()
             )
-        legs = cfg.heartbeat.leg_names
+        legs = tuple(Side(name) for name in cfg.heartbeat.leg_names)
         if not legs and cfg.timeouts.idle is None and lifetime is None:
             return  # nothing to time: no schedule, no timer entries
         self._schedule = Schedule(
@@ -313,9 +314,9 @@ class Session:
             return  # the session has ended (its timer entry was cancelled; this is a late call)
         if relay.client_done and relay.backend_done:
             return
-        for leg in ("client", "backend"):
-            if relay.ping_waiting(leg):
-                schedule.ping_held(leg, now)
+        for side in SIDES:
+            if relay.ping_waiting(side):
+                schedule.ping_held(side, now)
         acted = False
         for action in schedule.due(now):
             acted = True
@@ -380,5 +381,5 @@ class Session:
             r.client_close, r.backend_close, r.proxy_close = st.client_close, st.backend_close, st.proxy_close
             r.first_closer = st.first_closer
         if self._schedule is not None:
-            r.rtt_client, r.rtt_backend = self._schedule.rtt("client"), self._schedule.rtt("backend")
+            r.rtt_client, r.rtt_backend = self._schedule.rtt(Side.CLIENT), self._schedule.rtt(Side.BACKEND)
         return r
