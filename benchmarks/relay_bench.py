@@ -5,7 +5,8 @@ the direct connection measured in the same run (ratios, not absolute numbers: th
 shared and noisy):
 
 - round trips: 64 B / 1 KiB / 64 KiB x 1 / 100 / 1000 connections, closed loop, one message in
-  flight per connection (round trips/s, RTT p50/p99), and 1 KiB x 100 over TLS;
+  flight per connection (round trips/s, RTT p50/p99), and 1 KiB x 100 over TLS (to the target,
+  and on both legs: client to proxy and proxy to TLS backends, `rt 1KiB x100 tls both legs`);
 - handshakes/s, plain and TLS (full handshakes, no session resumption);
 - resident memory per idle session with N sessions open, each after echoing one message
   (plain and TLS; a freshly started target for each).
@@ -58,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 KEY_CELL = "rt 1KiB x100"
+BOTH_LEGS_CELL = "rt 1KiB x100 tls both legs"  # 1 KiB x 100, TLS client-to-proxy and proxy-to-backend
 
 SIZES = {"64B": 64, "1KiB": 1024, "64KiB": 65536}
 CONNS = (1, 100, 1000)
@@ -74,6 +76,7 @@ class Cell:
     tls: bool = False
     size: int = 1024
     conns: int = 100
+    backend_tls: bool = False  # the proxy speaks TLS to the backends too (wss:// pool)
 
 
 @dataclass
@@ -90,6 +93,7 @@ def all_cells(idle_sessions: int) -> list[Cell]:
     return [
         *cells,
         Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
+        Cell(BOTH_LEGS_CELL, "rt", tls=True, backend_tls=True, size=1024, conns=100),
         Cell("hs plain", "hs", conns=HANDSHAKE_CONCURRENCY),
         Cell("hs tls", "hs", tls=True, conns=HANDSHAKE_CONCURRENCY),
         Cell("idle plain", "idle", conns=idle_sessions, size=64),
@@ -208,6 +212,7 @@ class Endpoint:
     plain: list[str]
     tls: list[str]
     pids: list[int] = field(default_factory=list)  # the target's own processes (CPU, RSS)
+    tls_both: list[str] = field(default_factory=list)  # TLS to the target and from it to TLS backends
 
 
 @dataclass
@@ -249,9 +254,8 @@ class Direct(Target):
 
     def start(self) -> Endpoint:
         e = self.env
-        return Endpoint(
-            [f"ws://127.0.0.1:{p}/" for p in e.backend_plain], [f"wss://127.0.0.1:{p}/" for p in e.backend_tls]
-        )
+        tls = [f"wss://127.0.0.1:{p}/" for p in e.backend_tls]
+        return Endpoint([f"ws://127.0.0.1:{p}/" for p in e.backend_plain], tls, tls_both=tls)
 
 
 class WsProxy(Target):
@@ -261,16 +265,19 @@ class WsProxy(Target):
 
     def start(self) -> Endpoint:
         e = self.env
-        plain, tls = free_port(), free_port()
+        plain, tls, both = free_port(), free_port(), free_port()
         backends = ", ".join(f"127.0.0.1:{p}" for p in e.backend_plain)
+        tls_backends = ", ".join(f"'wss://127.0.0.1:{p}'" for p in e.backend_tls)
         hb = "heartbeat: {interval: 20s}" if self.heartbeat else "heartbeat: {legs: none}"
         cfg = e.workdir / f"{self.name}.yaml"
+        listener_tls = f"tls: {{cert: '{e.cert}', key: '{e.key}'}}"
         cfg.write_text(
             f"listeners:\n"
             f"  - {{address: '127.0.0.1:{plain}', pool: echo, relay: {self.relay}}}\n"
-            f"  - {{address: '127.0.0.1:{tls}', pool: echo, relay: {self.relay},"
-            f" tls: {{cert: '{e.cert}', key: '{e.key}'}}}}\n"
+            f"  - {{address: '127.0.0.1:{tls}', pool: echo, relay: {self.relay}, {listener_tls}}}\n"
+            f"  - {{address: '127.0.0.1:{both}', pool: echo_tls, relay: {self.relay}, {listener_tls}}}\n"
             f"pools:\n  echo:\n    backends: [{backends}]\n"
+            f"  echo_tls:\n    backends: [{tls_backends}]\n    tls: {{ca: '{e.ca}'}}\n"
             f"{hb}\n"
             f"shutdown: {{drain_window: 1s, deadline: 3s}}\n"
             f"log: {{level: warning}}\n"
@@ -279,7 +286,13 @@ class WsProxy(Target):
         self.procs.append(proc)
         wait_listening(plain, proc)
         wait_listening(tls, proc)
-        return Endpoint([f"ws://127.0.0.1:{plain}/"], [f"wss://127.0.0.1:{tls}/"], [proc.popen.pid])
+        wait_listening(both, proc)
+        return Endpoint(
+            [f"ws://127.0.0.1:{plain}/"],
+            [f"wss://127.0.0.1:{tls}/"],
+            [proc.popen.pid],
+            tls_both=[f"wss://127.0.0.1:{both}/"],
+        )
 
 
 class BytePump(Target):
@@ -387,7 +400,9 @@ def make_targets(env: Env) -> dict[str, Target]:
 
 
 def run_cell(env: Env, plan: Plan, cell: Cell, ep: Endpoint, backend_pid: int) -> dict:
-    urls = ep.tls if cell.tls else ep.plain
+    urls = ep.tls_both if cell.backend_tls else ep.tls if cell.tls else ep.plain
+    if not urls:
+        return {"error": "this target has no TLS-to-backend setup"}
     watch = [*ep.pids, backend_pid]
     argv = [*env.pin.load, PY, str(HERE / "load_client.py"), cell.mode, "--conns", str(cell.conns)]
     argv += ["--size", str(cell.size), "--warmup", str(plan.warmup), "--duration", str(plan.duration)]

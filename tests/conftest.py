@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
-from tests.support import Backend, TLSFiles, make_tls_files
+from tests.support import Backend, BackendTLSFiles, TLSFiles, make_backend_tls, make_tls_files
 
 
 @pytest.fixture
@@ -36,6 +36,12 @@ def backends() -> Iterator[list[Backend]]:
     yield started
     for b in started:
         b.stop()
+
+
+@pytest.fixture
+def backend_tls(tmp_path: Path) -> BackendTLSFiles:
+    """A CA for TLS backends, written where the proxy's `pools.NAME.tls.ca` can name it."""
+    return make_backend_tls(tmp_path / "backend-tls")
 
 
 # --------------------------------------------------------------------------------------------

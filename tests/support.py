@@ -344,6 +344,47 @@ def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 
 
+@dataclass
+class BackendTLSFiles:
+    """TLS material for backends the proxy reaches over TLS: the CA the proxy trusts (a file),
+    the backends' server contexts, and a client certificate for mutual TLS."""
+
+    ca: trustme.CA
+    ca_path: Path
+    client_cert: Path
+    client_key: Path
+    names: tuple[str, ...]
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert(*self.names).configure_cert(ctx)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ca.configure_trust(ctx)
+        return ctx
+
+    def pool_yaml(self, *, client_cert: bool = False, extra: str = "") -> str:
+        """`tls:` for proxy_yaml's pool_extra."""
+        parts = [f"ca: {self.ca_path}"]
+        if client_cert:
+            parts += [f"cert: {self.client_cert}", f"key: {self.client_key}"]
+        if extra:
+            parts.append(extra)
+        return "tls: {" + ", ".join(parts) + "}"
+
+
+def make_backend_tls(directory: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> BackendTLSFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    ca_path = directory / "backend-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    client = ca.issue_cert("wsproxy-client")
+    cert, key = directory / "client-cert.pem", directory / "client-key.pem"
+    client.private_key_pem.write_to_path(str(key))
+    client.cert_chain_pems[0].write_to_path(str(cert))
+    return BackendTLSFiles(ca, ca_path, cert, key, names)
+
+
 class StepTimer(trio.abc.Instrument):
     """The longest uninterrupted step of one task (trio.lowlevel.add_instrument): how long it
     held the scheduler without yielding, in CPU time of the thread, so that another process

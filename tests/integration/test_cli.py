@@ -490,3 +490,20 @@ def test_a_second_signal_during_the_drain_stops_at_once(tmp_path, backends, prox
     finally:
         for ws in sessions:
             ws.close_socket()
+
+
+def test_check_loads_every_listener_certificate(tmp_path, tls_files) -> None:
+    good = f"{{cert: {tls_files.cert}, key: {tls_files.key}}}"
+    broken = tmp_path / "not-a-cert.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    path = tmp_path / "certs.yaml"
+    certs = f"[{good}, {{cert: {broken}, key: {tls_files.key}}}]"
+    path.write_text(
+        f"listeners:\n  - {{address: 127.0.0.1:0, pool: p, tls: {{certs: {certs}}}}}\n"
+        "pools:\n  p:\n    backends: [127.0.0.1:9101]\n"
+    )
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2, result.stdout
+    assert "listeners[0].tls" in result.stderr and str(broken) in result.stderr
+    path.write_text(path.read_text().replace(str(broken), str(tls_files.cert)))  # two good ones
+    assert run_cli("check", "-c", str(path)).returncode == 0

@@ -183,7 +183,6 @@ CLIENT_TABLE = [
     pytest.param(b"THIS IS NOT HTTP\r\n\r\n", 400, id="garbage-request-line"),
     pytest.param(_request(replace={b"Sec-WebSocket-Version": b"8"}), 426, id="version-8"),
     pytest.param(_request(replace={b"Sec-WebSocket-Version": b"14"}), 426, id="version-14"),
-    pytest.param(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n", 426, id="plain-http-get"),
     pytest.param(_request(extra=(OVERSIZED,)), 431, id="headers-over-max-header-bytes"),
 ]
 
@@ -212,11 +211,13 @@ async def test_wrong_version_answer_names_version_13(nursery, backends) -> None:
     assert answer.header(b"sec-websocket-version") == b"13"
 
 
-async def test_plain_http_get_gets_426_with_short_text_body(nursery, backends) -> None:
+async def test_plain_http_get_gets_426_with_short_text_body_with_http_reject(nursery, backends) -> None:
+    """`listeners[].http: reject`: a plain request is not proxied (test_http_proxy.py: `proxy`)."""
     backends.append(start_backend())
-    proxy = await start_proxy(nursery, proxy_yaml([backends[0].port], extra=FAST))
-    answer = await _exchange(proxy.port(), b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    proxy = await start_proxy(nursery, proxy_yaml([backends[0].port], extra=FAST, listener_extra="http: reject"))
+    answer = await _exchange(proxy.port(), b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n")
     _assert_rejected_and_closed(answer, 426)
+    assert backends[0].requests == []
     assert (answer.header(b"content-type") or b"").startswith(b"text/plain")
     assert 0 < len(answer.body) <= 300
     assert answer.header(b"content-length") == str(len(answer.body)).encode()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -41,9 +42,12 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from tests.support import (
+    Backend,
+    BackendTLSFiles,
     RawClient,
     TLSFiles,
     echo_handler,
+    make_backend_tls,
     proxy_yaml,
     serve_wsproto,
     start_backend,
@@ -71,9 +75,36 @@ def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 
 def relay_yaml(
-    ports: list[int], relay_mode: str, *, tls: tuple[Path, Path] | None = None, timeouts: str = TIMEOUTS
+    ports: list[int],
+    relay_mode: str,
+    *,
+    tls: tuple[Path, Path] | None = None,
+    timeouts: str = TIMEOUTS,
+    pool_extra: str = "",
 ) -> str:
-    return proxy_yaml(ports, tls=tls, extra=timeouts, listener_extra=RELAY_MODES[relay_mode])
+    return proxy_yaml(ports, tls=tls, extra=timeouts, listener_extra=RELAY_MODES[relay_mode], pool_extra=pool_extra)
+
+
+@dataclass
+class BackendLeg:
+    """The proxy-to-backend leg of a test: plain TCP, or TLS (the pool trusts the test CA)."""
+
+    tls: BackendTLSFiles | None
+
+    def start(self, handler: Callable[[ServerConnection], None] = echo_handler) -> Backend:
+        if self.tls is None:
+            return start_backend(handler)
+        return start_backend(handler, ssl=self.tls.server_context())
+
+    def yaml(self, ports: list[int], relay_mode: str, **kw: Any) -> str:
+        return relay_yaml(ports, relay_mode, pool_extra=self.tls.pool_yaml() if self.tls else "", **kw)
+
+
+@pytest.fixture(params=["plain-backend", "tls-backend"])
+def leg(request: pytest.FixtureRequest, tmp_path: Path) -> BackendLeg:
+    """The representative relay tests run over a TLS backend leg as well (link.py drives the
+    backend's handshaken ssl.SSLSocket as it drives a TLS client)."""
+    return BackendLeg(make_backend_tls(tmp_path / "backend-tls") if request.param == "tls-backend" else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,10 +216,10 @@ BOUNDARY_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 65537]
 
 @pytest.mark.parametrize("size", BOUNDARY_SIZES)
 @pytest.mark.parametrize("kind", ["text", "binary"])
-async def test_message_of_boundary_size_passes_both_ways_intact(nursery, backends, relay_mode, kind, size) -> None:
+async def test_message_of_boundary_size_passes_both_ways_intact(nursery, backends, relay_mode, leg, kind, size) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     message: str | bytes = text_of(size) if kind == "text" else bytes_of(size)
     with trio.fail_after(5):
@@ -213,10 +244,10 @@ NON_ASCII = [
 
 
 @pytest.mark.parametrize("text", NON_ASCII, ids=["latin", "mixed", "long-2-byte", "4-byte-65536"])
-async def test_non_ascii_text_passes_both_ways_intact(nursery, backends, relay_mode, text) -> None:
+async def test_non_ascii_text_passes_both_ways_intact(nursery, backends, relay_mode, leg, text) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     with trio.fail_after(5):
         await client.send(TextMessage(data=text))
@@ -224,10 +255,10 @@ async def test_non_ascii_text_passes_both_ways_intact(nursery, backends, relay_m
     assert rec.messages == [text]
 
 
-async def test_many_messages_keep_their_order_and_types(nursery, backends, relay_mode) -> None:
+async def test_many_messages_keep_their_order_and_types(nursery, backends, relay_mode, leg) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     sent: list[str | bytes] = []
     for i in range(200):
@@ -240,7 +271,7 @@ async def test_many_messages_keep_their_order_and_types(nursery, backends, relay
     assert rec.messages == sent
 
 
-async def test_backend_initiated_messages_reach_client(nursery, backends, relay_mode) -> None:
+async def test_backend_initiated_messages_reach_client(nursery, backends, relay_mode, leg) -> None:
     pushed = ["welcome", b"\x00\x01\x02", "", b"", "last ☃"]
 
     def handler(conn: ServerConnection) -> None:
@@ -249,8 +280,8 @@ async def test_backend_initiated_messages_reach_client(nursery, backends, relay_
         for _ in conn:
             pass
 
-    backends.append(start_backend(handler))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(handler))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     with trio.fail_after(5):
         got = [await client.receive_message() for _ in pushed]
@@ -258,10 +289,10 @@ async def test_backend_initiated_messages_reach_client(nursery, backends, relay_
     assert [type(m) for m in got] == [type(m) for m in pushed]
 
 
-async def test_messages_pass_intact_with_permessage_deflate_on_both_hops(nursery, backends, relay_mode) -> None:
+async def test_messages_pass_intact_with_permessage_deflate_on_both_hops(nursery, backends, relay_mode, leg) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port(), extensions=[PerMessageDeflate()])
     assert client.accept is not None
     messages: list[str | bytes] = ["compress me " * 1000, bytes_of(70000), "", "☃" * 500]
@@ -272,10 +303,10 @@ async def test_messages_pass_intact_with_permessage_deflate_on_both_hops(nursery
     assert rec.messages == messages
 
 
-async def test_messages_pass_intact_over_tls_listener(nursery, backends, relay_mode, tls_files: TLSFiles) -> None:
+async def test_messages_pass_intact_over_tls_listener(nursery, backends, relay_mode, leg, tls_files: TLSFiles) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode, tls=(tls_files.cert, tls_files.key)))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode, tls=(tls_files.cert, tls_files.key)))
     client = await RawClient.connect(proxy.port(), host="localhost", ssl_context=tls_files.client_context())
     assert client.accept is not None
     with trio.fail_after(5):
@@ -294,10 +325,10 @@ async def test_messages_pass_intact_over_tls_listener(nursery, backends, relay_m
 
 
 @pytest.mark.parametrize("kind", ["text", "binary"])
-async def test_fragmented_client_message_arrives_whole(nursery, backends, relay_mode, kind) -> None:
+async def test_fragmented_client_message_arrives_whole(nursery, backends, relay_mode, leg, kind) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     pieces = ["first ", "", "sécond ", "x" * 70000, "☃ last"]
     with trio.fail_after(5):
@@ -313,10 +344,10 @@ async def test_fragmented_client_message_arrives_whole(nursery, backends, relay_
     assert echoed == whole
 
 
-async def test_utf8_character_split_across_fragments_arrives_intact(nursery, backends, relay_mode) -> None:
+async def test_utf8_character_split_across_fragments_arrives_intact(nursery, backends, relay_mode, leg) -> None:
     rec = Recorder()
-    backends.append(start_backend(recording_echo(rec)))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(recording_echo(rec)))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     encoded = "a☃🎉b".encode()  # 61 e2 98 83 f0 9f 8e 89 62: split inside both multi-byte characters
     with trio.fail_after(5):
@@ -346,15 +377,15 @@ async def test_ping_between_fragments_is_answered_and_message_stays_whole(nurser
     assert rec.messages == ["part one, part two"]
 
 
-async def test_fragmented_backend_message_arrives_whole(nursery, backends, relay_mode) -> None:
+async def test_fragmented_backend_message_arrives_whole(nursery, backends, relay_mode, leg) -> None:
     def handler(conn: ServerConnection) -> None:
         conn.send(iter(["frag-1 ", "frag-2 ☃ ", "", "frag-4"]))
         conn.send(iter([b"\x00" * 70000, b"\x01", b"\x02" * 3]))
         for _ in conn:
             pass
 
-    backends.append(start_backend(handler))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(handler))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     with trio.fail_after(5):
         assert await client.receive_message() == "frag-1 frag-2 ☃ frag-4"
@@ -704,9 +735,9 @@ async def next_pong(client: RawClient) -> Pong:
         assert not isinstance(ev, CloseConnection), ev
 
 
-async def test_client_ping_reaches_websockets_backend_and_its_pong_returns(nursery, backends, relay_mode) -> None:
-    backends.append(start_backend())
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+async def test_client_ping_reaches_websockets_backend_and_its_pong_returns(nursery, backends, relay_mode, leg) -> None:
+    backends.append(leg.start())
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     with trio.fail_after(5):
         for payload in (b"ping-1", b"", bytes(range(125))):
@@ -725,7 +756,7 @@ async def test_client_ping_is_forwarded_to_backend_not_answered_by_proxy(nursery
     assert backend.pings == [b"are you there"]
 
 
-async def test_backend_ping_reaches_client_and_client_pong_returns(nursery, backends, relay_mode) -> None:
+async def test_backend_ping_reaches_client_and_client_pong_returns(nursery, backends, relay_mode, leg) -> None:
     pong_seen = threading.Event()
     ping_sent = threading.Event()
 
@@ -737,8 +768,8 @@ async def test_backend_ping_reaches_client_and_client_pong_returns(nursery, back
         for _ in conn:
             pass
 
-    backends.append(start_backend(handler))
-    proxy = await start_proxy(nursery, relay_yaml([backends[0].port], relay_mode))
+    backends.append(leg.start(handler))
+    proxy = await start_proxy(nursery, leg.yaml([backends[0].port], relay_mode))
     client = await RawClient.connect(proxy.port())
     with trio.fail_after(5):
         ev = await client.next_event()

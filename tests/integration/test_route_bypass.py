@@ -3,7 +3,8 @@
 A listener with an `auth` route on `match.path_prefix: /admin` and a default route without auth:
 every variant of `/admin` a client can spell is either sent through the auth route (401 without
 credentials, 101 with them) or refused with 400; none reaches the backend unauthenticated, and
-the backend receives the normalised target the route was chosen by.
+the backend receives the normalised target the route was chosen by. Plain HTTP requests on the
+same listener (`http: proxy`) go through the same normalisation: the same table holds for them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from tests.http_backends import start_http_backend
 from tests.integration.test_edge import auth_listener, start_auth
 from tests.support import proxy_yaml, start_backend, start_proxy, status_of
 
@@ -62,15 +64,18 @@ VARIANTS: list[tuple[str, int, str | None]] = [
 ]
 
 
-def _request(target: str, port: int, token: str | None) -> bytes:
-    lines = [
-        f"GET {target} HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {KEY.decode()}",
-        "Sec-WebSocket-Version: 13",
-    ]
+def _request(target: str, port: int, token: str | None, *, upgrade: bool = True) -> bytes:
+    """An Upgrade for `target`; with `upgrade=False` a plain GET (the connection closed after it)."""
+    lines = [f"GET {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    if upgrade:
+        lines += [
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {KEY.decode()}",
+            "Sec-WebSocket-Version: 13",
+        ]
+    else:
+        lines.append("Connection: close")
     if token is not None:
         lines.append(f"Authorization: Bearer {token}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -94,13 +99,7 @@ async def _status(port: int, request: bytes) -> int:
 async def test_every_spelling_of_an_auth_route_is_authorised_or_refused(nursery, backends) -> None:
     backends.append(start_backend())
     auth = await start_auth(nursery)
-    yaml = proxy_yaml([backends[0].port], extra=FAST).replace(
-        "    pool: p\n",
-        "    routes:\n"
-        f"      - {{pool: p, match: {{path_prefix: /admin}}, {auth_listener(auth.port)}}}\n"
-        "      - {pool: p}\n",
-    )
-    proxy = await start_proxy(nursery, yaml)
+    proxy = await start_proxy(nursery, _routes_yaml(backends[0].port, auth.port))
     port = proxy.port()
     got = {}
     for raw, _, _ in VARIANTS:
@@ -123,6 +122,41 @@ async def test_every_spelling_of_an_auth_route_is_authorised_or_refused(nursery,
         # X-User-Id is copied from the auth service's answer only on the auth route
         assert (seen.headers.get("X-User-Id") == "42") == (expected == AUTHED), raw
     assert {s["target"] for s in auth.seen} == {"/check?app=chat"}
+
+
+def _routes_yaml(backend_port: int, auth_port: int) -> str:
+    return proxy_yaml([backend_port], extra=FAST).replace(
+        "    pool: p\n",
+        "    routes:\n"
+        f"      - {{pool: p, match: {{path_prefix: /admin}}, {auth_listener(auth_port)}}}\n"
+        "      - {pool: p}\n",
+    )
+
+
+async def test_plain_http_requests_cannot_spell_their_way_past_an_auth_route(nursery) -> None:
+    """The table above, as plain GETs (`http: proxy`, the default): `GET /%61dmin` is the auth
+    route's request, not the default route's, and the backend is sent the normalised target."""
+    backend = start_http_backend("app")
+    try:
+        auth = await start_auth(nursery)
+        proxy = await start_proxy(nursery, _routes_yaml(backend.port, auth.port))
+        port = proxy.port()
+        plain = {AUTHED: 401, REFUSED: 400, DEFAULT: 200}
+        got = {}
+        for raw, _, _ in VARIANTS:
+            got[raw] = await _status(port, _request(raw.format(port=port), port, None, upgrade=False))
+        assert got == {raw: plain[expected] for raw, expected, _ in VARIANTS}
+        assert [s.path for s in backend.seen] == ["/ADMIN", "/public/feed", "/administrator"]
+        for raw, expected, normal in VARIANTS:
+            if expected == REFUSED:
+                continue
+            before = len(backend.seen)
+            assert await _status(port, _request(raw.format(port=port), port, "good", upgrade=False)) == 200, raw
+            assert len(backend.seen) == before + 1, raw
+            assert backend.seen[-1].path == normal, raw
+            assert (backend.seen[-1].headers.get("X-User-Id") == "42") == (expected == AUTHED), raw
+    finally:
+        backend.stop()
 
 
 @pytest.mark.parametrize("target", ["/admin", "/%61dmin", "/x/../admin"])

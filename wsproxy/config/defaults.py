@@ -13,6 +13,8 @@ CLOSE_TIMEOUT = 5.0
 IDLE_TIMEOUT: float | None = None  # off
 MAX_LIFETIME: float | None = None  # off
 MAX_LIFETIME_JITTER = 0.10  # a fraction of max_lifetime
+HTTP_IDLE_TIMEOUT = 60.0  # a keep-alive client connection waiting for its next request
+HTTP_RESPONSE_TIMEOUT = 60.0  # a backend's response head (and each body read) to a plain request: long polls
 
 # heartbeat: the proxy's own pings on silent legs
 HEARTBEAT_INTERVAL: float | None = 20.0
@@ -26,6 +28,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SLOW_CONSUMER_TIMEOUT: float | None = None  # off
 MAX_SESSIONS: int | None = None  # off: global, per pool (pools.NAME.max_sessions), per backend
 RETRY_AFTER = 1.0  # seconds, in the Retry-After of a 503 for a session cap
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a plain HTTP request's body; over it: 413
 
 # rate_limits (edge protection; see docs/security.md): all off unless configured
 HANDSHAKES_PER_IP = None  # {rate, burst}: a new client request takes one token; none left: 429
@@ -75,6 +78,16 @@ RETRIES = 2
 HASH_BALANCE_FACTOR = 1.25
 HASH_FALLBACK = "least_conn"
 
+# pools: plain HTTP requests, affinity, TLS to backends
+HTTP_POOL_MAX_IDLE = 16  # idle backend connections kept per backend
+HTTP_POOL_IDLE_TIMEOUT = 30.0  # an idle backend connection older than this is closed
+STICKY_COOKIE = "wsproxy_affinity"
+STICKY_MAX_AGE: float | None = None  # a session cookie
+STICKY_SECURE = "auto"  # Secure when the client spoke TLS to the listener
+STICKY_HTTP_ONLY = True
+STICKY_SAME_SITE = "lax"
+BACKEND_TLS_VERIFY = True  # verify: false is allowed, and warned about at start
+
 # the relay's readiness loop (runtime/reactor.py): watcher calls per round before it yields to
 # trio, so handshakes, health checks and the admin listener never wait behind a long round
 REACTOR_ROUND_BUDGET = 0.002  # seconds
@@ -82,6 +95,7 @@ REACTOR_ROUND_BUDGET = 0.002  # seconds
 # listeners
 DEFLATE = True
 RELAY = "passthrough"
+HTTP_MODE = "proxy"  # requests that are not an Upgrade go to the pool (reject: 426)
 TRUSTED_PROXIES = ()  # no peer's X-Forwarded-For / Forwarded / X-Real-IP is believed
 
 # shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut

@@ -12,8 +12,10 @@ from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
 from wsproxy.config.control import AUTH_EXPIRY_KEYS, parse_expiry_keys
 from wsproxy.config.model import (
+    HTTP_MODES,
     RELAY_MODES,
     AuthConfig,
+    CertKey,
     ListenerConfig,
     Route,
     RouteMatch,
@@ -117,6 +119,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
             "allowed_origins",
             "allowed_subprotocols",
             "auth",
+            "http",
             "trusted_proxies",
         ),
     )
@@ -148,17 +151,8 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
             ck.fail(rpath, "expected at least one route")
     else:
         ck.fail(path, "a listener needs a pool or routes")
-    tls = None
-    if "tls" in m:
-        tpath = join(path, "tls")
-        t = ck.mapping(m["tls"], tpath, ("cert", "key"))
-        for key in ("cert", "key"):
-            if key not in t and isinstance(m["tls"], dict):
-                ck.fail(join(tpath, key), "missing")
-        cert = ck.get(t, "cert", tpath, _tls_file(ck), None)
-        key = ck.get(t, "key", tpath, _tls_file(ck), None)
-        if cert is not None and key is not None:
-            tls = TLSConfig(cert=cert, key=key)
+    tls = _parse_tls(ck, join(path, "tls"), m["tls"]) if "tls" in m else None
+    http = ck.get(m, "http", path, parse_choice(HTTP_MODES), defaults.HTTP_MODE)
     deflate = ck.get(m, "deflate", path, parse_bool, defaults.DEFLATE)
     relay = ck.get(m, "relay", path, parse_choice(RELAY_MODES), defaults.RELAY)
     proxy_protocol = ck.get(m, "proxy_protocol", path, parse_bool, False)
@@ -176,8 +170,34 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
         allowed_origins=origins,
         allowed_subprotocols=rules.allowed_subprotocols,
         auth=rules.auth,
+        http=http,
         trusted_proxies=trusted_proxies,
     )
+
+
+def _cert_key(ck: Checker, path: str, raw: Any) -> CertKey | None:
+    t = ck.mapping(raw, path, ("cert", "key"))
+    for key in ("cert", "key"):
+        if key not in t and isinstance(raw, dict):
+            ck.fail(join(path, key), "missing")
+    cert = ck.get(t, "cert", path, _tls_file(ck), None)
+    key = ck.get(t, "key", path, _tls_file(ck), None)
+    return CertKey(cert=cert, key=key) if cert is not None and key is not None else None
+
+
+def _parse_tls(ck: Checker, path: str, raw: Any) -> TLSConfig | None:
+    """`{cert, key}`, or `{certs: [{cert, key}, ...]}`: the first is the default, SNI picks the others."""
+    if not isinstance(raw, dict) or "certs" not in raw:
+        one = _cert_key(ck, path, raw)
+        return TLSConfig(certs=(one,)) if one is not None else None
+    t = ck.mapping(raw, path, ("certs",))
+    cpath = join(path, "certs")
+    pairs = [_cert_key(ck, f"{cpath}[{i}]", item) for i, item in ck.sequence(t["certs"], cpath)]
+    if isinstance(t["certs"], list) and not t["certs"]:
+        ck.fail(cpath, "expected at least one {cert, key}")
+    if not pairs or any(p is None for p in pairs):
+        return None
+    return TLSConfig(certs=tuple(p for p in pairs if p is not None))
 
 
 def _parse_route(

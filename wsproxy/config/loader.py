@@ -198,7 +198,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     t = ck.mapping(
         top.get("timeouts"),
         "timeouts",
-        ("connect", "handshake", "close", "idle", "max_lifetime", "max_lifetime_jitter"),
+        ("connect", "handshake", "close", "idle", "max_lifetime", "max_lifetime_jitter", "http_idle", "http_response"),
     )
     timeouts = Timeouts(
         connect=ck.get(t, "connect", "timeouts", parse_duration, defaults.CONNECT_TIMEOUT),
@@ -207,6 +207,8 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         idle=ck.get(t, "idle", "timeouts", parse_optional_duration, defaults.IDLE_TIMEOUT),
         max_lifetime=ck.get(t, "max_lifetime", "timeouts", parse_optional_duration, defaults.MAX_LIFETIME),
         max_lifetime_jitter=ck.get(t, "max_lifetime_jitter", "timeouts", parse_fraction, defaults.MAX_LIFETIME_JITTER),
+        http_idle=ck.get(t, "http_idle", "timeouts", parse_duration, defaults.HTTP_IDLE_TIMEOUT),
+        http_response=ck.get(t, "http_response", "timeouts", parse_duration, defaults.HTTP_RESPONSE_TIMEOUT),
     )
     lim = ck.mapping(
         top.get("limits"),
@@ -218,6 +220,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             "slow_consumer_timeout",
             "max_sessions",
             "retry_after",
+            "max_body_bytes",
         ),
     )
     limits = Limits(
@@ -231,6 +234,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         ),
         max_sessions=ck.get(lim, "max_sessions", "limits", parse_optional_count, defaults.MAX_SESSIONS),
         retry_after=ck.get(lim, "retry_after", "limits", parse_duration, defaults.RETRY_AFTER),
+        max_body_bytes=ck.get(lim, "max_body_bytes", "limits", parse_size, defaults.MAX_BODY_BYTES),
     )
     rate_limits = _parse_rate_limits(ck, top.get("rate_limits"))
     hb = ck.mapping(top.get("heartbeat"), "heartbeat", ("interval", "timeout", "legs"))

@@ -18,6 +18,8 @@ RELAY_MODES = ("passthrough", "inspect")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
+HTTP_MODES = ("proxy", "reject")  # listeners[].http: what a request that is not an Upgrade gets
+SAME_SITE = ("lax", "strict", "none")
 LOG_QUERY_MODES = ("redact", "keep", "drop")
 
 
@@ -54,9 +56,26 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class TLSConfig:
+class CertKey:
+    """One certificate chain and its private key (PEM files)."""
+
     cert: Path
     key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """A listener's certificates: the first is the default, the others are chosen by SNI."""
+
+    certs: tuple[CertKey, ...]
+
+    @property
+    def cert(self) -> Path:
+        return self.certs[0].cert
+
+    @property
+    def key(self) -> Path:
+        return self.certs[0].key
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +121,7 @@ class ListenerConfig:
     allowed_origins: tuple[OriginPattern, ...] | None = None  # None: any origin
     allowed_subprotocols: tuple[str, ...] | None = None  # for `pool:`; routes carry their own
     auth: AuthConfig | None = None  # for `pool:`; routes carry their own
+    http: str = defaults.HTTP_MODE  # proxy: plain HTTP requests go to the pool; reject: 426
     # peers whose forwarding headers are kept and believed (docs/security.md)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = defaults.TRUSTED_PROXIES
 
@@ -124,10 +144,42 @@ class BackendConfig:
     address: Address
     weight: int = defaults.WEIGHT
     max_sessions: int | None = defaults.MAX_SESSIONS  # a full backend is skipped by the balancer
+    tls: bool = False  # a wss:// address (or the pool's `tls`): TLS to this backend
 
     @property
     def name(self) -> str:
         return str(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLS:
+    """How the proxy speaks TLS to a pool's backends (`pools.NAME.tls`, or wss:// addresses)."""
+
+    ca: Path | None = None  # None: the system's trust store (`ca: system`)
+    server_name: str | None = None  # None: each backend's host
+    verify: bool = defaults.BACKEND_TLS_VERIFY
+    cert: Path | None = None  # with key: a client certificate (mutual TLS)
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpPool:
+    """Idle HTTP/1.1 connections kept per backend for plain requests (`pools.NAME.http_pool`)."""
+
+    max_idle: int = defaults.HTTP_POOL_MAX_IDLE  # per backend; 0: a connection per request
+    idle_timeout: float = defaults.HTTP_POOL_IDLE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """Session affinity by cookie (`pools.NAME.sticky`): see policy/sticky.py."""
+
+    cookie: str = defaults.STICKY_COOKIE
+    max_age: float | None = defaults.STICKY_MAX_AGE  # None: a session cookie
+    secure: str = defaults.STICKY_SECURE  # auto (when the client spoke TLS) | true | false
+    http_only: bool = defaults.STICKY_HTTP_ONLY
+    same_site: str = defaults.STICKY_SAME_SITE  # lax | strict | none
+    secret: bytes | None = None  # None: the proxy's own random secret (shared by its workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +198,15 @@ class PoolConfig:
     passive: PassiveHealth | None = field(default_factory=lambda: PassiveHealth())  # None: off
     close_sessions_on_down: bool = defaults.CLOSE_SESSIONS_ON_DOWN
     drain_window: float = defaults.DOWN_DRAIN_WINDOW
+    tls: BackendTLS | None = None  # None: plain, except backends given as wss:// (default settings)
+    http_pool: HttpPool = field(default_factory=HttpPool)
+    sticky: Sticky | None = None  # None: no affinity cookie
+
+    def backend_tls(self, backend: BackendConfig) -> BackendTLS | None:
+        """The TLS settings for `backend`, or None for plain TCP."""
+        if self.tls is not None:
+            return self.tls
+        return BackendTLS() if backend.tls else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +240,8 @@ class Timeouts:
     idle: float | None = defaults.IDLE_TIMEOUT
     max_lifetime: float | None = defaults.MAX_LIFETIME
     max_lifetime_jitter: float = defaults.MAX_LIFETIME_JITTER
+    http_idle: float = defaults.HTTP_IDLE_TIMEOUT  # a keep-alive client connection between requests
+    http_response: float = defaults.HTTP_RESPONSE_TIMEOUT  # a backend's answer to a plain request
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +252,7 @@ class Limits:
     slow_consumer_timeout: float | None = defaults.SLOW_CONSUMER_TIMEOUT
     max_sessions: int | None = defaults.MAX_SESSIONS  # all listeners together; over it: 503
     retry_after: float = defaults.RETRY_AFTER
+    max_body_bytes: int = defaults.MAX_BODY_BYTES  # a plain HTTP request's body; over it: 413
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +359,8 @@ class Config:
         out = [f"{self.source}: OK (sha256 {self.digest[:12]})", "listeners:"]
         for lst in self.listeners:
             target = f"pool {lst.pool}" if lst.pool else f"{len(lst.routes)} route(s)"
-            tls = " tls" if lst.tls else ""
+            tls = f" tls ({len(lst.tls.certs)} certificates, by SNI)" if lst.tls and len(lst.tls.certs) > 1 else ""
+            tls = (tls or (" tls" if lst.tls else "")) + (" http=reject" if lst.http == "reject" else "")
             out.append(f"  {lst.scheme}://{lst.address} -> {target}{tls}")
             for r in lst.routes:
                 m = r.match
@@ -304,6 +369,8 @@ class Config:
         out.append("pools:")
         for pool in self.pools.values():
             extra = f" key={pool.hash_key}" if pool.hash_key else ""
+            extra += f" sticky={pool.sticky.cookie}" if pool.sticky else ""
+            extra += " tls" if pool.tls or any(b.tls for b in pool.backends) else ""
             out.append(f"  {pool.name}: {pool.balance}{extra}, {len(pool.backends)} backend(s)")
             for b in pool.backends:
                 out.append(f"    {b.address} weight={b.weight}")

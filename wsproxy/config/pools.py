@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from wsproxy.config import defaults
@@ -17,6 +18,7 @@ from wsproxy.config.model import (
     PassiveHealth,
     PoolConfig,
 )
+from wsproxy.config.pool_http import POOL_HTTP_KEYS, parse_backend_tls, parse_http_pool, parse_sticky
 from wsproxy.config.values import (
     parse_address,
     parse_bool,
@@ -51,6 +53,7 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
             "rebalance",
             "max_sessions",
             *HEALTH_POOL_KEYS,
+            *POOL_HTTP_KEYS,
         ),
     )
     if raw is None or not isinstance(raw, dict):
@@ -67,6 +70,9 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
     rebalance = ck.get(rb, "max_sessions_per_second", join(path, "rebalance"), parse_positive_rate, None)
     pool_max = ck.get(m, "max_sessions", path, parse_optional_count, defaults.MAX_SESSIONS)
     health, passive, close_on_down, down_drain = _parse_pool_health(ck, path, m)
+    tls = parse_backend_tls(ck, join(path, "tls"), m["tls"]) if "tls" in m else None
+    http_pool = parse_http_pool(ck, join(path, "http_pool"), m.get("http_pool"))
+    sticky = parse_sticky(ck, join(path, "sticky"), m["sticky"]) if "sticky" in m else None
     if balance == "consistent_hash" and hash_key is None and "hash_key" not in m:
         ck.fail(join(path, "hash_key"), "consistent_hash needs a hash_key")
     for key in ("hash_key", "hash_balance_factor", "hash_fallback"):
@@ -86,7 +92,10 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
                 ck.fail(f"{bpath}[{i}].address", f"{b.address} is listed twice in this pool")
                 continue
             seen.add(b.address)
-            backends.append(b)
+            if tls is not None and b.explicit_plain:
+                ck.fail(f"{bpath}[{i}].address", "ws:// names a plain backend, but the pool has tls")
+                continue
+            backends.append(b.config)
         if isinstance(m["backends"], list) and not m["backends"]:
             ck.fail(bpath, "a pool needs at least one backend")
     return PoolConfig(
@@ -104,6 +113,9 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
         passive=passive,
         close_sessions_on_down=close_on_down,
         drain_window=down_drain,
+        tls=tls,
+        http_pool=http_pool,
+        sticky=sticky,
     )
 
 
@@ -163,7 +175,29 @@ def _parse_pool_health(
     return active, passive, close_on_down, drain
 
 
-def _parse_backend(ck: Checker, path: str, raw: Any) -> BackendConfig | None:
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    config: BackendConfig
+    explicit_plain: bool  # written as ws://host:port
+
+    @property
+    def address(self) -> Address:
+        return self.config.address
+
+
+def _backend_address(value: Any) -> tuple[Address, str | None]:
+    """`host:port`, `ws://host:port` or `wss://host:port` (TLS to this backend)."""
+    scheme = None
+    if isinstance(value, str) and "://" in value:
+        scheme, _, value = value.strip().partition("://")
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"expected host:port, ws://host:port or wss://host:port, got a {scheme}:// address")
+        if value.endswith("/"):
+            value = value[:-1]
+    return parse_address(value), scheme
+
+
+def _parse_backend(ck: Checker, path: str, raw: Any) -> _Parsed | None:
     if isinstance(raw, str):  # shorthand: "- 127.0.0.1:9001"
         raw = {"address": raw}
     elif not isinstance(raw, dict):
@@ -175,9 +209,11 @@ def _parse_backend(ck: Checker, path: str, raw: Any) -> BackendConfig | None:
         if isinstance(raw, dict):
             ck.fail(join(path, "address"), "missing")
         return None
-    address = ck.get(m, "address", path, parse_address, None)
+    got = ck.get(m, "address", path, _backend_address, None)
     weight = ck.get(m, "weight", path, parse_bounded_int(1, 1000), defaults.WEIGHT)
     max_sessions = ck.get(m, "max_sessions", path, parse_optional_count, defaults.MAX_SESSIONS)
-    if address is None:
+    if got is None:
         return None
-    return BackendConfig(address=address, weight=weight, max_sessions=max_sessions)
+    address, scheme = got
+    config = BackendConfig(address=address, weight=weight, max_sessions=max_sessions, tls=scheme == "wss")
+    return _Parsed(config, explicit_plain=scheme == "ws")

@@ -25,12 +25,15 @@ from wsproxy.protocol.sides import Side
 
 if TYPE_CHECKING:
     from wsproxy.config import Config
+    from wsproxy.observe.http_log import HttpRecord
     from wsproxy.observe.session_log import SessionRecord
 
 # WebSocket sessions live from milliseconds to days.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
 # Handshakes and send stalls: a millisecond on loopback to seconds through a slow backend.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Plain HTTP requests: milliseconds to a long poll's minute.
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Handshake outcomes (the `outcome` label of wsproxy_handshakes_total).
@@ -286,6 +289,32 @@ class Metrics:
         self.reloads = Counter(
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
+        # plain HTTP requests: their own series, never mixed into the WebSocket session figures
+        self.http_requests = Counter(
+            "wsproxy_http_requests",
+            "Plain HTTP requests by method and the status the client got (none: no answer)",
+            ["listener", "pool", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "wsproxy_http_request_duration_seconds",
+            "Time from a plain HTTP request's head to the end of its response",
+            ["listener", "pool"],
+            buckets=HTTP_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.http_bytes = Counter(
+            "wsproxy_http_body_bytes",
+            "Body bytes of plain HTTP requests (client_to_backend) and responses (backend_to_client)",
+            ["listener", "pool", "direction"],
+            registry=r,
+        )
+        self.http_connections = Counter(
+            "wsproxy_http_backend_connections",
+            "Backend connections used for plain HTTP requests: opened anew or reused from the idle pool",
+            ["pool", "reused"],
+            registry=r,
+        )
         self.config_info = Info("wsproxy_config", "The loaded configuration: file and sha256", registry=r)
         self.build_info = Info("wsproxy_build", "The running wsproxy: its version and Python's", registry=r)
         self.handshake_latency = Histogram(
@@ -391,6 +420,20 @@ class Metrics:
 
     def relay_failure(self) -> None:
         self.relay_failures.inc()
+
+    # --- plain HTTP requests ---------------------------------------------------------------------
+
+    def http_request(self, record: HttpRecord, method: str) -> None:
+        """One plain HTTP request ended (`method`: the bounded label, http_log.method_label)."""
+        pool = record.pool or "-"
+        self._child(self.http_requests, record.listener, pool, method, status_label(record.status)).inc()
+        self._child(self.http_duration, record.listener, pool).observe(record.duration)
+        if record.bytes_from_client:
+            self._child(self.http_bytes, record.listener, pool, "client_to_backend").inc(record.bytes_from_client)
+        if record.bytes_from_backend:
+            self._child(self.http_bytes, record.listener, pool, "backend_to_client").inc(record.bytes_from_backend)
+        if record.backend is not None and record.status:
+            self._child(self.http_connections, pool, "yes" if record.reused else "no").inc()
 
     # --- configuration -----------------------------------------------------------------------
 

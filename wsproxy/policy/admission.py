@@ -167,7 +167,7 @@ def apply_rules(listener: ListenerConfig, rules: RouteRules, upgrade: ClientUpgr
             return Rejection(403, f"origin {shown!r} is not allowed on this listener")
     drop: set[bytes] = set()
     subprotocols = upgrade.subprotocols
-    if rules.allowed_subprotocols is not None:
+    if rules.allowed_subprotocols is not None and upgrade.websocket:  # a plain HTTP request offers none
         subprotocols = filter_subprotocols(upgrade.subprotocols, rules.allowed_subprotocols)
         if not subprotocols:
             offered = ", ".join(upgrade.subprotocols)[:200] or "none"

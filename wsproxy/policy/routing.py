@@ -80,7 +80,7 @@ def select_pool(listener: ListenerConfig, host: bytes, path: str) -> str | None:
     return None
 
 
-def _cookie(upgrade: ClientUpgrade, name: bytes) -> bytes | None:
+def cookie(upgrade: ClientUpgrade, name: bytes) -> bytes | None:
     """The first value of cookie `name` across every Cookie header ("a=1; b=2")."""
     for header, value in upgrade.raw_headers:
         if header.lower() != b"cookie":
@@ -114,7 +114,7 @@ def extract_hash_key(spec: HashKey, upgrade: ClientUpgrade, client_ip: str) -> b
     if spec.kind == "header":
         value = upgrade.header(_name(spec).encode("latin-1"))
     elif spec.kind == "cookie":
-        value = _cookie(upgrade, _name(spec).encode("utf-8"))
+        value = cookie(upgrade, _name(spec).encode("utf-8"))
     elif spec.kind == "query":
         value = _query(upgrade, _name(spec))
     elif spec.kind == "path":

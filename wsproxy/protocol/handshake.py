@@ -64,9 +64,7 @@ class Rejection:
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""
-        detail = self.public if self.public is not None else (self.reason if self.status < 500 else "")
-        line = f"{self.status} {phrase(self.status)}"
-        body = self.body or (f"{line}: {detail}\n" if detail else f"{line}\n").encode()
+        body = self.body_bytes()
         head = [f"HTTP/1.1 {self.status} {phrase(self.status)}".encode()]
         head += [k + b": " + v for k, v in self.headers]
         head += [
@@ -75,6 +73,14 @@ class Rejection:
             b"Connection: close",
         ]
         return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+    def body_bytes(self) -> bytes:
+        """The response body: the given one, else a line with the status and what the client
+        may be told (a 4xx's reason, `public`, nothing more for a 5xx). Every answer the proxy
+        makes (to an Upgrade or to a plain HTTP request, http1.py) takes its body from here."""
+        detail = self.public if self.public is not None else (self.reason if self.status < 500 else "")
+        line = f"{self.status} {phrase(self.status)}"
+        return self.body or (f"{line}: {detail}\n" if detail else f"{line}\n").encode()
 
 
 def phrase(status: int) -> str:
@@ -95,6 +101,8 @@ class ClientUpgrade:
     subprotocols: tuple[str, ...]
     extension_offers: tuple[str, ...]  # the raw Sec-WebSocket-Extensions offers, in order
     raw_headers: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # original names and order
+    method: bytes = b"GET"
+    websocket: bool = True  # False: a plain HTTP request (http1.plain_request), no key or offers
 
     @property
     def path(self) -> str:
@@ -119,6 +127,13 @@ def _tokens(values: list[bytes]) -> list[bytes]:
 
 def _all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
+
+
+def is_upgrade(req: h11.Request) -> bool:
+    """The request asks for a protocol switch (an Upgrade header, or upgrade in Connection):
+    validate_client_request judges it; anything else is a plain HTTP request."""
+    headers = list(req.headers)
+    return bool(_all(headers, b"upgrade")) or b"upgrade" in _tokens(_all(headers, b"connection"))
 
 
 def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
@@ -227,23 +242,40 @@ def build_upstream_request(
     offers for Sec-WebSocket-Extensions (None: no extensions). `extra_headers` are added after
     the client's (the auth service's `copy_headers`; the caller removed the client's own).
     """
-    listed = _connection_listed(list(upgrade.raw_headers))
+    own = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
+    if extension_offer:
+        own.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
+    out = forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
+    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+
+
+def forward_headers(
+    request: ClientUpgrade,
+    *,
+    origin: Origin,
+    scheme: str,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    own: Iterable[tuple[bytes, bytes]] = (),
+    drop: frozenset[bytes] = frozenset(),
+) -> Headers:
+    """The headers a backend gets for a client's request (an Upgrade or a plain HTTP request):
+    end-to-end headers as received, in order, without hop-by-hop ones, those the client's
+    Connection lists and `drop`; then `extra_headers`, this hop's `own`, X-Forwarded-Proto/-Host,
+    and the forwarding headers forwarding.py writes for `origin` (the client's own kept and
+    appended to only from a trusted proxy)."""
+    listed = _connection_listed(list(request.raw_headers))
     out: Headers = []
-    for name, value in upgrade.raw_headers:
+    for name, value in request.raw_headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING or low in FORWARDING_HEADERS:
+        if low in HOP_BY_HOP or low in listed or low in drop or low in FORWARDING or low in FORWARDING_HEADERS:
             continue
         out.append((name, value))
     out.extend(extra_headers)
-    out.append((b"Connection", b"Upgrade"))
-    out.append((b"Upgrade", b"websocket"))
-    out.append((b"Sec-WebSocket-Key", key))
-    if extension_offer:
-        out.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
+    out.extend(own)
     out.append((b"X-Forwarded-Proto", scheme.encode()))
-    out.append((b"X-Forwarded-Host", upgrade.host))
-    out.extend(forwarding_headers(origin, upgrade.raw_headers, scheme=scheme, host=upgrade.host))
-    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+    out.append((b"X-Forwarded-Host", request.host))
+    out.extend(forwarding_headers(origin, request.raw_headers, scheme=scheme, host=request.host))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,15 +342,17 @@ def build_client_101(
     return h11.InformationalResponse(status_code=101, headers=headers, reason=b"Switching Protocols")
 
 
-def passthrough_response_headers(response: h11.Response) -> Headers:
-    """Headers of a backend's non-101 answer as sent to the client: hop-by-hop removed."""
+def passthrough_response_headers(response: h11.Response, *, close: bool = True) -> Headers:
+    """Headers of a backend's non-101 answer as sent to the client: hop-by-hop removed (and,
+    with `close`, Connection: close: the handshake path ends the connection after it)."""
     listed = _connection_listed(list(response.headers))
     out = [
         (bytes(k), bytes(v))
         for k, v in response.headers.raw_items()
         if k.lower() not in HOP_BY_HOP and k.lower() not in listed
     ]
-    out.append((b"Connection", b"close"))
+    if close:
+        out.append((b"Connection", b"close"))
     return out
 
 

@@ -67,7 +67,7 @@ def build_check(spec: AuthConfig, upgrade: ClientUpgrade, *, client_ip: str, sch
         (b"X-Forwarded-Proto", scheme.encode("latin-1")),
         (b"X-Forwarded-Host", upgrade.host),
         (b"X-Forwarded-Uri", upgrade.target),
-        (b"X-Forwarded-Method", b"GET"),
+        (b"X-Forwarded-Method", upgrade.method),
     ]
     headers += [(k, v) for k, v in upgrade.raw_headers if k.lower() in wanted]
     return h11.Request(method=b"GET", target=spec.target.encode("ascii"), headers=headers)

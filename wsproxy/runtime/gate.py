@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from wsproxy.config import Config, ListenerConfig, defaults
 from wsproxy.observe.metrics import Metrics
 from wsproxy.policy import admission as adm
-from wsproxy.policy import routing
+from wsproxy.policy import health, routing
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
@@ -78,6 +78,16 @@ class Admitted:
     ticket: Ticket
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
     credentials: Credentials | None = None  # the auth answer carried an expiry
+
+
+def unavailable(pool: Pool, now: float) -> Rejection:
+    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
+    after = health.retry_after((b.health for b in pool.backends), now)
+    return Rejection(
+        503,
+        f"no backend available in pool {pool.name} (all down or ejected)",
+        headers=((b"Retry-After", str(after).encode()),),
+    )
 
 
 def pool_full(pool: Pool) -> bool:

@@ -5,7 +5,10 @@ valid Upgrade, runs admission (rate per IP, caps, origins, auth), routes it to a
 balancer's candidates (connect + upstream handshake, retrying the next candidate while nothing
 has been sent to the client, a failure counting against the backend's health), passes a
 backend's ordinary HTTP answer to the client as it is, or answers 101 and builds the relay for
-the extensions both hops negotiated. What must outlive the phase (the session's ticket in the
+the extensions both hops negotiated. Plain HTTP requests on a listener with `http: proxy` go to
+http_proxy.py, which answers them (and those after them on the connection) and hands back an
+Upgrade that follows; the affinity cookie (sticky.py) puts its backend first among the
+candidates and is set in the 101 when another backend answered. What must outlive the phase (the session's ticket in the
 caps, the backend's lease, the backend's socket) is handed to the session as soon as it is
 taken, so a session cut in the middle still releases it; the rest (h11 connections, the
 request, the balancer's iterator) ends with the phase. Every wait has a deadline from the config.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import h11
@@ -25,19 +28,21 @@ from wsproto.extensions import PerMessageDeflate
 
 from wsproxy.observe import session_log
 from wsproxy.observe.metrics import ABORTED, BACKEND_RESPONSE, REJECTED, UPGRADED
-from wsproxy.policy import health, routing
+from wsproxy.policy import routing, sticky
 from wsproxy.policy.balancing import Backend, Pool
 from wsproxy.policy.balancing.base import Lease
-from wsproxy.protocol import handshake, proxy_protocol
+from wsproxy.protocol import handshake, http1, proxy_protocol
 from wsproxy.protocol.forwarding import resolve_client
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection, phrase
 from wsproxy.protocol.relay import Relay
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate
+from wsproxy.runtime.backend_tls import open_stream
 from wsproxy.runtime.credentials import Credentials
+from wsproxy.runtime.http_proxy import HttpConnection
 from wsproxy.runtime.streams import format_address
-from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
+from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, request_upgrade
 
 if TYPE_CHECKING:
     from wsproxy.runtime.session import Session
@@ -88,9 +93,8 @@ class HandshakePhase:
         if got is None:
             return None  # the client left (or TLS failed) before sending a request
         session = self._session
-        if isinstance(got, h11.Request):  # the one place the client address may change: forwarding.py
-            session.origin = resolve_client(session.client_addr[0], got.headers, session.listener.trusted_proxies)
-            session.client_addr = (session.origin.client, session.client_addr[1])
+        if isinstance(got, h11.Request):
+            self._resolve_client(got)
         # Every request counts against its address's handshake rate, well-formed or not.
         limited = self._session.edge.admission.check_handshake(cfg, self._session.client_addr[0], trio.current_time())
         if limited is not None:
@@ -99,6 +103,12 @@ class HandshakePhase:
         if isinstance(got, Rejection):
             await self._reject(got)
             return None
+        if session.listener.http == "proxy" and not handshake.is_upgrade(got):
+            upgrade = await self._serve_http(h, got)  # plain HTTP requests; an Upgrade among them comes back
+            if upgrade is None:
+                return None
+            got = upgrade
+            self._resolve_client(got)  # (its handshake rate was counted by http_proxy.py)
         session.outcome.path = session_log.shown_target(got.target, cfg.log.query)  # as sent, until normalised
         checked = handshake.validate_client_request(got)
         if isinstance(checked, Rejection):
@@ -120,14 +130,24 @@ class HandshakePhase:
         self._credentials = admitted.credentials
         return await self._connect_backend(h, admitted.upgrade)
 
+    def _resolve_client(self, request: h11.Request) -> None:
+        """The one place the session's client address may change: who the peer speaks for
+        (forwarding.py, for the listener's trusted_proxies)."""
+        session = self._session
+        session.origin = resolve_client(session.origin.peer, request.headers, session.listener.trusted_proxies)
+        session.client_addr = (session.origin.client, session.client_addr[1])
+
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
+        """The client's next request head (an Upgrade: the whole request), or why it is refused;
+        None: the client left. On `http: proxy` a plain request returns at its head (http_proxy.py
+        streams its body); http_proxy.py reads its next requests with this too."""
         request: h11.Request | None = None
         size = self._session.snapshot.config.limits.buffer_bytes
         while True:
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
-                return Rejection(exc.error_status_hint, f"malformed request: {exc}")
+                return Rejection(http1.error_status(exc), f"malformed request: {exc}")
             if event is h11.NEED_DATA:
                 try:
                     data = await self._session.client_stream.receive_some(size)
@@ -145,6 +165,8 @@ class HandshakePhase:
                 if handshake.head_size(event) > limit:
                     return Rejection(431, f"request head over {limit} bytes")
                 request = event
+                if self._session.listener.http == "proxy" and not handshake.is_upgrade(event):
+                    return event  # a plain request: http_proxy.py streams its body
                 continue
             if isinstance(event, h11.Data):
                 return Rejection(400, "an Upgrade request must not carry a body")
@@ -191,8 +213,11 @@ class HandshakePhase:
             return None
         deadline = trio.current_time() + cfg.timeouts.handshake
         last: Rejection | None = None
-        # Only backends healthy now (not down, not ejected), at their slow-start weights.
-        for backend in itertools.islice(pool.candidates(key, trio.current_time()), 1 + pool.config.retries):
+        # Only backends healthy now (not down, not ejected), at their slow-start weights; the
+        # affinity cookie's backend first while it is one of them.
+        pinned = self._pinned(pool, upgrade)
+        candidates = sticky.candidates(pinned, pool.candidates(key, trio.current_time()))
+        for backend in itertools.islice(candidates, 1 + pool.config.retries):
             self._session.outcome.attempts += 1
             if self._session.outcome.attempts > 1:
                 self._session.metrics.retry(pool_name)
@@ -228,11 +253,12 @@ class HandshakePhase:
                     return None
                 self._session.backend = backend
                 self._session.lease, lease = lease, None  # the count lasts as long as the session
+                self._set_cookie(pool, backend, pinned)
                 return await self._open(h, upgrade, result)
             finally:
                 if lease is not None:
                     lease.release()
-        await self._reject(last if last is not None else _unavailable(pool))
+        await self._reject(last if last is not None else gate.unavailable(pool, trio.current_time()))
         return None
 
     async def _try_backend(
@@ -243,7 +269,8 @@ class HandshakePhase:
         if remaining <= 0:
             return Rejection(504, "handshake deadline passed before trying this backend")
         try:
-            stream = await connect(backend.address, min(cfg.timeouts.connect, remaining))
+            tls = self._session.backend_tls.target(pool.config, backend.config)
+            stream = await open_stream(backend.address, tls=tls, timeout=min(cfg.timeouts.connect, remaining))
         except UpstreamError as exc:
             return Rejection(502, exc.reason)
         self._session.backend_stream = stream
@@ -313,6 +340,48 @@ class HandshakePhase:
             return Upstream(answer, checked, backend_ext)
         return Upstream(answer)
 
+    # --- plain HTTP requests and affinity (http_proxy.py, sticky.py) ---------------------------
+
+    async def _serve_http(self, h: h11.Connection, request: h11.Request) -> h11.Request | None:
+        """Hand plain HTTP requests to http_proxy.py; an Upgrade that follows comes back."""
+        session = self._session
+        http = HttpConnection(
+            stream=session.client_stream,
+            h=h,
+            peer=session.origin.peer,
+            client_port=session.client_addr[1],
+            local_addr=session.local_addr,
+            listener=session.listener,
+            snapshot=session.snapshot,
+            metrics=session.metrics,
+            edge=session.edge,
+            backend_tls=session.backend_tls,
+            idle=session.idle,
+            read_request=self._read_request,
+            current=session.current_snapshot,
+        )
+        try:
+            return await http.serve(request)
+        finally:
+            session.outcome.http_requests = http.requests
+
+    def _pinned(self, pool: Pool, upgrade: ClientUpgrade) -> Backend | None:
+        """The backend the request's affinity cookie names, while it can take sessions."""
+        spec = pool.config.sticky
+        if spec is None:
+            return None
+        secret = self._session.snapshot.sticky_secret(pool.name)
+        value = sticky.cookie_value(upgrade, spec.cookie)
+        return sticky.pinned(secret, pool.name, pool.backends, value, trio.current_time())[0]
+
+    def _set_cookie(self, pool: Pool, backend: Backend, pinned: Backend | None) -> None:
+        """The 101 sets the cookie when the answering backend is not the one it already named."""
+        spec = pool.config.sticky
+        if spec is not None and backend is not pinned:
+            value = sticky.backend_id(self._session.snapshot.sticky_secret(pool.name), pool.name, backend)
+            tls = self._session.listener.tls is not None
+            self._session.outcome.cookie = sticky.set_cookie(spec, value, client_tls=tls)
+
     async def _drop_backend(self) -> None:
         if self._session.backend_stream is not None:
             self._session.backend_stream.close_now()
@@ -360,6 +429,9 @@ class HandshakePhase:
             client_answer = accepted.extensions  # end to end: the backend answered the client's offer
         elif self._session.listener.deflate:
             client_ext, client_answer = handshake.negotiate_client_deflate(upgrade.extension_offers)
+        if self._session.outcome.cookie is not None:
+            cookie = (b"Set-Cookie", self._session.outcome.cookie)
+            accepted = replace(accepted, passthrough_headers=(*accepted.passthrough_headers, cookie))
         reply = handshake.build_client_101(upgrade, accepted, extensions=client_answer)
         self._session.outcome.status = 101
         self._session.outcome.subprotocol = accepted.subprotocol
@@ -381,16 +453,6 @@ class HandshakePhase:
                 buffer_bytes=cfg.limits.buffer_bytes,
             )
         return Upgraded(relay, bytes(h.trailing_data[0]), answer.trailing, upgrade, self._credentials)
-
-
-def _unavailable(pool: Pool) -> Rejection:
-    """No backend to try (all down or ejected): 503 at once, saying when to come back."""
-    after = health.retry_after((b.health for b in pool.backends), trio.current_time())
-    return Rejection(
-        503,
-        f"no backend available in pool {pool.name} (all down or ejected)",
-        headers=((b"Retry-After", str(after).encode()),),
-    )
 
 
 def _is_deflate(offer: str) -> bool:

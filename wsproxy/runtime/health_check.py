@@ -30,21 +30,23 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake
 from wsproxy.protocol.handshake import Rejection
 from wsproxy.protocol.relay import NORMAL
-from wsproxy.runtime.upstream import UpstreamError, connect, request_upgrade
+from wsproxy.runtime.backend_tls import BackendContexts, ClientTLS, open_stream
+from wsproxy.runtime.upstream import UpstreamError, request_upgrade
 
 log = logging.getLogger("wsproxy.health")
 
 RECEIVE_SIZE = 4096  # a probe reads small answers; big ones just take more reads, within the timeout
 USER_AGENT = b"wsproxy-health-check"
 
-Probe = Callable[[Address, ActiveHealth], Awaitable[str | None]]
+Probe = Callable[[Address, ActiveHealth, ClientTLS | None], Awaitable[str | None]]
 
 
-async def probe(address: Address, check: ActiveHealth) -> str | None:
-    """Run one check within `check.timeout`: None if it passed, else why it failed."""
+async def probe(address: Address, check: ActiveHealth, tls: ClientTLS | None = None) -> str | None:
+    """Run one check within `check.timeout` (over TLS when the backend's pool says so, with the
+    same settings as real sessions): None if it passed, else why it failed."""
     with trio.move_on_after(check.timeout):
         try:
-            return await PROBES[check.check](address, check)
+            return await PROBES[check.check](address, check, tls)
         except UpstreamError as exc:
             return exc.reason
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -54,8 +56,8 @@ async def probe(address: Address, check: ActiveHealth) -> str | None:
     return f"{check.check} check: no answer within {check.timeout:g}s"
 
 
-async def _tcp(address: Address, check: ActiveHealth) -> str | None:
-    stream = await connect(address, check.timeout)
+async def _tcp(address: Address, check: ActiveHealth, tls: ClientTLS | None) -> str | None:
+    stream = await open_stream(address, tls=tls, timeout=check.timeout)  # TLS: the handshake must pass too
     await trio.aclose_forcefully(stream)
     return None
 
@@ -65,8 +67,8 @@ def _request(address: Address, path: str, extra: list[tuple[bytes, bytes]]) -> h
     return h11.Request(method=b"GET", target=path.encode(), headers=headers)
 
 
-async def _http(address: Address, check: ActiveHealth) -> str | None:
-    stream = await connect(address, check.timeout)
+async def _http(address: Address, check: ActiveHealth, tls: ClientTLS | None) -> str | None:
+    stream = await open_stream(address, tls=tls, timeout=check.timeout)
     try:
         answer = await request_upgrade(
             stream,
@@ -80,8 +82,8 @@ async def _http(address: Address, check: ActiveHealth) -> str | None:
     return None if 200 <= status < 300 else f"http check: GET {check.path} answered {status}"
 
 
-async def _websocket(address: Address, check: ActiveHealth) -> str | None:
-    stream = await connect(address, check.timeout)
+async def _websocket(address: Address, check: ActiveHealth, tls: ClientTLS | None) -> str | None:
+    stream = await open_stream(address, tls=tls, timeout=check.timeout)
     try:
         key = handshake.new_key()
         upgrade = [
@@ -138,8 +140,10 @@ class HealthMonitor:
         *,
         on_down: Callable[[Backend, PoolConfig], None] | None = None,
         rng: random.Random | None = None,
+        tls: BackendContexts | None = None,
     ) -> None:
         self._on_down = on_down
+        self._tls = tls if tls is not None else BackendContexts()  # the server's: checks speak TLS as sessions do
         self._rng = rng if rng is not None else random.Random()
         self._watches: dict[Backend, _Watch] = {}
         self._nursery: trio.Nursery | None = None
@@ -197,7 +201,7 @@ class HealthMonitor:
                 settings = watch.pool.health
                 if settings is None:
                     return
-                reason = await probe(backend.address, settings)
+                reason = await probe(backend.address, settings, self._tls.target(watch.pool, backend.config))
                 now = trio.current_time()
                 if reason is None:
                     change = backend.health.check_passed(now)

@@ -1,7 +1,8 @@
 """What a listener needs before it accepts: its TLS context and its sockets, with errors that say
 which listener, which address and which file.
 
-`run`, a reload and `wsproxy check` load certificates through the same `server_ssl_context`, so
+`run`, a reload and `wsproxy check` load certificates through the same `server_ssl_context` (and
+the backends' TLS files through backend_tls.client_context), so
 `check` refuses what `run` would (a file that is not PEM, a key that does not match its
 certificate, an encrypted key), and the message names the listener and both paths instead of
 OpenSSL's `[SSL] PEM lib (_ssl.c:3905)`. A port in use says which address.
@@ -16,7 +17,8 @@ from typing import Any
 
 import trio
 
-from wsproxy.config import Address, Config, ListenerConfig
+from wsproxy.config import Address, CertKey, Config, ListenerConfig
+from wsproxy.runtime import backend_tls, listener_tls
 
 BACKLOG = 1024
 
@@ -43,18 +45,31 @@ def _no_password() -> bytes:
 
 
 def server_ssl_context(listener: ListenerConfig, label: str | None = None) -> ssl.SSLContext:
-    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only. Built once per listener
-    and again on reload (so renewed cert files on disk are picked up). Raises ListenError."""
+    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only, the certificate chosen
+    by SNI when there are several (listener_tls.py). Built once per listener and again on reload
+    (so renewed cert files on disk are picked up). Raises ListenError."""
     assert listener.tls is not None
-    cert, key = listener.tls.cert, listener.tls.key
+    where = label or f"listener {listener.address}"
+    contexts = [_certificate_context(pair, where) for pair in listener.tls.certs]
+    if len(contexts) == 1:
+        return contexts[0]
+    names = []
+    for pair in listener.tls.certs:
+        try:
+            names.append(listener_tls.certificate_names(pair.cert))
+        except (ValueError, OSError) as exc:  # loaded by OpenSSL, yet not one cryptography reads (or gone)
+            raise ListenError(where, f"cannot read the names certificate {pair.cert} covers: {exc}") from None
+    return listener_tls.choose_by_sni(contexts, names)
+
+
+def _certificate_context(pair: CertKey, where: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cert), str(key), password=_no_password)
+        ctx.load_cert_chain(str(pair.cert), str(pair.key), password=_no_password)
     except OSError as exc:  # ssl.SSLError included
-        why = _tls_reason(exc, str(cert))
-        where = label or f"listener {listener.address}"
-        raise ListenError(where, f"cannot load TLS certificate {cert} with key {key}: {why}") from None
+        why = _tls_reason(exc, str(pair.cert))
+        raise ListenError(where, f"cannot load TLS certificate {pair.cert} with key {pair.key}: {why}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
@@ -72,8 +87,9 @@ def _tls_reason(exc: OSError, cert: str) -> str:
 
 
 def tls_problems(config: Config) -> list[tuple[str, str]]:
-    """(key path, message) for every listener whose certificate and key do not load, as `run`
-    would load them: what `wsproxy check` reports."""
+    """(key path, message) for every listener whose certificates and keys do not load, and every
+    pool whose TLS files for its backends do not (backend_tls.py), as `run` would load them: what
+    `wsproxy check` reports."""
     problems = []
     for i, lst in enumerate(config.listeners):
         if lst.tls is None:
@@ -82,6 +98,11 @@ def tls_problems(config: Config) -> list[tuple[str, str]]:
             server_ssl_context(lst, f"listeners[{i}] {lst.address}")
         except ListenError as exc:
             problems.append((f"listeners[{i}].tls", exc.detail))
+    for pool, spec in backend_tls.specs(config):
+        try:
+            backend_tls.client_context(spec)
+        except OSError as exc:  # ssl.SSLError included
+            problems.append((f"pools.{pool}.tls", f"cannot load the TLS files for its backends: {exc}"))
     return problems
 
 

@@ -39,10 +39,12 @@ from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.runtime import gate, telemetry
 from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.admin_api import ControlApi, ControlCollector
+from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.control import Control
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.handover import Inherited
 from wsproxy.runtime.health_check import HealthMonitor
+from wsproxy.runtime.http_pool import IdleConnections
 from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.session import Session
@@ -84,12 +86,21 @@ class _Listening:
 class Server:
     """Everything a running proxy holds: snapshot, listeners, sessions."""
 
-    def __init__(self, config: Config, *, worker_index: int = 0, inherited: Inherited | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        worker_index: int = 0,
+        inherited: Inherited | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self.worker_index = worker_index  # with workers > 1: this worker's admin port is admin's + index
         self._inherited = inherited  # listening sockets handed over by the previous process (an upgrade)
         self._admin_scope = trio.CancelScope()
         self.admin_sockets: list[socket.socket] = []  # the admin listener's (for a handover)
-        self.snapshot = Snapshot.build(config)
+        self.snapshot = Snapshot.build(config, secret=secret)  # secret: the affinity cookies' key
+        self.backend_tls = BackendContexts()  # client TLS contexts for wss:// backends, rebuilt on reload
+        self.backend_tls.load(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
         self._listening: dict[ListenerKey, _Listening] = {}
@@ -100,7 +111,8 @@ class Server:
         self.draining = False
         self.timers = Timers()
         self.reactor = Reactor(on_failure=self.metrics_relay_failure)  # every session's relay phase
-        self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
+        self.health = HealthMonitor(on_down=self._backend_down, tls=self.backend_tls)  # sync() on start and reload
+        self.idle = IdleConnections(self.timers)  # kept-alive backend connections of plain HTTP requests
         self.reloads = 0
         self.metrics = Metrics(
             pools=lambda: self.snapshot.pools,
@@ -173,6 +185,9 @@ class Server:
             edge=self.edge,
             reactor=self.reactor,
             on_end=self._unregister,  # told once: by run(), or later by its link on the reactor
+            backend_tls=self.backend_tls,
+            idle=self.idle,
+            current_snapshot=lambda: self.snapshot,
         )
         return session
 
@@ -243,6 +258,12 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self.idle.close_all()  # kept-alive backend connections of plain HTTP requests
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
             self._connections = connections
             self.edge.tasks = connections  # auth rechecks before credentials expire
@@ -310,6 +331,11 @@ class Server:
                     contexts[lst.address] = server_ssl_context(lst, listener_label(config, lst))
                 except ListenError as exc:
                     raise ReloadError(str(exc)) from None
+        backend_tls = BackendContexts()
+        try:
+            backend_tls.load(config)
+        except (OSError, ssl.SSLError) as exc:
+            raise ReloadError(f"cannot load the TLS files for backends: {exc}") from None
         opened: list[tuple[ListenerKey, _Listening]] = []
         try:
             for key, lst in plan.open:
@@ -322,6 +348,7 @@ class Server:
             raise ReloadError(str(exc)) from None
         # the swap: from here on nothing fails
         self.snapshot = Snapshot.build(config, previous=self.snapshot)
+        self.backend_tls.replace(backend_tls)
         self.reloads += 1
         self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
         for key, lst in plan.keep:

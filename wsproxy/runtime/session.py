@@ -32,10 +32,12 @@ from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, Relay, RelayStats
 from wsproxy.protocol.sides import Side
 from wsproxy.runtime import gate
+from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.handshake_phase import HandshakePhase
+from wsproxy.runtime.http_pool import IdleConnections
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
-from wsproxy.runtime.streams import FastSocketStream, Stream, format_address
+from wsproxy.runtime.streams import Stream, format_address
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 log = logging.getLogger("wsproxy.session")
@@ -52,6 +54,8 @@ class Outcome:
     path: str | None = None
     subprotocol: str | None = None
     attempts: int = 0
+    http_requests: int = 0  # plain HTTP requests answered on this connection (http_proxy.py)
+    cookie: bytes | None = None  # the affinity Set-Cookie for the 101 (sticky.py)
 
 
 class Session:
@@ -69,9 +73,12 @@ class Session:
         "_timers",
         "backend",
         "backend_stream",
+        "backend_tls",
         "client_addr",
         "client_stream",
+        "current_snapshot",
         "edge",
+        "idle",
         "lease",
         "listener",
         "local_addr",
@@ -97,6 +104,9 @@ class Session:
         edge: gate.Edge | None = None,
         reactor: Reactor,
         on_end: Callable[[Session], None] | None = None,
+        backend_tls: BackendContexts | None = None,
+        idle: IdleConnections | None = None,
+        current_snapshot: Callable[[], Snapshot] | None = None,
     ) -> None:
         self.client_stream = stream
         self.client_addr = client_addr
@@ -108,7 +118,7 @@ class Session:
         self.relay: Relay | None = None
         self.backend: Backend | None = None  # the backend this session is relayed to (after its 101)
         self.started = trio.current_time()
-        self.backend_stream: FastSocketStream | None = None
+        self.backend_stream: Stream | None = None  # plain TCP or TLS (backend_tls.py)
         self._scope = trio.CancelScope()
         self._timers = timers
         self._schedule: Schedule | None = None
@@ -122,6 +132,9 @@ class Session:
         self.lease: Lease | None = None  # this session's count on its backend, once chosen
         self._link: Link | None = None  # the relay phase, on the reactor
         self._on_end = on_end  # told once, when everything of this session is released
+        self.backend_tls = backend_tls if backend_tls is not None else BackendContexts()  # the server's
+        self.idle = idle if idle is not None else IdleConnections()  # the server's kept-alive backend connections
+        self.current_snapshot = current_snapshot  # the server's snapshot now (plain HTTP keep-alive ends on reload)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -350,7 +363,7 @@ class Session:
     def _finish(self) -> None:
         """The session ended: its metrics and its one log line, from one record."""
         record = self._record()
-        if self.outcome.status == 0:  # no answer reached the client (it left, or shutdown cut it)
+        if self.outcome.status == 0 and not self.outcome.http_requests:  # no answer reached the client
             self.metrics.handshake(record.listener, ABORTED, 0)
         self.metrics.session_closed(self._active, record)
         self._active = None

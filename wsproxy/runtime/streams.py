@@ -4,9 +4,9 @@ The server accepts on stdlib listening sockets and the upstream connects stdlib 
 socket a session uses is ours from the start: nothing has to be pried out of trio's streams when
 the relay phase hands the sockets to the readiness loop (`.socket`). Until then the handshake
 speaks to them through two trio streams that try the system call first and wait only when it
-must: `FastSocketStream` (plain TCP) and `FastTLSStream` (server-side TLS, OpenSSL on the socket
-itself, public `ssl` APIs only). `read_proxy_header` reads a PROXY header without taking a byte
-past it, so TLS (or the request) starts on the socket right after it.
+must: `FastSocketStream` (plain TCP) and `FastTLSStream` (TLS to a client, or to a backend,
+OpenSSL on the socket itself, public `ssl` APIs only). `read_proxy_header` reads a PROXY header
+without taking a byte past it, so TLS (or the request) starts on the socket right after it.
 """
 
 from __future__ import annotations
@@ -149,21 +149,30 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
 
 
 class FastTLSStream(trio.abc.Stream):
-    """Server-side TLS on a non-blocking `ssl.SSLSocket` wrapped around a socket we own.
+    """TLS on a non-blocking `ssl.SSLSocket` wrapped around a socket we own: server side (a
+    client's connection), or client side when a `server_hostname` is given (a backend's,
+    backend_tls.py).
 
     trio.SSLStream pushes every record through two MemoryBIOs in Python; here OpenSSL reads and
     writes the socket itself and Python only waits when it says SSL_WANT_READ/WRITE, like
     FastSocketStream does for plain TCP. The handshake runs on first use (the session's first
-    read), as SSLStream's does. A write that wants a read while the reader task already waits
-    for readability (a TLS 1.3 key update, say) polls briefly instead of waiting twice on one
-    socket, which trio does not allow. Missing close_notify from a client is a normal end of
-    stream (`suppress_ragged_eofs`), as with SSLStream's https_compatible.
+    read), as SSLStream's does, or when `handshake` is awaited. A write that wants a read while
+    the reader task already waits for readability (a TLS 1.3 key update, say) polls briefly
+    instead of waiting twice on one socket, which trio does not allow. Missing close_notify from
+    a peer is a normal end of stream (`suppress_ragged_eofs`), as with SSLStream's
+    https_compatible.
     """
 
     __slots__ = ("_handshaken", "_streak", "socket")
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
-        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True)
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_hostname: str | None = None) -> None:
+        tls = context.wrap_socket(
+            sock,
+            server_side=server_hostname is None,
+            server_hostname=server_hostname,  # the client side's SNI and the name its certificate check expects
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=True,
+        )
         tls.setblocking(False)
         self.socket = tls  # from here on this owns the descriptor (wrap_socket detached `sock`)
         self._handshaken = False
@@ -178,6 +187,11 @@ class FastTLSStream(trio.abc.Stream):
                 await trio.lowlevel.wait_readable(self.socket)
         except trio.BusyResourceError:
             await trio.sleep(0.001)  # the other task waits on this socket: let it, then retry
+
+    async def handshake(self) -> None:
+        """Complete the TLS handshake now (else the first read or write does); raises
+        BrokenResourceError (its cause: OpenSSL's error, a certificate that does not verify)."""
+        await self._handshake()
 
     async def _handshake(self) -> None:
         while not self._handshaken:

@@ -31,6 +31,7 @@ log = logging.getLogger("wsproxy")
 RESTART_BACKOFF_MIN = 0.5
 RESTART_BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its back-off
+SECRET_ENV = "WSPROXY_AFFINITY_SECRET"  # supervisor -> workers: one affinity-cookie key for all
 
 
 def startup_errors(exc: BaseException) -> list[OSError] | None:
@@ -67,7 +68,7 @@ async def run(
     # of killing a process still taking its sockets over or building its server.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2) as signals:
         inherited = await handover.receive_listeners(inherit) if inherit is not None else None
-        server = Server(config, worker_index=worker_index, inherited=inherited)
+        server = Server(config, worker_index=worker_index, inherited=inherited, secret=_shared_secret())
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             if inherited is not None:
@@ -132,6 +133,13 @@ async def _upgrade(
     await _drain_then_stop(server, nursery)
 
 
+def _shared_secret() -> bytes | None:
+    """The affinity cookies' key the supervisor gave its workers (None: this process makes one),
+    so a cookie set by one worker is valid in all of them."""
+    value = os.environ.get(SECRET_ENV)
+    return bytes.fromhex(value) if value else None
+
+
 async def reload_from_file(server: Server, path: Path) -> bool:
     """Re-read, validate and apply `path`; on any problem log it and keep the running config."""
     log.info("reloading %s", path)
@@ -179,6 +187,7 @@ class Supervisor:
         self.procs: list[trio.Process | None] = [None] * count
         self.stopping = False
         self.restarts = 0
+        self.env = {**os.environ, SECRET_ENV: os.urandom(32).hex()}  # the workers' shared affinity key
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -257,7 +266,7 @@ class Supervisor:
             started = trio.current_time()
             # own session: a terminal's Ctrl-C reaches the supervisor only, which passes it on once
             cmd = [*self.cmd, "--worker", str(index)]
-            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
             self.procs[index] = proc
             if self.stopping:  # the stop signal went out while this one was starting
                 proc.send_signal(signal.SIGTERM)

@@ -17,7 +17,7 @@ import h11
 import trio
 
 from wsproxy.config import Address
-from wsproxy.runtime.streams import FastSocketStream, close_socket, tune_tcp
+from wsproxy.runtime.streams import FastSocketStream, Stream, close_socket, tune_tcp
 
 
 class UpstreamError(Exception):
@@ -33,7 +33,7 @@ class UpstreamError(Exception):
 class UpstreamAnswer:
     """What the backend said: a 101 (with bytes that followed it) or a normal HTTP response."""
 
-    stream: FastSocketStream
+    stream: Stream  # plain TCP or TLS (backend_tls.py)
     conn: h11.Connection
     response: h11.InformationalResponse | h11.Response
     trailing: bytes = b""
@@ -96,7 +96,7 @@ async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
 
 
 async def request_upgrade(
-    stream: FastSocketStream, request: h11.Request, *, max_header_bytes: int, receive_size: int
+    stream: Stream, request: h11.Request, *, max_header_bytes: int, receive_size: int
 ) -> UpstreamAnswer:
     """Send the Upgrade request and read the backend's response head (not its body).
 
@@ -122,7 +122,7 @@ async def request_upgrade(
                 raise UpstreamError("backend closed the connection without answering the Upgrade")
             conn.receive_data(data)
             continue
-        if isinstance(event, h11.InformationalResponse | h11.Response) and _head_size(event) > max_header_bytes:
+        if isinstance(event, h11.InformationalResponse | h11.Response) and response_head_size(event) > max_header_bytes:
             raise UpstreamError(f"backend's response head is over {max_header_bytes} bytes")
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
@@ -134,7 +134,7 @@ async def request_upgrade(
         raise UpstreamError(f"unexpected event from backend: {type(event).__name__}")
 
 
-def _head_size(response: h11.InformationalResponse | h11.Response) -> int:
+def response_head_size(response: h11.InformationalResponse | h11.Response) -> int:
     """h11 bounds only a head still incomplete; one that arrived whole is measured here."""
     line = len(response.http_version) + len(response.reason) + 14
     return line + sum(len(k) + len(v) + 4 for k, v in response.headers.raw_items())
