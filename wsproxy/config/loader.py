@@ -16,6 +16,7 @@ import yaml
 
 from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
+from wsproxy.config.fleet import parse_shared_state
 from wsproxy.config.listeners import parse_listener
 from wsproxy.config.model import (
     HEARTBEAT_LEGS,
@@ -152,6 +153,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             "reload",
             "workers",
             "pid_file",
+            "shared_state",
         ),
     )
     if raw is None:
@@ -242,6 +244,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             if lst.address.port == 0:
                 ck.fail(f"listeners[{i}].address", "workers > 1 needs a fixed port (every worker binds the same one)")
     admin, log_config = _parse_admin_and_log(ck, top)
+    shared_state = parse_shared_state(ck, top.get("shared_state"))
     # worker i serves its own metrics on admin port + i
     if admin is not None and workers > 1 and (admin.address.port == 0 or admin.address.port + workers - 1 > 65535):
         ck.fail("admin.address", f"with workers: {workers}, worker i listens on this port + i: give a fixed port")
@@ -261,6 +264,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         reload=reload,
         workers=workers,
         pid_file=pid_file,
+        shared_state=shared_state,
         digest=hashlib.sha256(text.encode()).hexdigest(),
     )
 

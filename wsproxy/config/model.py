@@ -18,6 +18,7 @@ RELAY_MODES = ("passthrough", "inspect")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
+DISCOVERY_TYPES = ("SRV", "A", "AAAA")
 
 
 class ConfigError(Exception):
@@ -141,6 +142,7 @@ class PoolConfig:
     passive: PassiveHealth | None = field(default_factory=lambda: PassiveHealth())  # None: off
     close_sessions_on_down: bool = defaults.CLOSE_SESSIONS_ON_DOWN
     drain_window: float = defaults.DOWN_DRAIN_WINDOW
+    discovery: DnsDiscovery | None = None  # backends from DNS instead of `backends:` (None: static)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,30 @@ class PassiveHealth:
     window: float = defaults.PASSIVE_WINDOW
     eject_for: float = defaults.PASSIVE_EJECT_FOR
     max_eject_for: float = defaults.PASSIVE_MAX_EJECT_FOR
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """`pools.NAME.discovery.dns`: the pool's backends are what this name answers (see discovery.py)."""
+
+    name: str  # lower case, no trailing dot
+    type: str = defaults.DISCOVERY_TYPE  # SRV | A | AAAA
+    port: int | None = None  # A/AAAA only: the backends' port
+    nameservers: tuple[Address, ...] = ()  # empty: the system's resolver configuration
+    interval: float = defaults.DISCOVERY_INTERVAL
+    max_interval: float = defaults.DISCOVERY_MAX_INTERVAL
+    timeout: float = defaults.DISCOVERY_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """`shared_state`: the fleet's counts, caps and rate limits in Redis (see docs/scale-out.md)."""
+
+    redis: str  # redis://HOST:PORT/DB
+    key_prefix: str = defaults.SHARED_STATE_KEY_PREFIX
+    timeout: float = defaults.SHARED_STATE_TIMEOUT
+    refresh: float = defaults.SHARED_STATE_REFRESH
+    process_ttl: float = defaults.SHARED_STATE_PROCESS_TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +283,7 @@ class Config:
     rate_limits: RateLimits = field(default_factory=RateLimits)
     workers: int = defaults.WORKERS
     pid_file: Path | None = None
+    shared_state: SharedState | None = None  # None: every process counts and limits alone
     digest: str = ""  # sha256 of the file's text, to tell snapshots apart in logs
 
     def summary(self) -> str:
@@ -273,6 +300,10 @@ class Config:
         out.append("pools:")
         for pool in self.pools.values():
             extra = f" key={pool.hash_key}" if pool.hash_key else ""
+            if pool.discovery is not None:
+                d = pool.discovery
+                out.append(f"  {pool.name}: {pool.balance}{extra}, backends from DNS {d.type} {d.name}")
+                continue
             out.append(f"  {pool.name}: {pool.balance}{extra}, {len(pool.backends)} backend(s)")
             for b in pool.backends:
                 out.append(f"    {b.address} weight={b.weight}")
