@@ -4,8 +4,11 @@ One `Server` owns the current snapshot and every open session. Each listener add
 `_Listening` slot: its sockets, its cancel scope, and the settings and TLS context that new
 connections on it get. A reload swaps the snapshot, updates kept slots in place (their sockets
 never close, so no connect is refused), opens and closes the others, and closes the sessions of
-removed backends with 1012 spread over a window. Shutdown stops accepting and spreads 1001 closes
-the same way, then cuts whatever is left at the deadline.
+removed backends with 1012 spread over a window. A pool's backends found in DNS change through
+the same path (`_apply`): the DNS answer becomes a configuration, and the reload plan between it
+and the running one says what to add and what to drain. Shutdown stops accepting and spreads 1001
+closes the same way, then cuts whatever is left at the deadline. With `shared_state`, the fleet's
+Redis client runs beside the listeners (runtime/shared_state.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from collections.abc import Iterable
 
 import trio
 
-from wsproxy.config import Address, Config, ListenerConfig, PoolConfig
+from wsproxy.config import Address, BackendConfig, Config, ListenerConfig, PoolConfig
 from wsproxy.observe.metrics import Metrics
 from wsproxy.policy.balancing import Backend, Pool
+from wsproxy.policy.discovery import carry_membership, same_members, with_membership
 from wsproxy.policy.reload_plan import (
     ListenerKey,
     ReloadPlan,
@@ -36,11 +40,13 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.runtime.admin import serve_admin
+from wsproxy.runtime.discovery import Discovery, DiscoveryCollector
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.session import Session, peer_address
+from wsproxy.runtime.shared_state import SharedStateClient, SharedStateCollector
 from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, PrefixedStream
 from wsproxy.runtime.timers import Timers
 
@@ -107,6 +113,26 @@ class Server:
         self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
+        self.shared = self._fleet_state(config)  # None without shared_state
+        self.discovery = Discovery(self.apply_membership)  # pools with `discovery`; sync() on start and reload
+        self.metrics.registry.register(DiscoveryCollector(self.discovery, self._discovered_pools))
+
+    def _fleet_state(self, config: Config) -> SharedStateClient | None:
+        """The fleet's Redis client, shared with the sessions' edge checks (None: alone)."""
+        if config.shared_state is None:
+            return None
+        shared = SharedStateClient(
+            config.shared_state,
+            pools=lambda: self.snapshot.pools,
+            admission=self.edge.admission,
+            config=lambda: self.snapshot.config,
+        )
+        self.edge.fleet = shared
+        self.metrics.registry.register(SharedStateCollector(shared, lambda: self.snapshot.pools))
+        return shared
+
+    def _discovered_pools(self) -> list[str]:
+        return [name for name, pool in self.snapshot.config.pools.items() if pool.discovery is not None]
 
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -230,6 +256,11 @@ class Server:
             await connections.start(self.timers.run)
             if REACTOR_AVAILABLE:
                 await connections.start(self.reactor.run)
+            if self.shared is not None:
+                await connections.start(self.shared.run)
+            await self.discovery.first_answers(self.snapshot.config)  # backends before listeners
+            self.discovery.sync(self.snapshot.config)
+            await connections.start(self.discovery.run)
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
             for key, lst in listener_keys(self.snapshot.config).items():
@@ -252,6 +283,8 @@ class Server:
             # listeners are closed; sessions finish in their own nursery, then the timers stop
             if self.sessions:
                 await self._all_gone.wait()
+            if self.shared is not None:
+                await self.shared.leave()  # its counts leave the fleet now, not at its heartbeat's end
             connections.cancel_scope.cancel()
 
     # --- reload ----------------------------------------------------------------------------
@@ -264,9 +297,11 @@ class Server:
         if self.draining or self._accepting is None or self._connections is None:
             raise ReloadError("the proxy is shutting down")
         old = self.snapshot.config
-        plan = plan_reload(old, config)
+        plan = plan_reload(old, carry_membership(old, config))
         if config.workers != old.workers:
             log.warning("workers changed (%d -> %d): takes effect on restart only", old.workers, config.workers)
+        if config.shared_state != old.shared_state:
+            log.warning("shared_state changed: takes effect on restart only")
         contexts: dict[Address, ssl.SSLContext] = {}
         for lst in config.listeners:
             if lst.tls is not None:
@@ -283,39 +318,86 @@ class Server:
                 for sock in slot.sockets:
                     await sock.aclose()
             raise ReloadError(f"cannot listen on {lst.address}: {exc}") from None
-        # the swap: from here on nothing fails
-        self.snapshot = Snapshot.build(config, previous=self.snapshot)
-        self.reloads += 1
-        self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
-        for key, lst in plan.keep:
-            slot = self._listening[key]
-            slot.config, slot.ssl_ctx = lst, contexts.get(lst.address)
-        for key in plan.close:
-            self._listening.pop(key).scope.cancel()
-        for key, slot in opened:
-            self._listening[key] = slot
-            await self._accepting.start(self._accept, slot)
-        self._refresh_bound()
-        doomed = [s for s in self.sessions if s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)]
-        if doomed:
-            self._connections.start_soon(
-                self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload"
-            )
-        connecting = [s for s in self.sessions if s.backend is None and s.snapshot is not self.snapshot]
-        if connecting and plan.removed:
-            self._connections.start_soon(self._doom_late, connecting, plan, config)
-        for name, pool in self.snapshot.pools.items():
-            if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
-                self._connections.start_soon(self._rebalance, pool, self.reloads)
+        # the swap: from here on nothing fails. Members of discovered pools as of now (DNS may
+        # have changed them while the sockets opened; listeners are the file's alone).
+        config = carry_membership(self.snapshot.config, config)
+        plan = plan_reload(self.snapshot.config, config)
+        doomed = await self._apply(config, plan, contexts=contexts, opened=opened, cause="backend removed by reload")
+        self.discovery.sync(config)  # kept specs keep their watch; changed ones ask again now
         log.info(
             "reloaded %s (sha256 %s): %s; %d session(s) on removed backends close over %gs",
             config.source,
             config.digest[:12],
             plan.describe(),
-            len(doomed),
+            doomed,
             config.reload.drain_window,
         )
         return plan
+
+    async def apply_membership(self, pool: str, backends: tuple[BackendConfig, ...]) -> None:
+        """DNS answered `backends` for `pool`: apply the difference as a reload would (new ones added,
+        with slow start when health is configured; removed ones drained with 1012 over
+        reload.drain_window; the others untouched)."""
+        running = self.snapshot.config
+        current = running.pools.get(pool)
+        if current is None or current.discovery is None or self.draining or same_members(current.backends, backends):
+            return
+        config = with_membership(running, pool, backends)
+        plan = plan_reload(running, config)
+        doomed = await self._apply(config, plan, contexts=None, opened=[], cause="backend removed from DNS")
+        log.info(
+            "pool %s: DNS %s answered %d backend(s): %d added, %d removed; %d session(s) on removed backends "
+            "close over %gs",
+            pool,
+            current.discovery.name,
+            len(backends),
+            len(plan.added),
+            len(plan.removed),
+            doomed,
+            config.reload.drain_window,
+        )
+
+    async def _apply(
+        self,
+        config: Config,
+        plan: ReloadPlan,
+        *,
+        contexts: dict[Address, ssl.SSLContext] | None,
+        opened: list[tuple[ListenerKey, _Listening]],
+        cause: str,
+    ) -> int:
+        """Swap in `config` as `plan` says, for a SIGHUP reload and a DNS change alike: the new
+        snapshot (kept backends keep their live objects), health checks, listener slots (`contexts`
+        None: kept listeners keep their TLS context), the drain of removed backends' sessions,
+        rebalancing. Nothing here fails. The number of sessions set to drain."""
+        self.snapshot = Snapshot.build(config, previous=self.snapshot)
+        self.reloads += 1
+        self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
+        for key, lst in plan.keep:
+            slot = self._listening[key]
+            slot.config = lst
+            if contexts is not None:
+                slot.ssl_ctx = contexts.get(lst.address)
+        for key in plan.close:
+            self._listening.pop(key).scope.cancel()
+        for key, slot in opened:
+            self._listening[key] = slot
+            assert self._accepting is not None
+            await self._accepting.start(self._accept, slot)
+        self._refresh_bound()
+        doomed = [s for s in self.sessions if s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)]
+        connections = self._connections
+        if connections is None:  # not serving yet (the first DNS answers): no session to care about
+            return 0
+        if doomed:
+            connections.start_soon(self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, cause)
+        connecting = [s for s in self.sessions if s.backend is None and s.snapshot is not self.snapshot]
+        if connecting and plan.removed:
+            connections.start_soon(self._doom_late, connecting, plan, config, cause)
+        for name, pool in self.snapshot.pools.items():
+            if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
+                connections.start_soon(self._rebalance, pool, self.reloads)
+        return len(doomed)
 
     def _backend_down(self, backend: Backend, pool: PoolConfig) -> None:
         """Active checks marked `backend` down in a pool with close_sessions_on_down: close its
@@ -334,7 +416,7 @@ class Server:
             self._spread_closes, doomed, pool.drain_window, SERVICE_RESTART, "backend marked down"
         )
 
-    async def _doom_late(self, connecting: list[Session], plan: ReloadPlan, config: Config) -> None:
+    async def _doom_late(self, connecting: list[Session], plan: ReloadPlan, config: Config, cause: str) -> None:
         """Sessions still in their handshake at the reload chose from the old snapshot and may yet
         land on a removed backend. Their handshake is bounded by `timeouts.handshake`: after that,
         each has a backend or is gone, and those on removed backends close like the others."""
@@ -347,7 +429,7 @@ class Server:
         ]
         if late:
             log.info("closing %d session(s) that reached a removed backend during the reload", len(late))
-            await self._spread_closes(late, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload")
+            await self._spread_closes(late, config.reload.drain_window, SERVICE_RESTART, cause)
 
     async def _spread_closes(self, sessions: Iterable[Session], window: float, code: int, reason: str) -> None:
         """Close `sessions` with `code`, one by one at a flat rate over `window` (with jitter)."""

@@ -269,7 +269,7 @@ class Session:
         if got is None:
             return  # the client left (or TLS failed) before sending a request
         # Every request counts against its address's handshake rate, well-formed or not.
-        limited = self._edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
+        limited = await gate.check_handshake(self._edge, cfg, self.client_addr[0])
         if limited is not None:
             await self._reject(limited)
             return
