@@ -374,7 +374,9 @@ class Server:
         self.reloads += 1
         self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
         for key, lst in plan.keep:
-            slot = self._listening[key]
+            slot = self._listening.get(key)
+            if slot is None:  # not listening yet (the first DNS answers come before the listeners)
+                continue
             slot.config = lst
             if contexts is not None:
                 slot.ssl_ctx = contexts.get(lst.address)
