@@ -119,7 +119,8 @@ async def test_three_instances_map_10000_keys_to_the_same_backends(nursery, tmp_
     dns.set_hosts({"chat.internal": [f"127.0.0.{i}" for i in range(51, 59)]})
     dns.start()
     try:
-        text = pool_yaml(dns, "name: chat.internal, type: A, port: 9000", "consistent_hash", "    hash_key: query:room\n")
+        spec = "name: chat.internal, type: A, port: 9000"
+        text = pool_yaml(dns, spec, "consistent_hash", "    hash_key: query:room\n")
         proxies = [await start_proxy(nursery, text) for _ in range(3)]
         owners = []
         for proxy in proxies:
@@ -128,5 +129,31 @@ async def test_three_instances_map_10000_keys_to_the_same_backends(nursery, tmp_
             owners.append([policy.owner(f"room-{k}".encode()).name for k in range(10_000)])
         assert owners[0] == owners[1] == owners[2]
         assert len(set(owners[0])) == 8
+    finally:
+        dns.stop()
+
+
+async def test_a_backend_dns_adds_ramps_up_with_slow_start(nursery, tmp_path) -> None:
+    port = free_port()
+    for i, ip in enumerate(("127.0.0.61", "127.0.0.62")):
+        await nursery.start(functools.partial(demo_backend, ip, port, f"b{i}"))
+    dns = Dnsmasq(tmp_path)
+    dns.set_hosts({"chat.internal": ["127.0.0.61"]})
+    dns.start()
+    try:
+        health = "    health: {check: tcp, interval: 1s, slow_start: 30s}\n"
+        proxy = await start_proxy(nursery, pool_yaml(dns, f"name: chat.internal, type: A, port: {port}", extra=health))
+        first = proxy.server.snapshot.pools["chat"].backends[0]
+        assert first.health.status(trio.current_time()) == "up"  # at start: full weight at once
+        dns.set_hosts({"chat.internal": ["127.0.0.61", "127.0.0.62"]})
+        dns.reload()
+        with trio.fail_after(5):
+            while len(proxy.server.snapshot.pools["chat"].backends) < 2:
+                await trio.sleep(0.02)
+        pool = proxy.server.snapshot.pools["chat"]
+        now = trio.current_time()
+        assert pool.backends[0] is first and first.health.status(now) == "up"
+        assert pool.backends[1].health.status(now) == "slow_start"
+        assert pool.backends[1].health.weight_factor(now) < 0.1
     finally:
         dns.stop()

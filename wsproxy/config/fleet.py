@@ -37,7 +37,7 @@ def _redis_url(value: Any) -> str:
         raise ValueError(f"the URL names no host: {value!r}")
     if parts.scheme != "unix" and port is None:
         raise ValueError(f"give the port explicitly (redis://HOST:PORT/DB): {value!r}")
-    db = parts.path.strip("/")
+    db = parts.path.strip("/") if parts.scheme != "unix" else ""
     if db and not db.isdigit():
         raise ValueError(f"the database is a number (redis://HOST:PORT/0), got {db!r}")
     return value

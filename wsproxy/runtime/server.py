@@ -372,6 +372,12 @@ class Server:
         rebalancing. Nothing here fails. The number of sessions set to drain."""
         self.snapshot = Snapshot.build(config, previous=self.snapshot)
         self.reloads += 1
+        if self._accepting is not None:  # serving: backends added now ramp up (slow start, if set)
+            now = trio.current_time()
+            for pool in self.snapshot.pools.values():
+                for backend in pool.backends:
+                    if (pool.name, backend.address) in plan.added:
+                        backend.health.joined(now)
         self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
         for key, lst in plan.keep:
             slot = self._listening.get(key)
