@@ -58,6 +58,16 @@ def test_bad_shared_state_is_refused_with_its_key_path(shared: str, path: str, w
     assert any(p == path and words in m for p, m in found), found
 
 
+def test_a_redis_password_never_reaches_an_error() -> None:
+    found = problems(BASE + "pools: {p: {backends: [127.0.0.1:9001]}}\nshared_state: {redis: 'redis://u:s3cret@h/0'}\n")
+    assert any(p == "shared_state.redis" for p, _ in found)
+    assert "s3cret" not in repr(found)
+    from wsproxy.config.fleet import shown_url
+
+    assert shown_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
+    assert shown_url("redis://h:1/0") == "redis://h:1/0"
+
+
 def test_discovery_keys_parse() -> None:
     cfg = config(
         "discovery: {dns: {name: Chat.Internal., type: a, port: 9000, nameservers: ['127.0.0.1:5353', '10.0.0.1'],"

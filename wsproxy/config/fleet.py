@@ -23,20 +23,29 @@ _DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 _KEY_PREFIX = re.compile(r"[!-~]{0,64}")  # printable ASCII, no spaces: it starts every Redis key
 
 
+def shown_url(url: str) -> str:
+    """A Redis URL fit for a log line or an error: any user and password replaced by `***`."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
 def _redis_url(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected redis://HOST:PORT/DB, got {value!r}")
+        raise ValueError(f"expected redis://HOST:PORT/DB, got a {type(value).__name__}")
+    shown = shown_url(value)
     try:
         parts = urlsplit(value)
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a Redis URL ({exc}): {value!r}") from None
+    except ValueError:
+        raise ValueError(f"not a Redis URL: {shown!r}") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {shown!r}")
     if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError(f"the URL names no host: {value!r}")
+        raise ValueError(f"the URL names no host: {shown!r}")
     if parts.scheme != "unix" and port is None:
-        raise ValueError(f"give the port explicitly (redis://HOST:PORT/DB): {value!r}")
+        raise ValueError(f"give the port explicitly (redis://HOST:PORT/DB): {shown!r}")
     db = parts.path.strip("/") if parts.scheme != "unix" else ""
     if db and not db.isdigit():
         raise ValueError(f"the database is a number (redis://HOST:PORT/0), got {db!r}")

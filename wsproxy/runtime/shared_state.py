@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from wsproxy.config import Config, SharedState, defaults
+from wsproxy.config.fleet import shown_url
 from wsproxy.policy import fleet
 from wsproxy.policy.admission import Admission
 from wsproxy.policy.balancing import Pool
@@ -256,7 +257,7 @@ class SharedStateClient:
 
     @property
     def _where(self) -> str:
-        return self.spec.redis.split("@")[-1]  # never the password of redis://user:pass@host
+        return shown_url(self.spec.redis)  # never the password of redis://user:pass@host
 
     def cache_age(self, now: float) -> float | None:
         return None if self.refreshed_at is None else now - self.refreshed_at
