@@ -114,9 +114,15 @@ class SharedStateClient:
         if self._left:
             return
         pools = self._pools()
+        limits = self._config().rate_limits
+        with_ips = limits.max_sessions_per_ip is not None
         touched = self._admission.touched_ips or set()
         self._admission.touched_ips = set()
-        with_ips = self._config().rate_limits.max_sessions_per_ip is not None
+        if not with_ips:
+            touched = set()  # no per-address cap: the addresses stay out of Redis
+        elif len(touched) > limits.max_tracked_ips:
+            touched = set()  # too many to list: write every address's count instead (bounded by open sessions)
+            self._full = True
         full = self._full
         ips: Iterable[str] = self._admission.per_ip.keys() if full else touched
         current = fleet.local_counts(pools, self._admission, ips=ips, with_ips=with_ips)
