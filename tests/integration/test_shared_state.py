@@ -11,6 +11,8 @@ import pytest
 import trio
 
 from tests.fleet_support import RedisProcess
+from tests.integration.test_reload import start_backends, whoami
+from tests.support import RawClient, free_port, start_proxy
 from wsproxy.config import Config, parse_config
 from wsproxy.policy import fleet
 from wsproxy.policy.admission import Admission, Ticket
@@ -169,3 +171,23 @@ async def test_a_write_older_than_the_last_applied_one_changes_nothing(nursery, 
     assert answer[0] in (b"stale", "stale")
     assert redis.hgetall("wsproxy:fleet") == {"b|p|127.0.0.1:9001": 1}
     lease.release()
+
+
+async def test_a_proxy_whose_redis_is_down_at_start_serves_on_its_own(nursery) -> None:
+    backends = await start_backends(nursery, 1)
+    dead = free_port()  # nothing listens here
+    proxy = await start_proxy(
+        nursery,
+        "listeners: [{address: 127.0.0.1:0, pool: p}]\n"
+        f"pools: {{p: {{balance: least_conn, max_sessions: 5, backends: [127.0.0.1:{backends[0]}]}}}}\n"
+        "rate_limits: {handshakes_per_ip: {rate: 100, burst: 100}}\n"
+        f"shared_state: {{redis: 'redis://127.0.0.1:{dead}/0', timeout: 100ms, refresh: 50ms}}\n"
+        "heartbeat: {interval: off}\n",
+    )
+    client = await RawClient.connect(proxy.port())
+    assert client.accept is not None
+    assert await whoami(client) == "b0"
+    text = proxy.server.metrics.exposition().decode()
+    assert "wsproxy_shared_state_up 0.0" in text
+    assert 'wsproxy_shared_state_decisions_total{by="local",limit="handshake_rate"} 1.0' in text
+    await client.close()
