@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -88,6 +89,25 @@ class Proxy:
         self._log_file.close()
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """The first of `count` consecutive free ports (worker i serves its admin listener on port + i)."""
+    for _ in range(100):
+        first = free_port()
+        socks = []
+        try:
+            for i in range(1, count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", first + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return first
+    raise AssertionError("no run of free ports found")
+
+
 async def _status(port: int, path: str) -> int:
     try:
         got = await raw_http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), read_timeout=2)
@@ -128,8 +148,18 @@ workers: {workers}
 def start_fleet(tmp_path: Path, tag: str, backend_port: int, dns: Dnsmasq, redis: RedisProcess | None) -> list[Proxy]:
     """Instances A (workers: 2), B and C."""
     proxies = []
+    taken: set[int] = set()  # ports given out here, admin + 1 of the two-worker instance included
+
+    def fresh(count: int = 1) -> int:
+        while True:
+            first = free_ports_in_a_row(count)
+            run = set(range(first, first + count))
+            if not run & taken:
+                taken.update(run)
+                return first
+
     for name, workers in (("A", 2), ("B", 1), ("C", 1)):
-        port, admin = free_port(), free_port()
+        port, admin = fresh(), fresh(workers)
         path = tmp_path / f"{tag}-{name}.yaml"
         path.write_text(_config(port, admin, backend_port, dns, redis, workers))
         proxies.append(Proxy(path, name, port, [admin + i for i in range(workers)]))
