@@ -221,6 +221,15 @@ def test_least_conn_decides_on_fleet_counts_and_falls_back_to_its_own() -> None:
         lease.release()
 
 
+def test_random_two_prefers_the_backend_the_fleet_loads_less() -> None:
+    snap = Snapshot.build(config("balance: random_two\nbackends: [127.0.0.1:9001, 127.0.0.1:9002]"))
+    pool = snap.pools["p"]
+    fleet.merge(snap.pools, {"b|p|127.0.0.1:9001": 40}, {})
+    assert {next(pool.candidates()).name for _ in range(50)} == {"127.0.0.1:9002"}
+    fleet.merge(snap.pools, {"b|p|127.0.0.1:9002": 40}, {})
+    assert {next(pool.candidates()).name for _ in range(50)} == {"127.0.0.1:9001"}
+
+
 def test_backend_max_sessions_counts_the_fleet() -> None:
     snap = Snapshot.build(config("backends: [{address: 127.0.0.1:9001, max_sessions: 5}, 127.0.0.1:9002]"))
     pool = snap.pools["p"]
