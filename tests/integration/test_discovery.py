@@ -61,7 +61,7 @@ async def test_a_failed_or_empty_answer_keeps_the_last_good_backends(nursery, tm
         proxy = await start_proxy(nursery, pool_yaml(dns, "name: chat.internal, type: A, port: 9000"))
         good = [(Address("127.0.0.31", 9000), 1), (Address("127.0.0.32", 9000), 1)]
         assert members(proxy) == good
-        discovery = proxy.server.discovery
+        discovery = proxy.server.fleet.discovery
         dns.set_hosts({"other.internal": ["127.0.0.33"]})  # chat.internal no longer answers anything
         dns.reload()
         with trio.fail_after(5):

@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dns.asyncbackend
 import dns.asyncresolver
@@ -29,6 +30,9 @@ from prometheus_client.registry import Collector
 
 from wsproxy.config import BackendConfig, Config, DnsDiscovery
 from wsproxy.policy.discovery import Record, membership, next_lookup
+
+if TYPE_CHECKING:  # dns.asyncbackend re-exports it without marking it public; mypy --strict wants its home
+    from dns._asyncbackend import Backend as DnsBackend
 
 log = logging.getLogger("wsproxy.discovery")
 
@@ -83,7 +87,7 @@ async def lookup(spec: DnsDiscovery) -> tuple[list[Record], float | None]:
 
 async def _addresses(
     resolver: dns.asyncresolver.Resolver,
-    backend: dns.asyncbackend.Backend,
+    backend: DnsBackend,
     answer: dns.resolver.Answer,
     target: str,
 ) -> tuple[list[str], float]:

@@ -2,11 +2,11 @@
 
 The decisions are pure (admission.py, ratelimit.py, origin.py); this module runs them where a
 session needs them and does the waiting they imply: the auth subrequest before a backend is
-contacted, and the pause a client over its message or byte rate gets (its pump does not read,
-so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
-`EdgeCollector` shows its counters as Prometheus metrics. In a fleet (`shared_state`), the
-handshake rate and the session caps are asked of the fleet first (runtime/shared_state.py), and
-this process's own counts decide whenever the fleet cannot answer.
+contacted, and the session's message/byte budget (`flow_limiter`; the relay driver stops
+reading a client over it, so TCP pushes back on the client). `Edge` is the state a server shares
+with all its sessions; `EdgeCollector` shows its counters as Prometheus metrics. In a fleet
+(`shared_state`), the handshake rate and the session caps are asked of the fleet first
+(runtime/shared_state.py), and this process's own counts decide whenever the fleet cannot answer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -93,9 +92,8 @@ async def admit(
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
-        return Rejection(
-            503, f"every backend of pool {rules.pool} is at its max_sessions", retry_after(config.limits.retry_after)
-        )
+        why = f"every backend of pool {rules.pool} is at its max_sessions"
+        return Rejection(503, why, retry_after(config.limits.retry_after), public=why)
     ticket = edge.admission.admit(config, client_ip, rules.pool)
     if isinstance(ticket, Rejection):
         return ticket
@@ -129,9 +127,9 @@ async def admit(
     return Admitted(checked, rules.pool, ticket, answer.copy)
 
 
-async def check_handshake(edge: Edge, config: Config, ip: str) -> Rejection | None:
-    """A request arrived from `ip`: within the handshake rate (the fleet's when it answers, else
-    this process's own bucket), or 429."""
+async def check_handshake(edge: Edge, config: Config, ip: str, now: float) -> Rejection | None:
+    """A request arrived from `ip` at `now`: within the handshake rate (the fleet's when it answers,
+    else this process's own bucket), or 429."""
     spec = config.rate_limits.handshakes_per_ip
     if spec is not None and edge.fleet is not None:
         wait = await edge.fleet.handshake_wait(ip, spec.rate, spec.burst)
@@ -144,7 +142,7 @@ async def check_handshake(edge: Edge, config: Config, ip: str) -> Rejection | No
                 f"handshake rate from {ip} over {spec.rate:g}/s (burst {spec.burst:g}) across the fleet",
                 headers=retry_after(wait),
             )
-    return edge.admission.check_handshake(config, ip, trio.current_time())
+    return edge.admission.check_handshake(config, ip, now)
 
 
 async def _fleet_caps(edge: Edge, state: SharedStateClient, config: Config, ip: str, pool: str) -> Rejection | None:
@@ -185,17 +183,6 @@ def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
         nbytes=(rl.bytes.rate, rl.bytes.burst) if rl.bytes else None,
         close_after=rl.close_after,
     )
-
-
-async def hold_back(limiter: FlowLimiter) -> bool:
-    """Wait while the sender is over its budget. False: it has been over it for `close_after`."""
-    while True:
-        pause = limiter.pause(trio.current_time())
-        if pause is None:
-            return False
-        if pause <= 0:
-            return True
-        await trio.sleep(pause)
 
 
 class EdgeCollector(Collector):
