@@ -198,8 +198,10 @@ async def serve_admin(
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
     address = Address(config.address.host, port)
-    listeners = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
-    sockname = listeners[0].socket.getsockname()
+    sockets = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
+    # the admin listener is trio's (a few requests, h11 over streams): stdlib sockets wrapped
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+    sockname = sockets[0].getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()
     root = logging.getLogger("wsproxy")
