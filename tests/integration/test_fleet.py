@@ -72,7 +72,7 @@ class Proxy:
         """`name`'s unlabelled value from every process of this instance."""
         values = []
         for port in self.admin_ports:
-            text = (await raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=3)).decode()
+            text = (await raw_http(port, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(), read_timeout=3)).decode()
             m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
             assert m, f"{name} missing from {self.name}'s metrics"
             values.append(float(m.group(1)))
@@ -110,7 +110,7 @@ def free_ports_in_a_row(count: int) -> int:
 
 async def _status(port: int, path: str) -> int:
     try:
-        got = await raw_http(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), read_timeout=2)
+        got = await raw_http(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(), read_timeout=2)
     except OSError:
         return 0
     return int(got.split(b" ", 2)[1]) if got.startswith(b"HTTP/1.1 ") else 0
