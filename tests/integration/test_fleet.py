@@ -25,7 +25,7 @@ import trio
 from wsproto.events import TextMessage
 
 from tests.fleet_support import Dnsmasq, RedisProcess
-from tests.support import RawClient, free_port, raw_http
+from tests.support import RawClient, free_port, raw_http, watch_proxy_output
 from wsproxy.demo import demo_backend
 
 pytestmark = pytest.mark.timeout(180)
@@ -57,6 +57,7 @@ class Proxy:
             stderr=self._log_file,
             env=os.environ.copy(),
         )
+        watch_proxy_output(self.log.read_text)  # an ERROR in its log fails the test (tests/conftest.py)
 
     async def wait_ready(self) -> None:
         with trio.move_on_after(20):
