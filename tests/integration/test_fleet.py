@@ -73,7 +73,8 @@ class Proxy:
         """`name`'s unlabelled value from every process of this instance."""
         values = []
         for port in self.admin_ports:
-            text = (await raw_http(port, f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(), read_timeout=3)).decode()
+            request = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+            text = (await raw_http(port, request, read_timeout=3)).decode()
             m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
             assert m, f"{name} missing from {self.name}'s metrics"
             values.append(float(m.group(1)))
