@@ -191,3 +191,48 @@ async def test_a_proxy_whose_redis_is_down_at_start_serves_on_its_own(nursery) -
     assert "wsproxy_shared_state_up 0.0" in text
     assert 'wsproxy_shared_state_decisions_total{by="local",limit="handshake_rate"} 1.0' in text
     await client.close()
+
+
+async def test_a_redis_that_never_answers_costs_one_warning_and_no_error(nursery, caplog) -> None:
+    """A Redis that accepts connections and then says nothing: every connect attempt is cut by
+    shared_state.timeout; the proxy decides alone, says so once at WARNING, and nothing (coredis
+    included) logs an ERROR or a traceback for the peer's silence."""
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[trio.socket.SocketType] = []
+
+    listening = trio.CancelScope()
+
+    async def accept_and_say_nothing() -> None:
+        with listening:
+            while len(held) < 64:
+                conn, _ = await silent.accept()
+                held.append(conn)  # kept open, never read or written
+
+    nursery.start_soon(accept_and_say_nothing)
+    backends = await start_backends(nursery, 1)
+    port = silent.getsockname()[1]
+    proxy = await start_proxy(
+        nursery,
+        "listeners: [{address: 127.0.0.1:0, pool: p}]\n"
+        f"pools: {{p: {{balance: least_conn, backends: [127.0.0.1:{backends[0]}]}}}}\n"
+        "rate_limits: {handshakes_per_ip: {rate: 100, burst: 100}}\n"
+        f"shared_state: {{redis: 'redis://127.0.0.1:{port}/0', timeout: 100ms, refresh: 50ms}}\n"
+        "heartbeat: {interval: off}\n",
+    )
+    for _ in range(3):
+        client = await RawClient.connect(proxy.port())
+        assert await whoami(client) == "b0"
+        await client.close()
+    await trio.sleep(0.3)  # a few refreshes, each a connect attempt cut at its timeout
+    assert held, "the proxy never tried the silent Redis"
+    errors = [r for r in caplog.records if r.levelno >= 40 or r.exc_info]
+    assert errors == [], [f"{r.name}: {r.getMessage()}" for r in errors]
+    warned = [r for r in caplog.records if r.name == "wsproxy.shared_state" and "unavailable" in r.getMessage()]
+    assert len(warned) == 1
+    listening.cancel()
+    await trio.lowlevel.checkpoint()
+    for conn in held:
+        conn.close()
+    silent.close()

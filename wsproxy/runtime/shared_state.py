@@ -37,9 +37,27 @@ from wsproxy.policy.admission import Admission
 from wsproxy.policy.balancing import Pool
 
 log = logging.getLogger("wsproxy.shared_state")
-# coredis logs every reconnect and NOSCRIPT retry at INFO, with a traceback: this module logs the
-# one line an operator needs (Redis down, Redis back) itself
+
+
+class _CoredisLines(logging.Filter):
+    """coredis logs every reconnect and NOSCRIPT retry at INFO and a failed connect at ERROR, each
+    with a traceback; a Redis that is down or slow is the peer's condition, and this module logs
+    the one line an operator needs (Redis down, Redis back) itself, once per streak. So: a failed
+    connect (already in that line) is dropped, anything else of coredis's at ERROR becomes a
+    WARNING without traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.getMessage().startswith("Connection attempt failed"):
+            return False
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 logging.getLogger("coredis").setLevel(logging.WARNING)
+logging.getLogger("coredis").addFilter(_CoredisLines())
 
 # `decisions` keys: what a handshake asked the fleet, by how it was answered
 FLEET = "fleet"
