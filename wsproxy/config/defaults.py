@@ -139,3 +139,19 @@ ADMIN_MAX_CONNECTIONS = 32  # at once; further admin connections are closed at o
 LOG_FORMAT = "text"
 LOG_LEVEL = "info"
 LOG_QUERY = "redact"  # query values in logged targets (logs, /status, /status.json) become ***
+
+# a fleet (shared_state: {redis}): counts, caps and rate limits shared through Redis; off when absent
+SHARED_STATE_KEY_PREFIX = "wsproxy:"
+SHARED_STATE_TIMEOUT = 0.25  # seconds a Redis call may take before this process decides alone
+SHARED_STATE_REFRESH = 0.1  # seconds between publishing own counts and reading the fleet's (at most 0.1)
+SHARED_STATE_PROCESS_TTL = 3.0  # a process silent this long is gone: its counts leave the fleet totals
+SHARED_STATE_MAX_CONNECTIONS = 8  # fixed: Redis connections per process (coredis pool)
+SHARED_STATE_REAP_BATCH = 16  # fixed: dead processes cleared per refresh script
+
+# backends from DNS (pools.NAME.discovery.dns)
+DISCOVERY_TYPE = "SRV"
+DISCOVERY_INTERVAL = 5.0  # the shortest time between lookups (a lower TTL waits this long)
+DISCOVERY_MAX_INTERVAL = 60.0  # the longest (a higher TTL is cut to this)
+DISCOVERY_TIMEOUT = 2.0  # one lookup, every query of it included
+DISCOVERY_MAX_BACKENDS = 512  # fixed: more records than this in one answer are cut (sorted, first kept)
+DNS_PORT = 53

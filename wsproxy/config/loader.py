@@ -17,6 +17,7 @@ import yaml
 from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
 from wsproxy.config.control import ADMIN_TOKEN_KEYS, parse_admin_token, parse_admission, parse_observability
+from wsproxy.config.fleet import parse_shared_state
 from wsproxy.config.listeners import parse_listener
 from wsproxy.config.model import (
     HEARTBEAT_LEGS,
@@ -163,6 +164,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             "observability",
             "workers",
             "pid_file",
+            "shared_state",
         ),
     )
     if raw is None:
@@ -259,6 +261,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     admin, log_config = _parse_admin_and_log(ck, top, base)
     admission = parse_admission(ck, top.get("admission"), pools_raw)
     observability = parse_observability(ck, top.get("observability"))
+    shared_state = parse_shared_state(ck, top.get("shared_state"))
     # worker i serves its own metrics on admin port + i
     if admin is not None and workers > 1 and (admin.address.port == 0 or admin.address.port + workers - 1 > 65535):
         ck.fail("admin.address", f"with workers: {workers}, worker i listens on this port + i: give a fixed port")
@@ -280,6 +283,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         reload=reload,
         workers=workers,
         pid_file=pid_file,
+        shared_state=shared_state,
         digest=hashlib.sha256(text.encode()).hexdigest(),
     )
 

@@ -20,6 +20,7 @@ HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
 HTTP_MODES = ("proxy", "reject")  # listeners[].http: what a request that is not an Upgrade gets
 SAME_SITE = ("lax", "strict", "none")
+DISCOVERY_TYPES = ("SRV", "A", "AAAA")
 LOG_QUERY_MODES = ("redact", "keep", "drop")
 
 
@@ -207,6 +208,7 @@ class PoolConfig:
         if self.tls is not None:
             return self.tls
         return BackendTLS() if backend.tls else None
+    discovery: DnsDiscovery | None = None  # backends from DNS instead of `backends:` (None: static)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +232,30 @@ class PassiveHealth:
     window: float = defaults.PASSIVE_WINDOW
     eject_for: float = defaults.PASSIVE_EJECT_FOR
     max_eject_for: float = defaults.PASSIVE_MAX_EJECT_FOR
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """`pools.NAME.discovery.dns`: the pool's backends are what this name answers (see discovery.py)."""
+
+    name: str  # lower case, no trailing dot
+    type: str = defaults.DISCOVERY_TYPE  # SRV | A | AAAA
+    port: int | None = None  # A/AAAA only: the backends' port
+    nameservers: tuple[Address, ...] = ()  # empty: the system's resolver configuration
+    interval: float = defaults.DISCOVERY_INTERVAL
+    max_interval: float = defaults.DISCOVERY_MAX_INTERVAL
+    timeout: float = defaults.DISCOVERY_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """`shared_state`: the fleet's counts, caps and rate limits in Redis (see docs/scale-out.md)."""
+
+    redis: str  # redis://HOST:PORT/DB
+    key_prefix: str = defaults.SHARED_STATE_KEY_PREFIX
+    timeout: float = defaults.SHARED_STATE_TIMEOUT
+    refresh: float = defaults.SHARED_STATE_REFRESH
+    process_ttl: float = defaults.SHARED_STATE_PROCESS_TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +378,7 @@ class Config:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     workers: int = defaults.WORKERS
     pid_file: Path | None = None
+    shared_state: SharedState | None = None  # None: every process counts and limits alone
     digest: str = ""  # sha256 of the file's text, to tell snapshots apart in logs
 
     def summary(self) -> str:
@@ -371,6 +398,10 @@ class Config:
             extra = f" key={pool.hash_key}" if pool.hash_key else ""
             extra += f" sticky={pool.sticky.cookie}" if pool.sticky else ""
             extra += " tls" if pool.tls or any(b.tls for b in pool.backends) else ""
+            if pool.discovery is not None:
+                d = pool.discovery
+                out.append(f"  {pool.name}: {pool.balance}{extra}, backends from DNS {d.type} {d.name}")
+                continue
             out.append(f"  {pool.name}: {pool.balance}{extra}, {len(pool.backends)} backend(s)")
             for b in pool.backends:
                 out.append(f"    {b.address} weight={b.weight}")

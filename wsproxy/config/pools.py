@@ -7,6 +7,7 @@ from typing import Any
 
 from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
+from wsproxy.config.fleet import parse_discovery
 from wsproxy.config.model import (
     BALANCE_POLICIES,
     HASH_FALLBACKS,
@@ -15,6 +16,7 @@ from wsproxy.config.model import (
     ActiveHealth,
     Address,
     BackendConfig,
+    DnsDiscovery,
     PassiveHealth,
     PoolConfig,
 )
@@ -52,6 +54,7 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
             "send_proxy_protocol",
             "rebalance",
             "max_sessions",
+            "discovery",
             *HEALTH_POOL_KEYS,
             *POOL_HTTP_KEYS,
         ),
@@ -80,9 +83,10 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
             ck.fail(join(path, key), f"only meaningful with balance: consistent_hash (balance is {balance})")
     backends: list[BackendConfig] = []
     seen: set[Address] = set()
-    if "backends" not in m:
-        ck.fail(join(path, "backends"), "missing: a pool needs at least one backend")
-    else:
+    discovery = _pool_discovery(ck, path, m)
+    if "backends" not in m and "discovery" not in m:
+        ck.fail(join(path, "backends"), "missing: a pool needs at least one backend (or discovery)")
+    elif "backends" in m:
         bpath = join(path, "backends")
         for i, raw_b in ck.sequence(m["backends"], bpath):
             b = _parse_backend(ck, f"{bpath}[{i}]", raw_b)
@@ -116,7 +120,17 @@ def parse_pool(ck: Checker, name: str, raw: Any) -> PoolConfig | None:
         tls=tls,
         http_pool=http_pool,
         sticky=sticky,
+        discovery=discovery,
     )
+
+
+def _pool_discovery(ck: Checker, path: str, m: dict[str, Any]) -> DnsDiscovery | None:
+    """`discovery` replaces `backends` (the two together are an error)."""
+    if "discovery" not in m:
+        return None
+    if "backends" in m:
+        ck.fail(join(path, "discovery"), "a pool takes its backends from `backends` or from `discovery`, not both")
+    return parse_discovery(ck, path, m["discovery"])
 
 
 HEALTH_POOL_KEYS = ("health", "passive", "close_sessions_on_down", "drain_window")

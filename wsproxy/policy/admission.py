@@ -68,7 +68,7 @@ class Ticket:
 class Admission:
     """Session counts and handshake buckets shared by every session of one server."""
 
-    __slots__ = ("_handshake_key", "_handshakes", "counts", "per_ip", "per_pool", "total")
+    __slots__ = ("_handshake_key", "_handshakes", "counts", "per_ip", "per_pool", "total", "touched_ips")
 
     def __init__(self) -> None:
         self.total = 0
@@ -77,6 +77,9 @@ class Admission:
         self._handshakes: KeyedBuckets | None = None
         self._handshake_key: tuple[float, float, int] | None = None
         self.counts: Counter[str] = Counter()  # refusals and closes, by limit
+        # addresses whose session count changed since the fleet's shared state last took them
+        # (None: nobody is listening; the shared-state client sets a set and empties it)
+        self.touched_ips: set[str] | None = None
 
     @property
     def tracked_ips(self) -> int:
@@ -120,10 +123,14 @@ class Admission:
         self.total += 1
         self.per_pool[pool] = self.per_pool.get(pool, 0) + 1
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        if self.touched_ips is not None:
+            self.touched_ips.add(ip)
         return Ticket(self, ip, pool)
 
     def _release(self, ip: str, pool: str) -> None:
         self.total -= 1
+        if self.touched_ips is not None:
+            self.touched_ips.add(ip)
         for table, key in ((self.per_pool, pool), (self.per_ip, ip)):
             left = table[key] - 1
             if left:

@@ -101,6 +101,12 @@ class BackendHealth:
         self.passive = passive
         self._refresh()
 
+    def joined(self, now: float) -> None:
+        """Added to a running pool (by a reload or a DNS answer): ramp up over `slow_start`, as a
+        backend back from down does, instead of taking its full share of new sessions at once."""
+        self.back_since = now
+        self._refresh()
+
     # --- what the balancer asks ---------------------------------------------------------------
 
     def available(self, now: float) -> bool:

@@ -3,8 +3,10 @@
 The decisions are pure (admission.py, ratelimit.py, origin.py); this module runs them where a
 session needs them and does the waiting they imply: the auth subrequest before a backend is
 contacted, and the session's message/byte budget (`flow_limiter`; the relay driver stops
-reading a client over it, so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
-`EdgeCollector` shows its counters as Prometheus metrics.
+reading a client over it, so TCP pushes back on the client). `Edge` is the state a server shares
+with all its sessions; `EdgeCollector` shows its counters as Prometheus metrics. In a fleet
+(`shared_state`), the handshake rate and the session caps are asked of the fleet first
+(runtime/shared_state.py), and this process's own counts decide whenever the fleet cannot answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prometheus_client.registry import Collector
 from wsproxy.config import Config, ListenerConfig, defaults
 from wsproxy.observe.metrics import Metrics
 from wsproxy.policy import admission as adm
-from wsproxy.policy import health, routing
+from wsproxy.policy import fleet, health, routing
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
@@ -31,6 +33,7 @@ from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
 from wsproxy.runtime.credentials import Credentials, CredentialWatch
+from wsproxy.runtime.shared_state import SharedStateClient
 from wsproxy.runtime.timers import Timers
 
 if TYPE_CHECKING:
@@ -56,7 +59,7 @@ LIMIT_NAMES = (
 class Edge:
     """What a server's sessions share for edge protection: counts, buckets, auth caches."""
 
-    __slots__ = ("admission", "auth", "keys", "reconnects", "storm", "tasks", "timers", "watches")
+    __slots__ = ("admission", "auth", "fleet", "keys", "reconnects", "storm", "tasks", "timers", "watches")
 
     def __init__(self) -> None:
         self.admission = Admission()
@@ -67,6 +70,7 @@ class Edge:
         self.watches: dict[Session, CredentialWatch] = {}  # sessions bound to credentials that expire
         self.timers = Timers()  # the server's (set by the server): expiry timers
         self.tasks: trio.Nursery | None = None  # the server's nursery (set while serving): auth rechecks
+        self.fleet: SharedStateClient | None = None  # with shared_state: the fleet's counts and limits
 
 
 @dataclass(slots=True)
@@ -124,6 +128,15 @@ async def admit(
     ticket = edge.admission.admit(config, client_ip, rules.pool)
     if isinstance(ticket, Rejection):
         return ticket
+    if edge.fleet is not None:
+        try:
+            over = await _fleet_caps(edge, edge.fleet, config, client_ip, rules.pool)
+        except BaseException:
+            ticket.release()
+            raise
+        if over is not None:
+            ticket.release()
+            return over
     if rules.auth is None:
         return Admitted(checked, rules.pool, ticket)
     try:
@@ -212,6 +225,51 @@ def ended(edge: Edge, session: Session) -> None:
     key = edge.keys.pop(session, None)
     if key is not None:
         edge.reconnects.closed(key, trio.current_time())
+
+
+async def check_handshake(edge: Edge, config: Config, ip: str, now: float) -> Rejection | None:
+    """A request arrived from `ip` at `now`: within the handshake rate (the fleet's when it answers,
+    else this process's own bucket), or 429."""
+    spec = config.rate_limits.handshakes_per_ip
+    if spec is not None and edge.fleet is not None:
+        wait = await edge.fleet.handshake_wait(ip, spec.rate, spec.burst)
+        if wait is not None:
+            if wait <= 0:
+                return None
+            edge.admission.counts[adm.HANDSHAKE_RATE] += 1
+            return Rejection(
+                429,
+                f"handshake rate from {ip} over {spec.rate:g}/s (burst {spec.burst:g}) across the fleet",
+                headers=retry_after(wait),
+            )
+    return edge.admission.check_handshake(config, ip, now)
+
+
+async def _fleet_caps(edge: Edge, state: SharedStateClient, config: Config, ip: str, pool: str) -> Rejection | None:
+    """The session caps, held for the fleet: this session (already counted here) against the
+    fleet's totals. None: within them, no cap set, or the fleet cannot say (the local caps held)."""
+    pool_cap = config.pools[pool].max_sessions if pool in config.pools else None
+    caps = {
+        fleet.TOTAL: config.limits.max_sessions,
+        fleet.pool_field(pool): pool_cap,
+        fleet.ip_field(ip): config.rate_limits.max_sessions_per_ip,
+    }
+    if all(cap is None for cap in caps.values()):
+        return None
+    field = await state.admit(ip, pool, caps)
+    if field is None:
+        return None
+    later = retry_after(config.limits.retry_after)
+    counts = edge.admission.counts
+    if field == fleet.TOTAL:
+        counts[adm.MAX_SESSIONS] += 1
+        return Rejection(503, f"the fleet is at limits.max_sessions ({config.limits.max_sessions})", later)
+    if field == fleet.pool_field(pool):
+        counts[adm.POOL_MAX_SESSIONS] += 1
+        return Rejection(503, f"pool {pool} is at its max_sessions ({pool_cap}) across the fleet", later)
+    counts[adm.SESSIONS_PER_IP] += 1
+    cap = config.rate_limits.max_sessions_per_ip
+    return Rejection(429, f"{ip} already has {cap} sessions across the fleet (max_sessions_per_ip)", later)
 
 
 def flow_limiter(config: Config, now: float) -> FlowLimiter | None:

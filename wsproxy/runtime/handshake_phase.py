@@ -96,7 +96,7 @@ class HandshakePhase:
         if isinstance(got, h11.Request):
             self._resolve_client(got)
         # Every request counts against its address's handshake rate, well-formed or not.
-        limited = self._session.edge.admission.check_handshake(cfg, self._session.client_addr[0], trio.current_time())
+        limited = await gate.check_handshake(session.edge, cfg, session.client_addr[0], trio.current_time())
         if limited is not None:
             await self._reject(limited)
             return None

@@ -4,8 +4,10 @@ One `Server` owns the current snapshot and every open session. Each listener add
 `_Listening` slot: its sockets, its cancel scope, and the settings and TLS context that new
 connections on it get. A reload swaps the snapshot, updates kept slots in place (their sockets
 never close, so no connect is refused), opens and closes the others, and closes the sessions of
-removed backends with 1012 spread over a window. Shutdown stops accepting and spreads 1001 closes
-the same way, then cuts whatever is left at the deadline.
+removed backends with 1012 spread over a window. A pool's backends found in DNS change through
+the same path (`_apply`): the DNS answer becomes a configuration, and the reload plan between it
+and the running one says what to add and what to drain (runtime/fleet_wiring.py). Shutdown stops
+accepting and spreads 1001 closes the same way, then cuts whatever is left at the deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import trio
 from wsproxy.config import Address, Config, ListenerConfig, PoolConfig
 from wsproxy.observe.metrics import Metrics
 from wsproxy.policy.balancing import Backend, Pool
+from wsproxy.policy.discovery import carry_membership
 from wsproxy.policy.reload_plan import (
     ListenerKey,
     ReloadPlan,
@@ -41,6 +44,7 @@ from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.admin_api import ControlApi, ControlCollector
 from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.control import Control
+from wsproxy.runtime.fleet_wiring import FleetWiring
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.handover import Inherited
 from wsproxy.runtime.health_check import HealthMonitor
@@ -128,6 +132,14 @@ class Server:
         self.control_api = ControlApi(self.control, lambda: self.snapshot.config.admin)
         self.metrics.registry.register(ControlCollector(lambda: self.control_api))
         self.telemetry = telemetry.Telemetry(self)  # process_*, build info, backlog; the charts' history
+        self.fleet = FleetWiring(
+            config,
+            edge=self.edge,
+            metrics=self.metrics,
+            snapshot=lambda: self.snapshot,
+            apply=self._apply,
+            draining=lambda: self.draining,
+        )  # shared_state (Redis) and pools from DNS; started before the listeners
 
     def metrics_relay_failure(self) -> None:
         """A watcher of the readiness loop raised: counted (its session alone ended)."""
@@ -270,6 +282,7 @@ class Server:
             await connections.start(self.timers.run)
             await connections.start(self.telemetry.run)
             await connections.start(self.reactor.run)
+            await self.fleet.start(connections)  # discovered backends before listeners
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
             config = self.snapshot.config
@@ -291,6 +304,7 @@ class Server:
             # listeners are closed; sessions finish in their own nursery, then the timers stop
             if self.sessions:
                 await self._all_gone.wait()
+            await self.fleet.leave()
             connections.cancel_scope.cancel()
 
     async def _serve_admin(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -321,9 +335,11 @@ class Server:
         if self.draining or self._accepting is None or self._connections is None:
             raise ReloadError("the proxy is shutting down")
         old = self.snapshot.config
-        plan = plan_reload(old, config)
+        plan = plan_reload(old, carry_membership(old, config))
         if config.workers != old.workers:
             log.warning("workers changed (%d -> %d): takes effect on restart only", old.workers, config.workers)
+        if config.shared_state != old.shared_state:
+            log.warning("shared_state changed: takes effect on restart only")
         contexts: dict[Address, ssl.SSLContext] = {}
         for lst in config.listeners:
             if lst.tls is not None:
@@ -346,40 +362,72 @@ class Server:
                 for sock in slot.sockets:
                     sock.close()
             raise ReloadError(str(exc)) from None
-        # the swap: from here on nothing fails
-        self.snapshot = Snapshot.build(config, previous=self.snapshot)
-        self.backend_tls.replace(backend_tls)
-        self.reloads += 1
-        self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
-        for key, lst in plan.keep:
-            slot = self._listening[key]
-            slot.config, slot.ssl_ctx = lst, contexts.get(lst.address)
-        for key in plan.close:
-            self._listening.pop(key).scope.cancel()
-        for key, slot in opened:
-            self._listening[key] = slot
-            await self._accepting.start(self._accept, slot)
-        self._refresh_bound()
-        doomed = [s for s in self.sessions if s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)]
-        if doomed:
-            self._connections.start_soon(
-                self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload"
-            )
-        connecting = [s for s in self.sessions if s.backend is None and s.snapshot is not self.snapshot]
-        if connecting and plan.removed:
-            self._connections.start_soon(self._doom_late, connecting, plan, config)
-        for name, pool in self.snapshot.pools.items():
-            if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
-                self._connections.start_soon(self._rebalance, pool, self.reloads)
+        # the swap: from here on nothing fails. Members of discovered pools as of now (DNS may
+        # have changed them while the sockets opened; listeners are the file's alone).
+        config = carry_membership(self.snapshot.config, config)
+        plan = plan_reload(self.snapshot.config, config)
+        self.backend_tls.replace(backend_tls)  # (a plain assignment: nothing here fails)
+        doomed = await self._apply(config, plan, "backend removed by reload", contexts=contexts, opened=opened)
+        self.fleet.reloaded(config)
         log.info(
             "reloaded %s (sha256 %s): %s; %d session(s) on removed backends close over %gs",
             config.source,
             config.digest[:12],
             plan.describe(),
-            len(doomed),
+            doomed,
             config.reload.drain_window,
         )
         return plan
+
+    async def _apply(
+        self,
+        config: Config,
+        plan: ReloadPlan,
+        cause: str,
+        *,
+        contexts: dict[Address, ssl.SSLContext] | None = None,
+        opened: Iterable[tuple[ListenerKey, _Listening]] = (),
+    ) -> int:
+        """Swap in `config` as `plan` says, for a SIGHUP reload and a DNS change alike: the new
+        snapshot (kept backends keep their live objects), health checks, listener slots (`contexts`
+        None: kept listeners keep their TLS context), the drain of removed backends' sessions,
+        rebalancing. Nothing here fails. The number of sessions set to drain."""
+        self.snapshot = Snapshot.build(config, previous=self.snapshot)
+        self.reloads += 1
+        if self._accepting is not None:  # serving: backends added now ramp up (slow start, if set)
+            now = trio.current_time()
+            for pool in self.snapshot.pools.values():
+                for backend in pool.backends:
+                    if (pool.name, backend.address) in plan.added:
+                        backend.health.joined(now)
+        self.health.sync(self.snapshot)  # kept backends keep their checker; new ones get one
+        for key, lst in plan.keep:
+            slot = self._listening.get(key)
+            if slot is None:  # not listening yet (the first DNS answers come before the listeners)
+                continue
+            slot.config = lst
+            if contexts is not None:
+                slot.ssl_ctx = contexts.get(lst.address)
+        for key in plan.close:
+            self._listening.pop(key).scope.cancel()
+        for key, slot in opened:
+            self._listening[key] = slot
+            assert self._accepting is not None
+            await self._accepting.start(self._accept, slot)
+        self._refresh_bound()
+        connections = self._connections
+        if connections is None:  # not serving yet (the first DNS answers): no session to care about
+            return 0
+        doomed = [s for s in self.sessions if s.backend is not None and plan.drops(s.outcome.pool, s.backend.address)]
+        if doomed:
+            connections.start_soon(self._spread_closes, doomed, config.reload.drain_window, SERVICE_RESTART, cause)
+        connecting = [s for s in self.sessions if s.backend is None and s.snapshot is not self.snapshot]
+        if connecting and plan.removed:
+            connections.start_soon(self._doom_late, connecting, plan, config, cause)
+        for name, pool in self.snapshot.pools.items():
+            if pool.config.rebalance_rate is not None and any(p == name for p, _ in plan.added):
+                connections.start_soon(self._rebalance, pool, self.reloads)
+        return len(doomed)
 
     def _backend_down(self, backend: Backend, pool: PoolConfig) -> None:
         """Active checks marked `backend` down in a pool with close_sessions_on_down: close its
@@ -398,7 +446,7 @@ class Server:
             self._spread_closes, doomed, pool.drain_window, SERVICE_RESTART, "backend marked down"
         )
 
-    async def _doom_late(self, connecting: list[Session], plan: ReloadPlan, config: Config) -> None:
+    async def _doom_late(self, connecting: list[Session], plan: ReloadPlan, config: Config, cause: str) -> None:
         """Sessions still in their handshake at the reload chose from the old snapshot and may yet
         land on a removed backend. Their handshake is bounded by `timeouts.handshake`: after that,
         each has a backend or is gone, and those on removed backends close like the others."""
@@ -411,7 +459,7 @@ class Server:
         ]
         if late:
             log.info("closing %d session(s) that reached a removed backend during the reload", len(late))
-            await self._spread_closes(late, config.reload.drain_window, SERVICE_RESTART, "backend removed by reload")
+            await self._spread_closes(late, config.reload.drain_window, SERVICE_RESTART, cause)
 
     async def _spread_closes(self, sessions: Iterable[Session], window: float, code: int, reason: str) -> None:
         """Close `sessions` with `code`, one by one at a flat rate over `window` (with jitter)."""

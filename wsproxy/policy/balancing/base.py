@@ -3,7 +3,9 @@
 A policy orders a pool's backends for one new session: `candidates(key)` yields them in
 preference order, so retrying the next backend is the caller walking the iterator (Pingora's
 shape). Active-session counts live on `Backend` and change only through `Pool.acquire`, a
-context manager, so a session that crashes can never leak a count.
+context manager, so a session that crashes can never leak a count. In a fleet (shared_state),
+`Backend.others` adds the sessions other processes hold on the backend (policy/fleet.py sets it
+from the shared view): policies weigh `sessions`, this process's own count plus everyone else's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from wsproxy.policy.health import BackendHealth
 class Backend:
     """A backend's live state inside one pool."""
 
-    __slots__ = ("active", "address", "admin", "config", "health", "index", "name", "weight")
+    __slots__ = ("active", "address", "admin", "config", "health", "index", "name", "others", "weight")
 
     def __init__(self, config: BackendConfig, index: int, health: BackendHealth | None = None) -> None:
         self.health = health if health is not None else BackendHealth()  # survives reloads with the object
@@ -29,20 +31,26 @@ class Backend:
         self.name = config.name
         self.weight = config.weight
         self.index = index
-        self.active = 0
+        self.active = 0  # this process's sessions on it (its leases)
+        self.others = 0  # other processes' sessions on it, as the fleet's shared view last said
 
     def __repr__(self) -> str:
-        return f"Backend({self.name}, weight={self.weight}, active={self.active})"
+        return f"Backend({self.name}, weight={self.weight}, active={self.active}, others={self.others})"
+
+    @property
+    def sessions(self) -> int:
+        """Sessions on this backend as far as this process knows: its own plus the fleet's others."""
+        return self.active + self.others
 
     @property
     def full(self) -> bool:
         """At its `max_sessions`: the balancer skips it rather than accept and drop a session."""
         cap = self.config.max_sessions
-        return cap is not None and self.active >= cap
+        return cap is not None and self.active + self.others >= cap
 
 
 class Policy(ABC):
-    """Orders backends for a new session. Policies read `Backend.active`, never change it."""
+    """Orders backends for a new session. Policies read `Backend.active` and `others`, never change them."""
 
     def __init__(self, backends: Sequence[Backend], config: PoolConfig) -> None:
         self.backends = list(backends)
@@ -75,7 +83,7 @@ class Pool:
 
     def _carry_over(self, previous: Pool) -> None:
         """Keep the live objects of backends that survive a reload (same address), so their
-        active counts and health go on; their config (weight) is the new one."""
+        active counts, fleet counts and health go on; their config (weight) is the new one."""
         old = {b.address: b for b in previous.backends}
         for i, fresh in enumerate(self.backends):
             kept = old.get(fresh.address)

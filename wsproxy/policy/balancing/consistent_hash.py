@@ -8,7 +8,8 @@ the config moves nothing, removing one moves only its own keys and adding one ta
 
 Sticky keys can pile onto one backend (one huge room), so loads are bounded as in HAProxy's
 `hash-balance-factor` and Envoy's bounded loads: a backend holding `cap` sessions or more is
-skipped and the walk goes clockwise to the next distinct backend. See `cap` for the bound.
+skipped and the walk goes clockwise to the next distinct backend. See `cap` for the bound. In a
+fleet the loads are the fleet's (`active + others`), so the bound holds for the fleet's sessions.
 Without a key the policy orders like least_conn (the "hash_fallback: least_conn" behaviour;
 "reject" is decided by the caller before asking for candidates).
 """
@@ -100,7 +101,7 @@ class ConsistentHash(Policy):
         if weights is not None:
             yield from self._walk(key, weights)
             return
-        total_active = sum(b.active for b in backends)
+        total_active = sum(b.active + b.others for b in backends)
         factor, total_weight = self._factor, self._total_weight
         points, owners = self._points, self._owners
         size = len(points)
@@ -114,7 +115,7 @@ class ConsistentHash(Policy):
                 continue
             seen.add(i)
             b = backends[i]
-            if b.active < cap(factor, total_active, b.weight, total_weight):
+            if b.active + b.others < cap(factor, total_active, b.weight, total_weight):
                 yield b
             else:
                 over_cap.append(b)
@@ -127,7 +128,7 @@ class ConsistentHash(Policy):
         live = [i for i, w in enumerate(weights) if w > 0]
         if not live:
             return
-        total_active = sum(backends[i].active for i in live)
+        total_active = sum(backends[i].active + backends[i].others for i in live)
         total_weight = sum(weights[i] for i in live)
         factor = self._factor
         points, owners = self._points, self._owners
@@ -142,7 +143,7 @@ class ConsistentHash(Policy):
                 continue
             seen.add(i)
             b = backends[i]
-            if b.active < cap(factor, total_active, weights[i], total_weight):
+            if b.active + b.others < cap(factor, total_active, weights[i], total_weight):
                 yield b
             else:
                 over_cap.append(b)

@@ -17,11 +17,12 @@ from wsproxy.policy.balancing.base import Backend, Policy
 
 
 def load(backend: Backend) -> float:
-    """Active sessions per unit of weight: the quantity the load-aware policies compare.
+    """Open sessions (this process's and, in a fleet, the others') per unit of weight: the quantity
+    the load-aware policies compare.
 
     IEEE division is correctly rounded, so equal ratios (1/3 and 2/6) compare equal.
     """
-    return backend.active / backend.weight
+    return (backend.active + backend.others) / backend.weight
 
 
 class LeastConn(Policy):
@@ -70,14 +71,14 @@ class LeastConn(Policy):
         for step in range(n):  # strict "<" keeps the earliest in rotation order, as above
             i = (start + step) % n
             w = weights[i]
-            if w > 0 and backends[i].active / w < best_load:
-                best, best_load = i, backends[i].active / w
+            if w > 0 and backends[i].sessions / w < best_load:
+                best, best_load = i, backends[i].sessions / w
         if best < 0:
             return
         yield backends[best]
         rest = sorted(
             (i for i in range(n) if i != best and weights[i] > 0),
-            key=lambda i: (backends[i].active / weights[i], (i - start) % n),
+            key=lambda i: (backends[i].sessions / weights[i], (i - start) % n),
         )
         for i in rest:
             yield backends[i]

@@ -88,11 +88,11 @@ class RandomTwo(Policy):
             if b == a:  # float rounding at a segment edge: take any other
                 b = (a + 1) % len(live)
             first, second = live[a], live[b]
-            if backends[second].active / weights[second] < backends[first].active / weights[first]:
+            if backends[second].sessions / weights[second] < backends[first].sessions / weights[first]:
                 best = second
             else:
                 best = first
         yield backends[best]
-        rest = sorted((i for i in live if i != best), key=lambda i: (backends[i].active / weights[i], i))
+        rest = sorted((i for i in live if i != best), key=lambda i: (backends[i].sessions / weights[i], i))
         for i in rest:
             yield backends[i]
