@@ -49,7 +49,7 @@ from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION, Relay, RelayStats
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
-from wsproxy.runtime import gate
+from wsproxy.runtime import gate, tls_handshake
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
@@ -261,8 +261,14 @@ class Session:
         has its 101, else None (the client got its answer, or left)."""
         cfg = self.snapshot.config
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.limits.max_header_bytes)
+        secured = False  # one deadline covers the TLS handshake and the request head (tls_handshake.py)
         with trio.move_on_after(cfg.timeouts.handshake) as waited:
-            got = await self._read_request(h)
+            secured = await self._finish_tls()
+            got = await self._read_request(h) if secured else None
+        if waited.cancelled_caught and not secured:
+            self.outcome.reason = f"TLS handshake not complete within {cfg.timeouts.handshake:g}s"
+            log.info("client %s: %s: closed", _fmt_addr(self.client_addr), self.outcome.reason)
+            return
         if waited.cancelled_caught:
             await self._reject(Rejection(408, f"request headers not complete within {cfg.timeouts.handshake:g}s"))
             return
@@ -294,6 +300,14 @@ class Session:
             return
         self._ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
         return await self._connect_backend(h, admitted.upgrade)
+
+    async def _finish_tls(self) -> bool:
+        try:
+            await tls_handshake.finish(self.client_stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("client %s: TLS handshake failed: %s", _fmt_addr(self.client_addr), exc)
+            return False
+        return True
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
         request: h11.Request | None = None
