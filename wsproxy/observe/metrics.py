@@ -238,6 +238,13 @@ class Metrics:
             ["side", "event"],
             registry=r,
         )
+        self.local_exhausted = Counter(
+            "wsproxy_local_resource_exhausted",
+            "Times the proxy ran out of its OWN resources (descriptors, memory, buffers, source_ports):"
+            " sessions refused or shed with 503, never counted against a backend",
+            ["resource"],
+            registry=r,
+        )
         self.reloads = Counter(
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
@@ -264,6 +271,9 @@ class Metrics:
 
     def upstream_failure(self, pool: str, backend: str, status: int) -> None:
         self._child(self.upstream_failures, pool, backend, status_label(status)).inc()
+
+    def local_resource_exhausted(self, resource: str) -> None:
+        self._child(self.local_exhausted, resource).inc()
 
     # --- relay phase -------------------------------------------------------------------------
 

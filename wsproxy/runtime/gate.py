@@ -24,6 +24,8 @@ from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
+from wsproxy.runtime.capacity import Capacity, shortage_rejection
+from wsproxy.runtime.upstream import LocalResourceError
 
 log = logging.getLogger("wsproxy.edge")
 
@@ -43,13 +45,23 @@ LIMIT_NAMES = (
 
 
 class Edge:
-    """What a server's sessions share for edge protection: counts, buckets, auth caches."""
+    """What a server's sessions share for edge protection: counts, buckets, auth caches, and the
+    proxy's own descriptors (`capacity`: None in a bare Edge, as tests build one)."""
 
-    __slots__ = ("admission", "auth")
+    __slots__ = ("admission", "auth", "capacity")
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: Capacity | None = None) -> None:
         self.admission = Admission()
         self.auth = AuthService()
+        self.capacity = capacity
+
+
+def local_shortage(edge: Edge, exc: LocalResourceError) -> Rejection:
+    """A connect failed for want of the proxy's own resources: count and log it (once per burst),
+    and answer 503 with Retry-After. The backend's health is not touched."""
+    if edge.capacity is not None:
+        return edge.capacity.shortage(exc.resource, exc.reason)
+    return shortage_rejection(exc.resource, exc.reason)
 
 
 @dataclass(slots=True)
@@ -77,6 +89,8 @@ async def admit(
     client_ip: str,
 ) -> Admitted | Rejection:
     """Route rules, caps and auth, cheapest first; a Rejection says what the client gets."""
+    if edge.capacity is not None and (shed := edge.capacity.shed()) is not None:
+        return shed  # the proxy's descriptors are within their reserve: refuse before using more
     counts = edge.admission.counts
     rules = route_rules(listener, upgrade.host, upgrade.path)
     if rules is None:

@@ -30,7 +30,7 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import handshake
 from wsproxy.protocol.handshake import Rejection
 from wsproxy.protocol.relay import NORMAL
-from wsproxy.runtime.upstream import UpstreamError, connect, request_upgrade
+from wsproxy.runtime.upstream import LocalResourceError, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.health")
 
@@ -41,7 +41,8 @@ Probe = Callable[[Address, ActiveHealth], Awaitable[str | None]]
 
 
 async def probe(address: Address, check: ActiveHealth) -> str | None:
-    """Run one check within `check.timeout`: None if it passed, else why it failed."""
+    """Run one check within `check.timeout`: None if it passed, else why it failed. Raises
+    LocalResourceError when the proxy itself lacked the means to check (no verdict at all)."""
     with trio.move_on_after(check.timeout):
         try:
             return await PROBES[check.check](address, check)
@@ -137,9 +138,11 @@ class HealthMonitor:
         self,
         *,
         on_down: Callable[[Backend, PoolConfig], None] | None = None,
+        on_shortage: Callable[[LocalResourceError], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._on_down = on_down
+        self._on_shortage = on_shortage  # a check the proxy could not run for want of its own resources
         self._rng = rng if rng is not None else random.Random()
         self._watches: dict[Backend, _Watch] = {}
         self._nursery: trio.Nursery | None = None
@@ -196,7 +199,13 @@ class HealthMonitor:
                 settings = watch.pool.health
                 if settings is None:
                     return
-                reason = await probe(backend.address, settings)
+                try:
+                    reason = await probe(backend.address, settings)
+                except LocalResourceError as exc:  # the proxy's shortage says nothing about the backend
+                    if self._on_shortage is not None:
+                        self._on_shortage(exc)
+                    await trio.sleep(jittered(settings.interval, self._rng.random()))
+                    continue
                 now = trio.current_time()
                 if reason is None:
                     change = backend.health.check_passed(now)

@@ -36,6 +36,7 @@ from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
 from wsproxy.runtime.admin import serve_admin
+from wsproxy.runtime.capacity import Capacity
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
@@ -96,7 +97,9 @@ class Server:
         self.draining = False
         self.timers = Timers()
         self.reactor = Reactor()  # the relay phase of every session, on one readiness loop (Linux)
-        self.health = HealthMonitor(on_down=self._backend_down)  # active checks; sync() on start and reload
+        self.health = HealthMonitor(  # active checks; sync() on start and reload
+            on_down=self._backend_down, on_shortage=lambda exc: self.capacity.record(exc.resource, exc.reason)
+        )
         self.reloads = 0
         self.metrics = Metrics(
             pools=lambda: self.snapshot.pools,
@@ -104,7 +107,8 @@ class Server:
             live=lambda: (t for s in self.sessions if (t := s.live_traffic()) is not None),
         )  # this server's own
         self.metrics.config_loaded(config)
-        self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
+        self.capacity = Capacity(self.metrics, sessions=self.sessions)  # the proxy's own descriptors
+        self.edge = Edge(capacity=self.capacity)  # caps, per-IP buckets, auth caches: shared, kept on reload
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
 
@@ -218,8 +222,8 @@ class Server:
                 except OSError as exc:
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error("accept on %s failed: %s; retrying in %gs", slot.config.address, exc, ACCEPT_PAUSE)
-                    await trio.sleep(ACCEPT_PAUSE)
+                    if not self.capacity.accept_failed(listener, exc):  # the spare descriptor: accept, close
+                        await trio.sleep(ACCEPT_PAUSE)
                     continue
                 connections.start_soon(self._handle, stream, slot)
 
@@ -236,6 +240,7 @@ class Server:
                 ctx = server_ssl_context(lst) if lst.tls is not None else None
                 self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
             self._refresh_bound()
+            self.capacity.start(self.snapshot.config)  # the spare descriptor; warns if RLIMIT_NOFILE is short
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
                 self.admin_bound = await connections.start(
                     serve_admin, self, self.snapshot.config.admin, self.worker_index
@@ -252,6 +257,7 @@ class Server:
             # listeners are closed; sessions finish in their own nursery, then the timers stop
             if self.sessions:
                 await self._all_gone.wait()
+            self.capacity.stop()
             connections.cancel_scope.cancel()
 
     # --- reload ----------------------------------------------------------------------------

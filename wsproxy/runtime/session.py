@@ -54,7 +54,7 @@ from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
 from wsproxy.runtime.timers import TimerEntry, Timers
-from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, connect, request_upgrade
+from wsproxy.runtime.upstream import LocalResourceError, UpstreamAnswer, UpstreamError, connect, request_upgrade
 
 log = logging.getLogger("wsproxy.session")
 
@@ -386,7 +386,11 @@ class Session:
             self.outcome.backend = backend.name
             lease: Lease | None = pool.acquire(backend)
             try:
-                result = await self._try_backend(backend, pool, upgrade, deadline)
+                try:
+                    result = await self._try_backend(backend, pool, upgrade, deadline)
+                except LocalResourceError as exc:  # the proxy's own shortage: 503, the backend not blamed
+                    await self._reject(gate.local_shortage(self._edge, exc))
+                    return None
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
                     self._metrics.upstream_failure(pool_name, backend.name, result.status)

@@ -16,6 +16,7 @@ import h11
 import trio
 
 from wsproxy.config import Address
+from wsproxy.policy import capacity
 
 
 class UpstreamError(Exception):
@@ -25,6 +26,17 @@ class UpstreamError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.timeout = timeout
+
+
+class LocalResourceError(Exception):
+    """The connect failed for want of the proxy's OWN resources (descriptors, memory, buffers,
+    source ports: policy/capacity.py): never a verdict on the backend. Not an UpstreamError on
+    purpose, so no code that counts backend failures can count it by accident."""
+
+    def __init__(self, resource: str, reason: str) -> None:
+        super().__init__(reason)
+        self.resource = resource
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -43,6 +55,8 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
     Backends are usually given by IP address: those skip name resolution and the happy-eyeballs
     machinery of trio.open_tcp_stream (a tenth of a handshake's CPU in the profile), and connect
     one socket directly. Names still go through open_tcp_stream.
+
+    Raises UpstreamError (the backend's failure) or LocalResourceError (the proxy's own shortage).
     """
     family = _ip_family(address.host)
     with trio.move_on_after(timeout) as scope:
@@ -52,7 +66,11 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
             else:
                 stream = await _connect_numeric(family, address.host, address.port)
         except OSError as exc:
-            raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
+            reason = f"connect to {address} failed: {exc.strerror or exc}"
+            resource = capacity.local_resource(exc.errno)
+            if resource is not None:
+                raise LocalResourceError(resource, reason) from None
+            raise UpstreamError(reason) from None
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
     return stream  # trio.SocketStream sets TCP_NODELAY itself
