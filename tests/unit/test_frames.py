@@ -442,7 +442,7 @@ def test_build_frame_lengths_round_trip(n):
 
 def test_core_modules_do_not_import_trio():
     code = (
-        "import sys, wsproxy.frames, wsproxy.relay_passthrough;"
+        "import sys, wsproxy.protocol.frames, wsproxy.protocol.relay_passthrough;"
         "sys.exit('trio' in sys.modules or 'socket' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
