@@ -185,8 +185,9 @@ async def test_a_descriptor_burst_never_ejects_a_backend_and_a_session_succeeds_
     assert metric(status_text, "wsproxy_upstream_failures_total") == 0
     log = "".join(proxy.lines)
     assert "ejected" not in log, log[-3000:]
-    # logged once per burst, not once per session
+    # logged once per burst, not once per session (the sessions' own lines stay at debug)
     assert len(re.findall(r"the proxy is out of its own descriptors", log)) == 1, log[-3000:]
+    assert "503 proxy out of" not in log, log[-3000:]
 
     # As soon as the burst is gone, a normal session succeeds.
     with trio.fail_after(5):

@@ -50,6 +50,7 @@ from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, POLICY_VIOLATION,
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate, tls_handshake
+from wsproxy.runtime.capacity import LocalShortage
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, close_now, raw_socket
@@ -346,7 +347,8 @@ class Session:
         self.outcome.status = rejection.status
         self._metrics.handshake(str(self.listener.address), REJECTED, rejection.status)
         self.outcome.reason = rejection.reason
-        log.warning(
+        log.log(
+            rejection.log_level if isinstance(rejection, LocalShortage) else logging.WARNING,  # once per burst
             "client %s: %d %s (path %s)",
             _fmt_addr(self.client_addr),
             rejection.status,
