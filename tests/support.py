@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,18 @@ def proxy_yaml(
     if pool_extra:
         lines += ["    " + ln for ln in pool_extra.strip().splitlines()]
     return "\n".join(lines) + "\n" + extra
+
+
+# --------------------------------------------------------------------------------------------
+# proxy subprocesses: their output is checked for errors when the test ends (tests/conftest.py)
+
+watched_outputs: list[Callable[[], str]] = []
+
+
+def watch_proxy_output(read: Callable[[], str]) -> None:
+    """Have the ERROR-log guard read a wsproxy subprocess's log output (`read()`) when the test
+    ends: an ERROR line or a traceback in it fails the test unless the test expects that error."""
+    watched_outputs.append(read)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,3 +342,24 @@ async def raw_http(port: int, request: bytes, *, read_timeout: float = 5.0) -> b
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+class StepTimer(trio.abc.Instrument):
+    """The longest uninterrupted step of one task (trio.lowlevel.add_instrument): how long it
+    held the scheduler without yielding, in CPU time of the thread, so that another process
+    preempting it on a loaded machine does not count as the task's own holding."""
+
+    def __init__(self, task: trio.lowlevel.Task | None) -> None:
+        self.task = task
+        self.began = 0.0
+        self.longest = 0.0
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.began = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+            self.longest = max(self.longest, time.thread_time() - self.began)

@@ -46,11 +46,29 @@ def _parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
     reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload.add_argument("--pid-file", default=None, help="default: pid_file of the config")
-    demo = sub.add_parser("demo", help="run two demo backends and the proxy on conf/demo.yaml")
-    demo.add_argument("-c", "--config", default=None, help="default: conf/demo.yaml")
+    demo = sub.add_parser("demo", help="run two demo backends and the proxy on the packaged demo config")
+    demo.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="default: the packaged demo config (conf/demo.yaml in a checkout); its relative TLS paths name "
+        "files in --certs",
+    )
+    demo.add_argument(
+        "--certs",
+        default=None,
+        metavar="DIR",
+        help="where the development certificates are made and kept (default: $XDG_CACHE_HOME/wsproxy/certs "
+        "or ~/.cache/wsproxy/certs)",
+    )
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.add_argument(
         "--self-check-only", action="store_true", help="run the self-check, then stop (exit 1 if it fails)"
+    )
+    demo.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="let the system pick free loopback ports for the listeners and backends (printed by the self-check)",
     )
     return p
 
@@ -60,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         try:
             config = load_config(args.config)
+            _check_files(config)
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
             return EXIT_BAD_CONFIG
@@ -78,8 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
-        return demo.main(args.config, self_check_only=args.self_check_only)
+        return demo.main(
+            args.config, certs_dir=args.certs, self_check_only=args.self_check_only, free_ports=args.free_ports
+        )
     return EXIT_BAD_CONFIG  # argparse rejects unknown commands before this
+
+
+def _check_files(config: Config) -> None:
+    """What `run` loads beyond the YAML, loaded the way `run` will: every TLS certificate and key."""
+    from wsproxy.runtime.listen import tls_problems
+
+    problems = tls_problems(config)
+    if problems:
+        raise ConfigError(config.source, problems)
 
 
 def _run(config: Config, args: argparse.Namespace) -> int:
@@ -97,11 +127,11 @@ def _run(config: Config, args: argparse.Namespace) -> int:
         else:
             trio.run(supervisor.run, config, args.config, args.worker or 0)
     except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
-        errors = _leaves(exc)
-        if not all(isinstance(e, OSError) for e in errors):
+        errors = supervisor.startup_errors(exc)
+        if errors is None:
             raise
-        for err in errors:
-            logging.getLogger("wsproxy").error("cannot start: %s", err)
+        for err in errors:  # runtime/listen.py's errors name the listener, its address and the file
+            logging.getLogger("wsproxy").error("cannot start: %s: %s", config.source, err)
         return EXIT_FAILED
     finally:
         if pid_file is not None:
@@ -109,12 +139,6 @@ def _run(config: Config, args: argparse.Namespace) -> int:
                 if pid_file.read_text().strip() == str(os.getpid()):
                     pid_file.unlink()
     return EXIT_OK
-
-
-def _leaves(group: BaseException) -> list[BaseException]:
-    if isinstance(group, BaseExceptionGroup):
-        return [leaf for exc in group.exceptions for leaf in _leaves(exc)]
-    return [group]
 
 
 def _reload(args: argparse.Namespace) -> int:
@@ -138,10 +162,6 @@ def _reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def write_pid_file(pid_file: Path) -> None:
     """Written whole, then renamed, so a reader never sees the file empty or half written; where
     the directory does not allow a new file (a pid file pre-created in /run), in place."""
@@ -152,3 +172,7 @@ def write_pid_file(pid_file: Path) -> None:
     except OSError:
         partial.unlink(missing_ok=True)
         pid_file.write_text(f"{os.getpid()}\n")
+
+
+if __name__ == "__main__":  # `python -m wsproxy.cli ...`, the same as `python -m wsproxy ...`
+    sys.exit(main())

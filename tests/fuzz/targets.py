@@ -35,6 +35,7 @@ from wsproxy.config.origins import parse_origin, parse_origin_pattern
 from wsproxy.policy import routing
 from wsproxy.policy.admission import apply_rules, route_rules
 from wsproxy.policy.origin import origin_allowed
+from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask, valid_wire_close_code
 from wsproxy.protocol.handshake import (
     ClientUpgrade,
@@ -133,7 +134,7 @@ def request_bytes_strategy(draw: st.DrawFn) -> bytes:
 
 
 def read_request(data: bytes, cuts: list[int]) -> h11.Request | int | None:
-    """What session._read_request makes of these bytes: a request, an error status, or None."""
+    """What HandshakePhase._read_request makes of these bytes: a request, an error status, or None."""
     h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)] + [b""]
     request = None
@@ -204,7 +205,7 @@ def request_bytes(data: bytes, cuts: list[int], ip: str) -> None:
     upstream = build_upstream_request(
         ruled,
         key=KEY,
-        client_ip=ip,
+        origin=Origin.direct(ip),
         scheme="http",
         extension_offer="permessage-deflate",
         extra_headers=[(b"X-User-Id", b"42")],

@@ -135,6 +135,7 @@ async def test_a_shutdown_cutting_the_attempt_releases_the_count(nursery) -> Non
     await stream.aclose()
 
 
+@pytest.mark.expect_errors(r"wsproxy\.session: session from .* failed \[RuntimeError: injected\]")
 async def test_an_exception_while_answering_the_client_releases_the_count(nursery, monkeypatch) -> None:
     def boom(*args: object, **kwargs: object) -> bytes:
         raise RuntimeError("injected")

@@ -7,27 +7,29 @@ demo's self-check behave as the spec's command-line section says. Every wait has
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import wsproxy
 from tests.integration.test_relay import ProxyProcess, Recorder, recording_echo
-from tests.support import proxy_yaml, start_backend
+from tests.support import free_port, proxy_yaml, start_backend, watch_proxy_output
 
 TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\nshutdown: {drain_window: 500ms}\n"
 EXIT_BOUND = 10.0  # seconds from a signal to the process's exit
-DEMO_PORTS = (8080, 8443, 9001, 9002)
 ROOT = Path(wsproxy.__file__).resolve().parent.parent
 
 
@@ -36,9 +38,11 @@ def wsproxy_cmd(*args: str) -> list[str]:
 
 
 def run_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    result = subprocess.run(
         wsproxy_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=ROOT
     )
+    watch_proxy_output(lambda: result.stderr)
+    return result
 
 
 @pytest.fixture
@@ -240,35 +244,101 @@ def test_console_script_is_the_same_command() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# demo (fixed ports: 8080, 8443, 9001, 9002)
+# demo (on free ports, so it runs beside anything that holds the configured 8080/8443/9001/9002)
 
 
-def assert_demo_ports_free() -> None:
-    busy = []
-    for port in DEMO_PORTS:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the demo's listeners do
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                busy.append(port)
-    assert not busy, f"the demo needs 127.0.0.1 ports {DEMO_PORTS}; busy here: {busy} (stop what holds them)"
+def demo_ports(output: str) -> list[int]:
+    """Every port the demo printed: its listeners' and its backends'."""
+    return sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)})
 
 
-def test_demo_self_check_passes_and_shows_which_backend_answered() -> None:
-    assert_demo_ports_free()
-    result = run_cli("demo", "--self-check-only", timeout=60)
+def test_demo_self_check_passes_and_shows_which_backend_answered(tmp_path) -> None:
+    result = run_cli("demo", "--self-check-only", "--free-ports", "--certs", str(tmp_path / "certs"), timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "self-check passed" in result.stdout
     assert "demo-backend-1" in result.stdout
     assert "demo-backend-2" in result.stdout  # round robin: both backends answered
-    assert_demo_ports_free()  # everything it started is stopped
+    assert result.stdout.count(" OK") == 4  # two sessions on ws://, two on wss://
+    assert len(demo_ports(result.stdout)) == 4  # two listeners, two backends
+    assert all(refused(port) for port in demo_ports(result.stdout))  # everything it started is stopped
 
 
-def test_demo_serves_until_sigint_then_stops_everything() -> None:
-    assert_demo_ports_free()
+def test_demo_makes_its_certificates_in_the_directory_given_and_tells_tls_clients_the_ca(tmp_path) -> None:
+    certs = tmp_path / "my certs"
+    result = run_cli("demo", "--self-check-only", "--free-ports", "--certs", str(certs), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    made = ["demo-ca.pem", "demo-cert.pem", "demo-effective.yaml", "demo-key.pem"]  # and the config it ran
+    assert sorted(p.name for p in certs.iterdir()) == made
+    assert f"TLS clients trust {certs / 'demo-ca.pem'}" in result.stdout
+    assert (certs / "demo-key.pem").stat().st_mode & 0o077 == 0  # the key is the user's alone
+
+
+def test_demo_certificates_default_to_the_users_cache_directory(tmp_path) -> None:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(
+        wsproxy_cmd("demo", "--self-check-only", "--free-ports"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+    )
+    watch_proxy_output(lambda: result.stderr)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "cache" / "wsproxy" / "certs" / "demo-ca.pem").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing written where it ran
+
+
+def test_demo_runs_the_checkouts_conf_demo_yaml(tmp_path) -> None:
+    """conf/demo.yaml is the packaged config (one file), and `-c` takes it."""
+    assert (ROOT / "conf" / "demo.yaml").read_bytes() == (ROOT / "wsproxy" / "data" / "demo.yaml").read_bytes()
+    result = run_cli(
+        "demo", "-c", "conf/demo.yaml", "--self-check-only", "--free-ports", "--certs", str(tmp_path), timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "self-check passed" in result.stdout
+
+
+def test_run_on_the_demo_config_without_certificates_names_the_file_and_the_command_that_makes_them(
+    tmp_path,
+) -> None:
+    """The demo config's TLS paths are relative, so `run` looks for them next to the file (for
+    conf/demo.yaml, next to the file it links to: wsproxy/data/). Missing, the error names the file
+    and the command that makes them; made there, the same file runs as it is."""
+    config = tmp_path / "demo.yaml"
+    config.write_text((ROOT / "conf" / "demo.yaml").read_text())
+    result = run_cli("run", "-c", str(config))
+    assert result.returncode == 2, result.stderr
+    assert f"listeners[1].tls.cert: no such file: {tmp_path / 'demo-cert.pem'}" in result.stderr
+    assert "`wsproxy demo --certs DIR` makes development certificates" in result.stderr
+    made = run_cli("demo", "--self-check-only", "--free-ports", "--certs", str(tmp_path), timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+    checked = run_cli("check", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_demo_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        text = (ROOT / "wsproxy" / "data" / "demo.yaml").read_text()
+        text = text.replace(":8080", f":{busy.getsockname()[1]}")
+        for fixed in (":8443", ":9001", ":9002"):
+            text = text.replace(fixed, f":{free_port()}")
+        (tmp_path / "demo.yaml").write_text(text)
+        result = run_cli("demo", "-c", str(tmp_path / "demo.yaml"), "--self-check-only", "--certs", str(tmp_path))
+    assert result.returncode == 1
+    assert "demo: cannot start: " in result.stderr and "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@contextlib.contextmanager
+def running_demo(*args: str) -> Iterator[tuple[subprocess.Popen[str], Callable[[], str]]]:
+    """`wsproxy demo ARGS` serving (its self-check passed): the process and its output so far.
+    Killed and reaped at the end if the test did not stop it."""
     proc = subprocess.Popen(
-        wsproxy_cmd("demo"),
+        wsproxy_cmd("demo", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -281,18 +351,12 @@ def test_demo_serves_until_sigint_then_stops_everything() -> None:
     try:
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
         reader.start()
+        watch_proxy_output(lambda: "".join(lines))
         deadline = time.monotonic() + 30
-        while "wss://localhost:8443" not in "".join(lines) and time.monotonic() < deadline:
+        while "TLS clients trust the dev CA" not in "".join(lines) and time.monotonic() < deadline:
             time.sleep(0.05)
-        out = "".join(lines)
-        assert "self-check passed" in out, out
-        assert "ws://127.0.0.1:8080" in out, out  # the URLs to try
-        assert "wss://localhost:8443" in out, out
-        with connect("ws://127.0.0.1:8080/", proxy=None, open_timeout=5) as ws:
-            ws.send("/whoami")
-            assert ws.recv(timeout=5).startswith("demo-backend-")
-        proc.send_signal(signal.SIGINT)
-        assert wait_exit(proc, EXIT_BOUND) == 0
+        assert "self-check passed" in "".join(lines), "".join(lines)
+        yield proc, lambda: "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -301,9 +365,80 @@ def test_demo_serves_until_sigint_then_stops_everything() -> None:
             reader.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
-    assert_demo_ports_free()
 
 
+def test_demo_serves_until_sigint_then_stops_everything(tmp_path) -> None:
+    with running_demo("--free-ports", "--certs", str(tmp_path)) as (proc, output):
+        out = output()
+        urls = re.findall(r"^  (wss?)://(localhost|127\.0\.0\.1):(\d+)/ ", out, re.MULTILINE)
+        assert [(scheme, host) for scheme, host, _ in urls] == [("ws", "127.0.0.1"), ("wss", "localhost")], out
+        with connect(f"ws://127.0.0.1:{urls[0][2]}/", proxy=None, open_timeout=5) as ws:
+            ws.send("/whoami")
+            assert ws.recv(timeout=5).startswith("demo-backend-")
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, EXIT_BOUND) == 0
+    assert all(refused(port) for port in demo_ports(output()))
+
+
+def test_sighup_to_the_demo_reloads_the_config_file_it_runs(tmp_path) -> None:
+    """The demo runs from DIR/demo-effective.yaml (the packaged config, TLS paths absolute in the
+    certificate directory, the ports it chose), private to the user; SIGHUP re-reads that file as
+    it does for `run`: a listener added to it serves."""
+    effective = tmp_path / "demo-effective.yaml"
+    with running_demo("--free-ports", "--certs", str(tmp_path), "--log-level", "info") as (proc, output):
+        assert f"config: {effective}" in output()
+        assert effective.stat().st_mode & 0o077 == 0
+        raw = yaml.safe_load(effective.read_text())
+        tls = {"cert": str(tmp_path / "demo-cert.pem"), "key": str(tmp_path / "demo-key.pem")}
+        assert raw["listeners"][1]["tls"] == tls
+        added = free_port()
+        raw["listeners"].append({"address": f"127.0.0.1:{added}", "pool": "chat"})
+        effective.write_text(yaml.safe_dump(raw))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while refused(added) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with connect(f"ws://127.0.0.1:{added}/", proxy=None, open_timeout=5) as ws:
+            ws.send("/whoami")
+            assert ws.recv(timeout=5).startswith("demo-backend-")
+        assert re.search(rf"reloaded {re.escape(str(effective))} ", output()), output()
+        proc.send_signal(signal.SIGINT)
+        assert wait_exit(proc, EXIT_BOUND) == 0
+
+
+def test_python_m_wsproxy_cli_is_the_same_command(tmp_path) -> None:
+    version = subprocess.run(
+        [sys.executable, "-m", "wsproxy.cli", "--version"], capture_output=True, text=True, timeout=20
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout == run_cli("--version").stdout
+    # `run` with a pid file uses what cli.py defines below main(): all of it is there under -m
+    pid_file = tmp_path / "wsproxy.pid"
+    path = tmp_path / "proxy.yaml"
+    path.write_text(proxy_yaml([9], extra=TIMEOUTS) + f"pid_file: {pid_file}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsproxy.cli", "run", "-c", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.read_text().strip() == str(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert wait_exit(proc, EXIT_BOUND) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=10)
+    watch_proxy_output(lambda: err)
+    assert not pid_file.exists()
+
+
+@pytest.mark.expect_errors(r"ERROR wsproxy: cannot start: .*in use")
 def test_run_on_a_port_in_use_exits_1_with_one_clear_line(tmp_path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

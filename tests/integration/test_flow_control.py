@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.support import free_port, proxy_yaml, start_proxy
+from tests.support import free_port, proxy_yaml, start_proxy, watch_proxy_output
 
 RELAYS = ["passthrough", "inspect"]
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -345,6 +345,7 @@ def proxy_process(tmp_path: Path) -> Iterator[Callable[[str], Awaitable[ProxyPro
             )
         started.append(proc)
         handle = ProxyProcess(proc, port, log)
+        watch_proxy_output(handle.output)
         with trio.fail_after(15):
             while True:
                 assert proc.poll() is None, f"proxy exited:\n{handle.output()}"

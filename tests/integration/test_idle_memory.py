@@ -111,7 +111,7 @@ async def test_idle_session_memory_is_bounded(nursery, relay: str) -> None:
                 before = tracemalloc.get_traced_memory()[0]
                 await peers.open(sessions)
                 await wait_for_sessions(proxy.server, WARMUP + sessions)
-                await trio.testing.wait_all_tasks_blocked(0.05)  # every pump back in its receive
+                await trio.testing.wait_all_tasks_blocked(0.05)  # every session handed to the readiness loop
                 gc.collect()
                 after = tracemalloc.get_traced_memory()[0]
             finally:

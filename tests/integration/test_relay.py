@@ -40,23 +40,33 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
-from tests.support import RawClient, TLSFiles, echo_handler, proxy_yaml, serve_wsproto, start_backend, start_proxy
+from tests.support import (
+    RawClient,
+    TLSFiles,
+    echo_handler,
+    proxy_yaml,
+    serve_wsproto,
+    start_backend,
+    start_proxy,
+    watch_proxy_output,
+)
+from wsproxy.runtime.reactor import SelectorPoller
 
 # Listener YAML per relay path: every test in this file runs on each.
 RELAY_LISTENER_YAML: dict[str, str] = {"inspect": "relay: inspect", "passthrough": "relay: passthrough"}
-# Sessions relay on the shared readiness loop (reactor.py) where the platform has one; the
-# task-driven pumps remain for the rest (and for TLS after a PROXY header): here this file's
-# tests run on those pumps too, with the reactor turned off.
-ON_TASKS = "passthrough-on-tasks"
-RELAY_MODES = {**RELAY_LISTENER_YAML, ON_TASKS: RELAY_LISTENER_YAML["passthrough"]}
+# Sessions relay on the one readiness loop (runtime/reactor.py), whose poller is epoll on Linux
+# and `selectors` elsewhere (kqueue on BSD and macOS): here this file's tests run on the
+# selectors poller too, so the portable one is held to the same behaviour.
+ON_SELECTORS = "passthrough-selectors"
+RELAY_MODES = {**RELAY_LISTENER_YAML, ON_SELECTORS: RELAY_LISTENER_YAML["passthrough"]}
 
 TIMEOUTS = "timeouts: {handshake: 1s, connect: 1s, close: 1s}\n"
 
 
 @pytest.fixture(params=sorted(RELAY_MODES))
 def relay_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == ON_TASKS:
-        monkeypatch.setattr("wsproxy.runtime.server.REACTOR_AVAILABLE", False)
+    if request.param == ON_SELECTORS:
+        monkeypatch.setattr("wsproxy.runtime.reactor.default_poller", SelectorPoller)
     return request.param
 
 
@@ -371,6 +381,7 @@ class ProxyProcess:
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        watch_proxy_output(lambda: "".join(self.lines))
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -810,12 +821,10 @@ async def test_ended_session_leaves_no_tasks_sockets_or_registry_entry(nursery, 
         if ending != "backend-closes":
             assert await client.receive_message() == "hello"
         assert len(proxy.server.sessions) == 1
-        if relay_mode == ON_TASKS:
-            assert task_count() > tasks_before
-        else:  # the relay phase runs on the shared readiness loop: no task of its own
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(proxy.server.reactor) == 1
-            assert task_count() == tasks_before
+        # the relay phase runs on the shared readiness loop: no task of its own
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(proxy.server.reactor) == 1
+        assert task_count() == tasks_before
         assert len(open_sockets_on(ports)) == 4  # client, proxy's two, backend's
         if ending == "client-closes":
             await client.close()

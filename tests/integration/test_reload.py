@@ -117,6 +117,10 @@ async def test_listeners_added_and_removed_and_a_kept_one_stays_open(nursery, tm
     assert {addr[1] for _, addr in proxy.server.bound} == {keep, added}
 
 
+@pytest.mark.expect_errors(
+    r"reload rejected, keeping the running config: .*pools\.p\.backends\[1\]\.address",
+    r"reload rejected, keeping the running config: .*not valid YAML",
+)
 async def test_a_broken_file_changes_nothing_and_is_logged(nursery, tmp_path, caplog) -> None:
     backends = await start_backends(nursery, 2)
     port = free_port()
@@ -138,6 +142,7 @@ async def test_a_broken_file_changes_nothing_and_is_logged(nursery, tmp_path, ca
     assert await whoami(await RawClient.connect(port)) in ("b0", "b1")
 
 
+@pytest.mark.expect_errors(r"reload rejected, keeping the running config: .*cannot load TLS cert")
 async def test_a_valid_file_whose_cert_cannot_load_changes_nothing(nursery, tmp_path, caplog) -> None:
     backends = await start_backends(nursery, 1)
     tls = make_tls_files(tmp_path)
@@ -353,6 +358,7 @@ async def test_sighup_under_1000_sessions_closes_none_and_refuses_no_connect(nur
         proc.stop()
 
 
+@pytest.mark.expect_errors(r"ERROR wsproxy: reload rejected, keeping the running config: .*pools\.q")
 async def test_broken_file_on_sighup_is_logged_and_the_process_keeps_serving(nursery, tmp_path) -> None:
     backends = await start_backends(nursery, 1)
     path = tmp_path / "wsproxy.yaml"
@@ -457,6 +463,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.expect_errors(r"ERROR wsproxy: worker \d+ \(pid \d+\) died with -9: restarting")
 async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nursery, tmp_path) -> None:
     backends = await start_backends(nursery, 2)
     path = tmp_path / "wsproxy.yaml"
@@ -477,7 +484,7 @@ async def test_two_workers_share_one_port_restart_when_killed_and_all_reload(nur
             assert await whoami(c) == "b0"
             await c.close()
         for admin_port in (admin, admin + 1):  # worker i serves its own metrics on admin + i
-            reply = await raw_http(admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await raw_http(admin_port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert status_of(reply) == 200, reply
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)

@@ -3,12 +3,12 @@ be read before TLS takes the socket over.
 
 When the link ends a session without having closed a side itself (a cut at the shutdown deadline,
 the close timeout), `Session._link_ended` closes the session's streams: that includes the client
-stream of a listener with `proxy_protocol: true`, a `PrefixedStream` (the bytes read past the
-PROXY header) whose inner socket the reactor drives. The raw socket is held here on purpose, so
-the cycle collector cannot hide a socket left open.
+socket of a listener with `proxy_protocol: true`, whose PROXY header was read to its last byte
+and no further. The socket is held here on purpose, so the cycle collector cannot hide a socket
+left open.
 
 A TLS listener with `send_proxy_protocol` on its pool: the local address goes into the PROXY
-header sent to the backend, so it is read before FastTLSStream takes the accepted socket over.
+header sent to the backend, so it is read before FastTLSStream wraps the accepted socket.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from wsproto.events import AcceptConnection, Request
 
 from tests.support import RawClient, proxy_yaml, start_backend, start_proxy
 from wsproxy.protocol import proxy_protocol
-from wsproxy.runtime.streams import raw_socket
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 0.5s}\nheartbeat: {interval: off}\n"
 
@@ -52,15 +51,14 @@ async def test_link_ending_closes_the_client_socket(nursery, backends, ending: s
     client = RawClient(stream)
     head = proxy_protocol.build("v1", ("198.51.100.7", 40000), ("127.0.0.1", proxy.port())) if proxy_header else b""
     # header and request in one write: what a load balancer in front does (the rest of the read
-    # after the PROXY header is the start of the request: a PrefixedStream)
+    # after the PROXY header is the start of the request, left in the kernel for h11)
     await stream.send_all(head + client.ws.send(Request(host="127.0.0.1", target="/")))
     with trio.fail_after(5):
         assert isinstance(await client.next_event(), AcceptConnection)
     await _wait_for(lambda: len(proxy.server.sessions) == 1)
     session = next(iter(proxy.server.sessions))
     await _wait_for(lambda s=session: s._link is not None)  # the 101 may arrive before the hand-over
-    sock = raw_socket(session.client_stream)  # the socket the reactor drives; held: no GC rescue
-    assert sock is not None
+    sock = session.client_stream.socket  # the socket the reactor drives; held: no GC rescue
     if ending == "cut":
         session.cut()  # what shutdown does at its deadline
     else:

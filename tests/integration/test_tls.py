@@ -13,10 +13,11 @@ import warnings
 import pytest
 import trio
 from websockets.sync.client import connect
-from wsproto.events import BytesMessage, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
 from tests.support import RawClient, TLSFiles, proxy_yaml, start_backend, start_proxy
 from wsproxy.config import parse_config
+from wsproxy.protocol import proxy_protocol
 from wsproxy.runtime.server import server_ssl_context
 
 FAST = "timeouts: {handshake: 1s, connect: 1s, close: 0.5s}\n"
@@ -274,3 +275,63 @@ async def test_a_tls_client_silent_after_its_handshake_gets_408_at_the_same_dead
                 got += data
     assert got.startswith(b"HTTP/1.1 408")
     assert trio.current_time() - start < 2.5
+
+
+class _HeaderFirst(trio.abc.Stream):
+    """A TCP stream whose first send carries `header` too: the PROXY header and the TLS
+    ClientHello reach the proxy in one segment, as from a load balancer in front."""
+
+    def __init__(self, inner: trio.SocketStream, header: bytes) -> None:
+        self.inner = inner
+        self.header = header
+
+    async def send_all(self, data) -> None:  # type: ignore[no-untyped-def]
+        header, self.header = self.header, b""
+        await self.inner.send_all(header + bytes(data))
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("relay", ["passthrough", "inspect"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_tls_after_a_proxy_header_relays_on_the_readiness_loop(
+    nursery, backends, tls_files, relay: str, version: str
+) -> None:
+    """PROXY header and ClientHello in one segment: the header is read to its last byte and no
+    further, so TLS runs on the accepted socket itself and the session relays on the one driver
+    (its link drives the very SSLSocket of the handshake), with the header's client address."""
+    backends.append(start_backend())
+    yaml = proxy_yaml(
+        [backends[0].port],
+        tls=(tls_files.cert, tls_files.key),
+        listener_extra=f"proxy_protocol: true\nrelay: {relay}",
+        extra=FAST,
+    )
+    proxy = await start_proxy(nursery, yaml)
+    header = proxy_protocol.build(version, ("198.51.100.7", 40000), ("127.0.0.1", proxy.port()))
+    tcp = await trio.open_tcp_stream("127.0.0.1", proxy.port())
+    client = RawClient(
+        trio.SSLStream(_HeaderFirst(tcp, header), tls_files.client_context(), server_hostname="localhost")
+    )
+    with trio.fail_after(5):
+        await client.send(Request(host="127.0.0.1", target="/"))
+        assert isinstance(await client.next_event(), AcceptConnection)
+        for size in (10, 20_000, 70_000):  # one record, several records, more than one read
+            payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            await client.send(BytesMessage(data=payload))
+            assert await client.receive_message() == payload
+        while not proxy.server.sessions or next(iter(proxy.server.sessions))._link is None:
+            await trio.sleep(0.01)
+    session = next(iter(proxy.server.sessions))
+    assert session.client_addr == ("198.51.100.7", 40000)
+    assert isinstance(session.client_stream.socket, ssl.SSLSocket)
+    assert session._link is not None and session._link.client.sock is session.client_stream.socket
+    assert len(proxy.server.reactor) == 1
+    await client.close()

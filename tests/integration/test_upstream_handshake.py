@@ -136,9 +136,14 @@ async def _upgrade(port: int, data: bytes) -> tuple[bytes, trio.SocketStream]:
     return raw, stream
 
 
-async def _backend_sees(nursery: trio.Nursery, data: bytes, *, extra_101: bytes = b"") -> tuple[SeenRequest, bytes]:
+TRUST_LOOPBACK = 'trusted_proxies: ["127.0.0.1"]'  # the test client is a trusted proxy
+
+
+async def _backend_sees(
+    nursery: trio.Nursery, data: bytes, *, extra_101: bytes = b"", listener_extra: str = ""
+) -> tuple[SeenRequest, bytes]:
     backend = await _start_raw_backend(nursery, extra_101)
-    proxy = await start_proxy(nursery, proxy_yaml([backend.port], extra=FAST))
+    proxy = await start_proxy(nursery, proxy_yaml([backend.port], extra=FAST, listener_extra=listener_extra))
     head, stream = await _upgrade(proxy.port(), data)
     async with stream:
         assert head.startswith(b"HTTP/1.1 101 "), head[:200]
@@ -147,19 +152,18 @@ async def _backend_sees(nursery: trio.Nursery, data: bytes, *, extra_101: bytes 
 
 
 # --------------------------------------------------------------------------------------------
-# path, query and end-to-end headers byte for byte
+# the normalised path (protocol/target.py), the query and end-to-end headers byte for byte
 
 
-ODD_TARGET = (
-    b"/chat//room%2F42/./../%7Euser/caf%C3%A9/a;b=c,d/[x]{y}|z^`"
-    b"?q=1&q=2&q=&Q=3&flag&sp=a+b%20c&amp=%26&eq=a=b&u=%F0%9F%98%80&x[]=1&x[]=2&~!$'()*,;:@/?"
-)
+ODD_QUERY = b"?q=1&q=2&q=&Q=3&flag&sp=a+b%20c&amp=%26&eq=a=b&u=%F0%9F%98%80&x[]=1&x[]=2&~!$'()*,;:@/?/../%2F"
+ODD_TARGET = b"/chat//room%2d42/./../%7Euser/caf%c3%A9/a;b=c,d/[x]{y}|z^`" + ODD_QUERY
+NORMAL_TARGET = b"/chat/~user/caf%C3%A9/a;b=c,d/[x]{y}|z^`" + ODD_QUERY
 
 
-async def test_backend_sees_path_and_query_byte_for_byte(nursery) -> None:
+async def test_backend_sees_the_normalised_path_and_the_query_byte_for_byte(nursery) -> None:
     seen, _ = await _backend_sees(nursery, _request(ODD_TARGET))
-    assert seen.target == ODD_TARGET
-    assert seen.line == b"GET " + ODD_TARGET + b" HTTP/1.1"
+    assert seen.target == NORMAL_TARGET
+    assert seen.line == b"GET " + NORMAL_TARGET + b" HTTP/1.1"
 
 
 async def test_backend_sees_root_path_with_only_a_query(nursery) -> None:
@@ -298,14 +302,22 @@ async def test_x_forwarded_for_is_added(nursery) -> None:
     assert seen.one(b"x-forwarded-for") == b"127.0.0.1"
 
 
-async def test_x_forwarded_for_is_appended_to_existing(nursery) -> None:
+async def test_x_forwarded_for_from_an_untrusted_client_is_replaced(nursery) -> None:
     seen, _ = await _backend_sees(nursery, _request(b"/", [(b"X-Forwarded-For", b"1.2.3.4")]))
+    assert seen.one(b"x-forwarded-for") == b"127.0.0.1"
+
+
+async def test_x_forwarded_for_from_a_trusted_proxy_is_appended_to(nursery) -> None:
+    data = _request(b"/", [(b"X-Forwarded-For", b"1.2.3.4")])
+    seen, _ = await _backend_sees(nursery, data, listener_extra=TRUST_LOOPBACK)
     assert seen.one(b"x-forwarded-for") == b"1.2.3.4, 127.0.0.1"
 
 
 async def test_x_forwarded_for_joins_several_existing_headers_in_order(nursery) -> None:
     seen, _ = await _backend_sees(
-        nursery, _request(b"/", [(b"X-Forwarded-For", b"1.1.1.1"), (b"X-Forwarded-For", b"2.2.2.2, 3.3.3.3")])
+        nursery,
+        _request(b"/", [(b"X-Forwarded-For", b"1.1.1.1"), (b"X-Forwarded-For", b"2.2.2.2, 3.3.3.3")]),
+        listener_extra=TRUST_LOOPBACK,
     )
     hops = [t.strip() for v in seen.all(b"x-forwarded-for") for t in v.split(b",")]
     assert hops == [b"1.1.1.1", b"2.2.2.2", b"3.3.3.3", b"127.0.0.1"]
@@ -337,8 +349,14 @@ async def test_forwarded_header_names_client_and_proto(nursery) -> None:
     assert elements[0].get("host", "chat.example.com") == "chat.example.com"
 
 
-async def test_forwarded_header_is_appended_to_existing(nursery) -> None:
+async def test_forwarded_header_from_an_untrusted_client_is_replaced(nursery) -> None:
     seen, _ = await _backend_sees(nursery, _request(b"/", [(b"Forwarded", b"for=192.0.2.60;proto=https")]))
+    assert [e["for"] for e in _forwarded_elements(seen.all(b"forwarded"))] == ["127.0.0.1"]
+
+
+async def test_forwarded_header_from_a_trusted_proxy_is_appended_to(nursery) -> None:
+    data = _request(b"/", [(b"Forwarded", b"for=192.0.2.60;proto=https")])
+    seen, _ = await _backend_sees(nursery, data, listener_extra=TRUST_LOOPBACK)
     elements = _forwarded_elements(seen.all(b"forwarded"))
     assert [e["for"] for e in elements] == ["192.0.2.60", "127.0.0.1"]
     assert elements[0]["proto"] == "https"

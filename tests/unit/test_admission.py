@@ -20,6 +20,7 @@ from wsproxy.policy.admission import (
     route_rules,
 )
 from wsproxy.policy.balancing import build_pool
+from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.handshake import ClientUpgrade, build_upstream_request, validate_client_request
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -208,7 +209,7 @@ def test_disallowed_subprotocols_are_removed_before_the_backend_sees_them():
     got = apply_rules(lst, route_rules(lst, up.host, up.path), up)
     assert isinstance(got, ClientUpgrade)
     assert got.subprotocols == ("chat.v3", "chat.v2")
-    request = build_upstream_request(got, key=KEY, client_ip="1.2.3.4", scheme="http", extension_offer=None)
+    request = build_upstream_request(got, key=KEY, origin=Origin.direct("1.2.3.4"), scheme="http", extension_offer=None)
     assert [v for k, v in request.headers if k == b"sec-websocket-protocol"] == [b"chat.v3, chat.v2"]
 
 
@@ -233,6 +234,11 @@ def test_a_client_cannot_forge_headers_the_auth_service_sets():
     assert isinstance(got, ClientUpgrade)
     assert got.header(b"x-user-id") is None
     request = build_upstream_request(
-        got, key=KEY, client_ip="1.2.3.4", scheme="http", extension_offer=None, extra_headers=[(b"X-User-Id", b"42")]
+        got,
+        key=KEY,
+        origin=Origin.direct("1.2.3.4"),
+        scheme="http",
+        extension_offer=None,
+        extra_headers=[(b"X-User-Id", b"42")],
     )
     assert [v for k, v in request.headers if k == b"x-user-id"] == [b"42"]

@@ -27,7 +27,7 @@ def _trio(sock: socket.socket) -> trio.abc.HalfCloseableStream:
 
 
 def _fast(sock: socket.socket) -> trio.abc.HalfCloseableStream:
-    return FastSocketStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    return FastSocketStream(sock)
 
 
 @pytest.fixture(params=[_trio, _fast], ids=["trio", "fast"])

@@ -8,6 +8,7 @@ cancellation before the call (a cancelled send sends nothing).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -26,7 +27,8 @@ def _trio(stream: trio.SocketStream, ctx: ssl.SSLContext) -> trio.abc.Stream:
 
 
 def _fast(stream: trio.SocketStream, ctx: ssl.SSLContext) -> trio.abc.Stream:
-    return FastTLSStream(stream, ctx)
+    # what the server does: a stdlib socket of its own (here taken from trio's, by public API)
+    return FastTLSStream(socket.socket(fileno=stream.socket.detach()), ctx)
 
 
 @pytest.fixture(params=[_trio, _fast], ids=["trio", "fast"])

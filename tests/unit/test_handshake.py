@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.handshake import (
     BackendAccept,
     ClientUpgrade,
@@ -207,16 +208,18 @@ def _upstream(
     scheme: str = "http",
     offer: str | None = None,
     key: bytes = b"AAAAAAAAAAAAAAAAAAAAAA==",
+    origin: Origin | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    req = build_upstream_request(up, key=key, client_ip=client_ip, scheme=scheme, extension_offer=offer)
+    origin = origin or Origin.direct(client_ip)
+    req = build_upstream_request(up, key=key, origin=origin, scheme=scheme, extension_offer=offer)
     assert req.method == b"GET"
     assert req.target == up.target
     return _headers(req)
 
 
-def test_upstream_request_keeps_target_and_end_to_end_headers() -> None:
+def test_upstream_request_carries_the_normalised_target_and_end_to_end_headers() -> None:
     up = _upgrade(
-        target=b"/a%2Fb//c?x=1&x=2&y=%20",
+        target=b"/a%62//c/./d/..?x=1&x=2&y=%20/../%2F",
         extra=[
             (b"Origin", b"https://app.example.com"),
             (b"Cookie", b"a=1; b=2"),
@@ -227,11 +230,11 @@ def test_upstream_request_keeps_target_and_end_to_end_headers() -> None:
     req = build_upstream_request(
         up,
         key=b"AAAAAAAAAAAAAAAAAAAAAA==",
-        client_ip="127.0.0.1",
+        origin=Origin.direct("127.0.0.1"),
         scheme="http",
         extension_offer=None,
     )
-    assert req.target == b"/a%2Fb//c?x=1&x=2&y=%20"
+    assert req.target == b"/ab/c/?x=1&x=2&y=%20/../%2F"  # the path normalised, the query as sent
     headers = _headers(req)
     for name, value in [
         (b"Host", b"chat.example.com"),
@@ -242,6 +245,21 @@ def test_upstream_request_keeps_target_and_end_to_end_headers() -> None:
         (b"Sec-WebSocket-Version", b"13"),
     ]:
         assert (name, value) in headers, name
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"Upgrade, Host", b"upgrade,host", b"Upgrade, Sec-WebSocket-Version", b"Upgrade,  SEC-WEBSOCKET-KEY , x"],
+)
+def test_connection_listing_a_header_the_handshake_needs_is_400(connection: bytes) -> None:
+    result = validate_client_request(_req(replace={b"Connection": connection}))
+    assert isinstance(result, Rejection) and result.status == 400
+    assert "Connection lists" in result.reason and "end to end" in result.reason
+
+
+def test_connection_listing_upgrade_and_other_headers_is_a_valid_upgrade() -> None:
+    result = validate_client_request(_req(replace={b"Connection": b"Upgrade, keep-alive, X-A"}))
+    assert isinstance(result, ClientUpgrade)
 
 
 def test_upstream_request_drops_hop_by_hop_and_connection_listed_headers() -> None:
@@ -290,30 +308,46 @@ def test_upstream_request_adds_forwarding_headers() -> None:
     assert params[b"proto"] == b"https"
 
 
-def test_upstream_request_appends_to_existing_forwarding_chain() -> None:
-    up = _upgrade(
-        extra=[
-            (b"X-Forwarded-For", b"1.2.3.4"),
-            (b"Forwarded", b"for=192.0.2.60;proto=https"),
-            (b"X-Forwarded-Proto", b"https"),
-            (b"X-Forwarded-Host", b"spoof.example"),
-        ]
-    )
-    headers = _upstream(up, client_ip="127.0.0.1", scheme="http")
-    assert _values(headers, b"x-forwarded-for") == [b"1.2.3.4, 127.0.0.1"]
+SPOOFING = [
+    (b"X-Forwarded-For", b"6.6.6.6"),
+    (b"Forwarded", b"for=192.0.2.60;proto=https"),
+    (b"X-Real-IP", b"6.6.6.6"),
+    (b"X-Forwarded-Proto", b"https"),
+    (b"X-Forwarded-Host", b"spoof.example"),
+]
+
+
+def test_forwarding_headers_from_an_untrusted_peer_are_replaced_by_the_proxys_own() -> None:
+    headers = _upstream(_upgrade(extra=SPOOFING), client_ip="127.0.0.1", scheme="http")
+    assert _values(headers, b"x-forwarded-for") == [b"127.0.0.1"]
+    assert _values(headers, b"x-real-ip") == [b"127.0.0.1"]
     assert _values(headers, b"x-forwarded-proto") == [b"http"]
     assert _values(headers, b"x-forwarded-host") == [b"chat.example.com"]
-    (forwarded,) = _values(headers, b"forwarded")
-    elements = [e.strip() for e in forwarded.split(b",")]
-    assert elements[0] == b"for=192.0.2.60;proto=https"
-    assert elements[1].startswith(b"for=127.0.0.1;")
+    assert _values(headers, b"forwarded") == [b"for=127.0.0.1;proto=http;host=chat.example.com"]
 
 
-def test_forwarded_quotes_ipv6_client_per_rfc7239() -> None:
-    headers = _upstream(_upgrade(), client_ip="::1")
+def test_forwarding_headers_from_a_trusted_peer_are_kept_and_appended_to() -> None:
+    origin = Origin(peer="10.0.0.2", client="6.6.6.6", trusted=True)
+    headers = _upstream(_upgrade(extra=SPOOFING), origin=origin, scheme="http")
+    assert _values(headers, b"x-forwarded-for") == [b"6.6.6.6, 10.0.0.2"]
+    assert _values(headers, b"x-real-ip") == [b"6.6.6.6"]
     (forwarded,) = _values(headers, b"forwarded")
-    assert b'for="[::1]"' in forwarded
-    assert _values(headers, b"x-forwarded-for") == [b"::1"]
+    assert forwarded == b"for=192.0.2.60;proto=https, for=10.0.0.2;proto=http;host=chat.example.com"
+
+
+@pytest.mark.parametrize(
+    ("host", "quoted"),
+    [
+        (b"x\\", b'host="x\\\\"'),
+        (b'a"b', b'host="a\\"b"'),
+        (b"chat.example.com:8080", b'host="chat.example.com:8080"'),
+        (b"[::1]:8080", b'host="[::1]:8080"'),
+    ],
+)
+def test_forwarded_host_is_a_quoted_string_with_escapes_when_not_a_token(host: bytes, quoted: bytes) -> None:
+    headers = _upstream(_upgrade(replace={b"Host": host}))
+    (forwarded,) = _values(headers, b"forwarded")
+    assert forwarded.endswith(b";" + quoted)
 
 
 def test_upstream_request_offers_only_the_proxys_extension() -> None:
@@ -336,7 +370,7 @@ def test_upstream_request_is_serialisable_by_h11() -> None:
     req = build_upstream_request(
         up,
         key=b"AAAAAAAAAAAAAAAAAAAAAA==",
-        client_ip="127.0.0.1",
+        origin=Origin.direct("127.0.0.1"),
         scheme="http",
         extension_offer="permessage-deflate",
     )
@@ -605,3 +639,12 @@ def test_validate_client_request_is_total(headers, method, version, target) -> N
     else:
         assert method == b"GET" and version == b"1.1"
         assert len(base64.b64decode(result.key, validate=True)) == 16
+
+
+def test_a_4xx_body_gives_its_reason_a_5xx_body_only_its_status_or_public_text() -> None:
+    told = Rejection(400, "Sec-WebSocket-Key is bad").to_bytes()
+    assert told.endswith(b"400 Bad Request: Sec-WebSocket-Key is bad\n")
+    secret = Rejection(502, "127.0.0.1:9001: backend sent b'garbage'").to_bytes()
+    assert secret.endswith(b"\r\n\r\n502 Bad Gateway\n") and b"9001" not in secret
+    capped = Rejection(503, "pool p is full (3)", public="pool p is full").to_bytes()
+    assert capped.endswith(b"503 Service Unavailable: pool p is full\n")

@@ -55,7 +55,44 @@ def record(**changes: object) -> SessionRecord:
 
 def test_labels_for_no_status_and_no_close_code() -> None:
     assert status_label(0) == "none" and status_label(502) == "502"
-    assert close_code_label(None) == "1005" and close_code_label(4000) == "4000"
+    assert close_code_label(None) == "1005" and close_code_label(1011) == "1011"
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [
+        (1000, "1000"),
+        (1006, "1006"),
+        (1015, "1015"),
+        (1004, "invalid"),
+        (1016, "invalid"),
+        (2999, "invalid"),
+        (3000, "3xxx"),
+        (3999, "3xxx"),
+        (4000, "4xxx"),
+        (4999, "4xxx"),
+        (5000, "invalid"),
+        (0, "invalid"),
+        (65535, "invalid"),
+    ],
+)
+def test_close_code_labels_are_registered_codes_or_a_class(code: int, label: str) -> None:
+    assert close_code_label(code) == label
+
+
+def test_fifty_application_close_codes_add_no_series_after_the_first_of_each_class() -> None:
+    m = Metrics()
+
+    def series() -> int:
+        return sum(len(f.samples) for f in m.registry.collect() if f.name == "wsproxy_close_codes")
+
+    m.session_closed(None, record(client_close=CloseRecord(3000, ""), backend_close=CloseRecord(4000, "")))
+    before = series()
+    for i in range(25):
+        m.session_closed(None, record(client_close=CloseRecord(3001 + i, ""), backend_close=CloseRecord(4001 + i, "")))
+    assert series() == before
+    assert value(m, "wsproxy_close_codes_total", side="client", code="3xxx") == 26
+    assert value(m, "wsproxy_close_codes_total", side="backend", code="4xxx") == 26
 
 
 # --- backend health, however health.py shapes it ----------------------------------------------

@@ -12,7 +12,15 @@ from datetime import datetime
 import pytest
 
 from wsproxy.observe import session_log
-from wsproxy.observe.session_log import JsonFormatter, SessionRecord, emit, json_fields, setup_logging, text_line
+from wsproxy.observe.session_log import (
+    JsonFormatter,
+    SessionRecord,
+    emit,
+    json_fields,
+    setup_logging,
+    shown_target,
+    text_line,
+)
 from wsproxy.protocol.relay import CloseRecord
 
 
@@ -146,3 +154,20 @@ def test_setup_logging_picks_the_format(fmt: str) -> None:
     else:
         assert out[0].endswith("WARNING wsproxy.x: shown 1")
     assert session_log.TEXT_FORMAT.endswith("%(message)s")
+
+
+@pytest.mark.parametrize(
+    ("target", "mode", "shown"),
+    [
+        ("/chat?token=SECRET&room=7", "redact", "/chat?token=***&room=***"),
+        ("/chat?SECRET", "redact", "/chat?***"),  # a bare part may be a token
+        ("/chat?a=&&b=1", "redact", "/chat?a=&&b=***"),
+        ("/chat?", "redact", "/chat?"),
+        ("/chat", "redact", "/chat"),
+        ("/chat?token=SECRET", "drop", "/chat"),
+        ("/chat?token=SECRET", "keep", "/chat?token=SECRET"),
+        (b"/x?k=v", "redact", "/x?k=***"),
+    ],
+)
+def test_shown_target_redacts_drops_or_keeps_query_values(target: str | bytes, mode: str, shown: str) -> None:
+    assert shown_target(target, mode) == shown

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import pytest
+
 from wsproxy.config import parse_config
 from wsproxy.observe.status import MAX_ERROR_CHARS, RecentErrors, build_status
 from wsproxy.policy.snapshot import Snapshot
@@ -103,6 +105,7 @@ def test_ipv6_client_is_bracketed_and_draining_shows() -> None:
     assert doc["draining"] is True
 
 
+@pytest.mark.expect_errors(r"^wsproxy\.status-test: x+$")
 def test_recent_errors_keep_the_last_warnings_newest_first() -> None:
     ring = RecentErrors(size=3)
     logger = logging.getLogger("wsproxy.status-test")

@@ -46,7 +46,9 @@ class Checker:
             return
         yield from enumerate(value)
 
-    def path_to_file(self, value: Any) -> Path:
+    def path_to_file(self, value: Any, *, missing_hint: str = "") -> Path:
+        """The file `value` names (relative: in the config's folder); it must exist. `missing_hint`
+        is added to the error when it does not, to say where such a file comes from."""
         if not isinstance(value, str) or not value:
             raise ValueError(f"expected a file path, got {value!r}")
         p = Path(value)
@@ -57,7 +59,7 @@ class Checker:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot use {value!r} as a file path: {exc}") from None
         if not exists:
-            raise ValueError(f"no such file: {p}")
+            raise ValueError(f"no such file: {p}" + (f"; {missing_hint}" if missing_hint else ""))
         return p
 
 

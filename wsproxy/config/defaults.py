@@ -48,9 +48,14 @@ RETRIES = 2
 HASH_BALANCE_FACTOR = 1.25
 HASH_FALLBACK = "least_conn"
 
+# the relay's readiness loop (runtime/reactor.py): watcher calls per round before it yields to
+# trio, so handshakes, health checks and the admin listener never wait behind a long round
+REACTOR_ROUND_BUDGET = 0.002  # seconds
+
 # listeners
 DEFLATE = True
 RELAY = "passthrough"
+TRUSTED_PROXIES = ()  # no peer's X-Forwarded-For / Forwarded / X-Real-IP is believed
 
 # shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut
 SHUTDOWN_DEADLINE = 40.0
@@ -83,6 +88,7 @@ DOWN_DRAIN_WINDOW = 10.0
 
 # admin listener (admin: {address}): off when absent; only loopback unless allow_remote is true
 ADMIN_ALLOW_REMOTE = False
+ADMIN_HOSTS = ()  # Host header names the admin listener answers besides its own address and localhost
 # fixed bounds of the admin HTTP server (not configurable): one small request per connection
 ADMIN_MAX_REQUEST_BYTES = 8192
 ADMIN_TIMEOUT = 5.0  # seconds for reading the request and sending the response
@@ -99,3 +105,4 @@ LOCAL_SHORTAGE_LOG_QUIET = 10.0  # seconds without a shortage that end a burst (
 # logging (log: {format, level})
 LOG_FORMAT = "text"
 LOG_LEVEL = "info"
+LOG_QUERY = "redact"  # query values in logged targets (logs, /status, /status.json) become ***

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wsproxy.config import defaults
@@ -31,6 +34,7 @@ from wsproxy.config.values import (
     parse_origins,
     parse_path_prefix,
     parse_subprotocols,
+    parse_trusted_proxies,
 )
 
 
@@ -83,6 +87,15 @@ def _no_pool(name: Any, pools: dict[str, Any]) -> str:
     return f"no pool named {name!r} (pools: {', '.join(str(p) for p in pools) or 'none'})"
 
 
+# Said where a listener's certificate or key is missing: the demo's config (conf/demo.yaml) names
+# development certificates by relative path, and this is the command that makes them.
+DEV_CERTS_HINT = "`wsproxy demo --certs DIR` makes development certificates (demo-cert.pem, demo-key.pem) in DIR"
+
+
+def _tls_file(ck: Checker) -> Callable[[Any], Path]:
+    return functools.partial(ck.path_to_file, missing_hint=DEV_CERTS_HINT)
+
+
 def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> ListenerConfig | None:
     m = ck.mapping(
         raw,
@@ -98,6 +111,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
             "allowed_origins",
             "allowed_subprotocols",
             "auth",
+            "trusted_proxies",
         ),
     )
     if not isinstance(raw, dict):
@@ -135,13 +149,14 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
         for key in ("cert", "key"):
             if key not in t and isinstance(m["tls"], dict):
                 ck.fail(join(tpath, key), "missing")
-        cert = ck.get(t, "cert", tpath, ck.path_to_file, None)
-        key = ck.get(t, "key", tpath, ck.path_to_file, None)
+        cert = ck.get(t, "cert", tpath, _tls_file(ck), None)
+        key = ck.get(t, "key", tpath, _tls_file(ck), None)
         if cert is not None and key is not None:
             tls = TLSConfig(cert=cert, key=key)
     deflate = ck.get(m, "deflate", path, parse_bool, defaults.DEFLATE)
     relay = ck.get(m, "relay", path, parse_choice(RELAY_MODES), defaults.RELAY)
     proxy_protocol = ck.get(m, "proxy_protocol", path, parse_bool, False)
+    trusted_proxies = ck.get(m, "trusted_proxies", path, parse_trusted_proxies, defaults.TRUSTED_PROXIES)
     if address is None:
         return None
     return ListenerConfig(
@@ -155,6 +170,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
         allowed_origins=origins,
         allowed_subprotocols=rules.allowed_subprotocols,
         auth=rules.auth,
+        trusted_proxies=trusted_proxies,
     )
 
 

@@ -19,6 +19,7 @@ from wsproxy.config.checker import Checker, join
 from wsproxy.config.listeners import parse_listener
 from wsproxy.config.model import (
     HEARTBEAT_LEGS,
+    LOG_QUERY_MODES,
     Address,
     AdminConfig,
     Config,
@@ -44,6 +45,7 @@ from wsproxy.config.values import (
     parse_choice,
     parse_duration,
     parse_fraction,
+    parse_host_names,
     parse_optional_count,
     parse_optional_duration,
     parse_rate,
@@ -51,6 +53,7 @@ from wsproxy.config.values import (
     parse_window,
     parse_workers,
 )
+from wsproxy.config.yaml_loader import StrictLoader
 
 
 def rate_limit(ck: Checker, parent: dict[str, Any], key: str, path: str, *, sizes: bool) -> RateLimit | None:
@@ -102,7 +105,7 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
     """`admin` (absent: off; a non-loopback address needs allow_remote: true) and `log`."""
     admin = None
     if "admin" in top:
-        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote"))
+        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote", "hosts"))
         if "address" not in a and (top["admin"] is None or isinstance(top["admin"], dict)):
             ck.fail("admin.address", "missing: where the admin listener binds, e.g. 127.0.0.1:9900")
         address = ck.get(a, "address", "admin", lambda v: parse_address(v, allow_port_zero=True), None)
@@ -113,12 +116,14 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
                 f"{address} is not a loopback address: the admin listener shows sessions and metrics, "
                 "so binding it elsewhere needs admin.allow_remote: true",
             )
+        hosts = ck.get(a, "hosts", "admin", parse_host_names, defaults.ADMIN_HOSTS)
         if address is not None:
-            admin = AdminConfig(address=address, allow_remote=allow_remote)
-    lg = ck.mapping(top.get("log"), "log", ("format", "level"))
+            admin = AdminConfig(address=address, allow_remote=allow_remote, hosts=hosts)
+    lg = ck.mapping(top.get("log"), "log", ("format", "level", "query"))
     log_config = LogConfig(
         format=ck.get(lg, "format", "log", parse_choice(LOG_FORMATS), defaults.LOG_FORMAT),
         level=ck.get(lg, "level", "log", parse_choice(LOG_LEVELS), defaults.LOG_LEVEL),
+        query=ck.get(lg, "query", "log", parse_choice(LOG_QUERY_MODES), defaults.LOG_QUERY),
     )
     return admin, log_config
 
@@ -127,7 +132,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     """Parse and validate YAML text. Raises ConfigError naming every problem."""
     base = base_dir if base_dir is not None else Path(".")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=StrictLoader)  # safe_load, but a repeated key is an error
     except RecursionError:
         raise ConfigError(source, [("", "the YAML is nested too deeply")]) from None
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ RELAY_MODES = ("passthrough", "inspect")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 HEARTBEAT_LEGS = ("both", "client", "backend", "none")
 HEALTH_CHECKS = ("tcp", "http", "websocket")
+LOG_QUERY_MODES = ("redact", "keep", "drop")
 
 
 class ConfigError(Exception):
@@ -99,6 +100,8 @@ class ListenerConfig:
     allowed_origins: tuple[OriginPattern, ...] | None = None  # None: any origin
     allowed_subprotocols: tuple[str, ...] | None = None  # for `pool:`; routes carry their own
     auth: AuthConfig | None = None  # for `pool:`; routes carry their own
+    # peers whose forwarding headers are kept and believed (docs/security.md)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = defaults.TRUSTED_PROXIES
 
     @property
     def scheme(self) -> str:
@@ -234,12 +237,14 @@ class AdminConfig:
 
     address: Address
     allow_remote: bool = defaults.ADMIN_ALLOW_REMOTE
+    hosts: tuple[str, ...] = defaults.ADMIN_HOSTS  # Host names answered besides its address and localhost
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = defaults.LOG_FORMAT  # text | json
     level: str = defaults.LOG_LEVEL  # debug | info | warning | error
+    query: str = defaults.LOG_QUERY  # redact | keep | drop: query strings wherever a target is shown
 
 
 @dataclass(frozen=True, slots=True)

@@ -166,6 +166,10 @@ def _parse_pool_health(
 def _parse_backend(ck: Checker, path: str, raw: Any) -> BackendConfig | None:
     if isinstance(raw, str):  # shorthand: "- 127.0.0.1:9001"
         raw = {"address": raw}
+    elif not isinstance(raw, dict):
+        shapes = '"host:port" or a mapping such as {address: "127.0.0.1:9001", weight: 2}'
+        ck.fail(path, f"expected {shapes}, got {raw!r}")
+        return None
     m = ck.mapping(raw, path, ("address", "weight", "max_sessions"))
     if "address" not in m:
         if isinstance(raw, dict):

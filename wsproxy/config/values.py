@@ -31,6 +31,8 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as "250ms", "10s", "5m", "1h"."""
+    number: float | str
+    unit: str | None
     if isinstance(value, int | float) and not isinstance(value, bool):
         number, unit = value, None
     elif isinstance(value, str) and (m := DURATION_PATTERN.match(value)):
@@ -96,9 +98,14 @@ def parse_size(value: Any) -> int:
 
 def parse_address(value: Any, *, allow_port_zero: bool = False) -> Address:
     """`host:port` or `[v6]:port`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f'expected host:port such as "127.0.0.1:{value}", got the bare number {value}')
     if not isinstance(value, str):
         raise ValueError(f"expected host:port, got {value!r}")
     text = value.strip()
+    if "://" in text:
+        rest = text.partition("://")[2]
+        raise ValueError(f"addresses are host:port without a scheme: {rest.rstrip('/')!r}, not {value!r}")
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
@@ -145,7 +152,7 @@ def parse_choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in options:
             raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return value
+        return str(value)
 
     return parse
 
@@ -278,6 +285,42 @@ def parse_auth_url(value: Any) -> tuple[str, int, str]:
     if any(ord(c) <= 32 or ord(c) >= 127 for c in target):
         raise ValueError(f"the URL's path must be plain ASCII without spaces, got {value!r}")
     return url.hostname, port or 80, target
+
+
+def parse_trusted_proxies(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of CIDRs (`10.0.0.0/8`, `::1/128`) or single addresses (`192.0.2.7`)."""
+    if not isinstance(value, list):
+        raise ValueError(f'expected a list of addresses or CIDRs such as ["10.0.0.0/8", "::1"], got {value!r}')
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f'expected an address or CIDR such as "10.0.0.0/8" (a string), got {item!r}')
+        try:
+            net = ipaddress.ip_network(item.strip())
+        except ValueError as exc:
+            raise ValueError(f"{item!r} is not an address or CIDR: {exc}") from None
+        if net not in nets:
+            nets.append(net)
+    return tuple(nets)
+
+
+def parse_host_names(value: Any) -> tuple[str, ...]:
+    """Names a Host header may carry (`metrics.internal`, `10.0.0.5`, `::1`): lower case, no port."""
+    if not isinstance(value, list):
+        raise ValueError(f'expected a list of host names such as ["metrics.internal"], got {value!r}')
+    names: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9.:_-]+", item.strip().strip("[]")):
+            raise ValueError(f"expected a host name or address without a port or scheme, got {item!r}")
+        name = item.strip().strip("[]").lower().removesuffix(".")
+        if ":" in name:
+            try:
+                ipaddress.IPv6Address(name)
+            except ValueError:
+                raise ValueError(f"{item!r}: give the name without a port (the port is the listener's)") from None
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def parse_origins(value: Any) -> tuple[OriginPattern, ...]:

@@ -21,6 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from wsproxy.protocol.sides import Side
+
 if TYPE_CHECKING:
     from wsproxy.config import Config
     from wsproxy.observe.session_log import SessionRecord
@@ -53,9 +55,22 @@ def status_label(status: int) -> str:
     return str(status) if status else "none"
 
 
+# Close codes with a meaning of their own (the IANA registry; 1004 is reserved, 1005 and 1006 are
+# what a close without a code and a vanished peer are recorded as). Peers choose the rest, so
+# they are counted by class: a label per application code would let any peer add ~2000 series.
+REGISTERED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, *range(1005, 1016)})
+
+
 def close_code_label(code: int | None) -> str:
-    """A close frame without a status code is 1005 (RFC 6455 section 7.1.5)."""
-    return str(code) if code is not None else "1005"
+    """The `code` label: a registered code as itself (no code at all is 1005, RFC 6455 section
+    7.1.5); 3000-3999 as "3xxx", 4000-4999 as "4xxx"; anything else "invalid"."""
+    if code is None:
+        return "1005"
+    if code in REGISTERED_CLOSE_CODES:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "invalid"
 
 
 def backend_health(backend: Any, now: float | None = None) -> tuple[str, bool]:
@@ -245,6 +260,11 @@ class Metrics:
             ["resource"],
             registry=r,
         )
+        self.relay_failures = Counter(
+            "wsproxy_relay_failures",
+            "Sessions a bug ended in their relay phase (the traceback is logged once; other sessions go on)",
+            registry=r,
+        )
         self.reloads = Counter(
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
@@ -297,23 +317,32 @@ class Metrics:
             (record.messages_to_backend, record.messages_to_client),
             (record.bytes_from_client, record.bytes_from_backend),
         )
-        closes = (("client", record.client_close), ("backend", record.backend_close), ("proxy", record.proxy_close))
-        for side, rec in closes:
+        closes = (
+            (Side.CLIENT, record.client_close),
+            (Side.BACKEND, record.backend_close),
+            ("proxy", record.proxy_close),
+        )
+        for who, rec in closes:
             if rec is not None:
-                self._child(self.close_codes, side, close_code_label(rec.code)).inc()
+                self._child(self.close_codes, who, close_code_label(rec.code)).inc()
         self._child(self.first_closer, record.first_closer or "none").inc()
 
-    def ping_sent(self, leg: str) -> None:
-        self._child(self.pings_sent, leg).inc()
+    # The label is still called "leg" on the heartbeat metrics (a name dashboards know); its
+    # values are a Side's, "client" or "backend".
+    def ping_sent(self, side: Side) -> None:
+        self._child(self.pings_sent, side).inc()
 
-    def rtt(self, leg: str, seconds: float) -> None:
-        self._child(self.pong_rtt, leg).observe(seconds)
+    def rtt(self, side: Side, seconds: float) -> None:
+        self._child(self.pong_rtt, side).observe(seconds)
 
-    def dead_peer(self, leg: str) -> None:
-        self._child(self.dead_peers, leg).inc()
+    def dead_peer(self, side: Side) -> None:
+        self._child(self.dead_peers, side).inc()
 
-    def backpressure_event(self, side: str, event: str) -> None:
+    def backpressure_event(self, side: Side, event: str) -> None:
         self._child(self.backpressure, side, event).inc()
+
+    def relay_failure(self) -> None:
+        self.relay_failures.inc()
 
     # --- configuration -----------------------------------------------------------------------
 

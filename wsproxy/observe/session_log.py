@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from wsproxy.protocol.relay import CloseRecord
+from wsproxy.protocol.sides import Side
 
 log = logging.getLogger("wsproxy.session")
 
@@ -55,6 +56,24 @@ class SessionRecord:
         return max(0, self.attempts - 1)
 
 
+def shown_target(target: bytes | str, query: str) -> str:
+    """A request target as logs and pages show it. Browsers cannot set headers on a WebSocket,
+    so tokens travel in the query: `query` (log.query) is `redact` (names kept, values `***`:
+    `/chat?token=***&room=***`; a part without `=` may be a bare token and is `***` too),
+    `drop` (the query removed) or `keep`. The auth subrequest and the backend get the real one."""
+    text = target.decode("latin-1") if isinstance(target, bytes) else target
+    path, sep, params = text.partition("?")
+    if not sep or query == "keep":
+        return text
+    if query == "drop":
+        return path
+    shown = []
+    for part in params.split("&"):
+        name, eq, value = part.partition("=")
+        shown.append(f"{name}=***" if eq and value else part if eq or not part else "***")
+    return f"{path}?{'&'.join(shown)}"
+
+
 def _text_close(rec: CloseRecord | None) -> str:
     if rec is None:
         return "-"
@@ -91,9 +110,9 @@ def text_line(r: SessionRecord) -> str:
             proxy_close=_text_close(r.proxy_close),
             first_closer=r.first_closer or "-",
         )
-    for leg, rtt in (("client", r.rtt_client), ("backend", r.rtt_backend)):
+    for side, rtt in ((Side.CLIENT, r.rtt_client), (Side.BACKEND, r.rtt_backend)):
         if rtt is not None:
-            fields[f"rtt_{leg}"] = f"{rtt * 1000:.1f}ms"
+            fields[f"rtt_{side}"] = f"{rtt * 1000:.1f}ms"
     if r.error:
         fields["error"] = repr(r.error)
     return "session " + " ".join(f"{k}={v}" for k, v in fields.items())

@@ -69,7 +69,7 @@ def session_row(session: Any, now: float) -> dict[str, Any]:
 
 def _bytes(session: Any) -> int:
     st = session.relay.stats
-    return st.client_bytes_in + st.backend_bytes_in
+    return int(st.client_bytes_in + st.backend_bytes_in)
 
 
 def build_status(

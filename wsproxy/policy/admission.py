@@ -108,10 +108,12 @@ class Admission:
         later = retry_after(limits.retry_after)
         if limits.max_sessions is not None and self.total >= limits.max_sessions:
             self.counts[MAX_SESSIONS] += 1
-            return Rejection(503, f"{self.total} sessions open, limits.max_sessions is {limits.max_sessions}", later)
+            why = f"{self.total} sessions open, limits.max_sessions is {limits.max_sessions}"
+            return Rejection(503, why, later, public=why)
         if pool_cap is not None and self.per_pool.get(pool, 0) >= pool_cap:
             self.counts[POOL_MAX_SESSIONS] += 1
-            return Rejection(503, f"pool {pool} is at its max_sessions ({pool_cap})", later)
+            why = f"pool {pool} is at its max_sessions ({pool_cap})"
+            return Rejection(503, why, later, public=why)
         if ip_cap is not None and self.per_ip.get(ip, 0) >= ip_cap:
             self.counts[SESSIONS_PER_IP] += 1
             return Rejection(429, f"{ip} already has {ip_cap} sessions (max_sessions_per_ip)", later)

@@ -2,8 +2,9 @@
 
 Routing looks only at the Host header and the path, the two things every WebSocket client
 sends and that proxies in front of us preserve. Host names compare without the port and
-without case; paths compare byte for byte (case-sensitive, no percent-decoding, no dot-segment
-removal), by whole segments, so "/chat" never captures "/chatroom". The hash key feeds
+without case; paths arrive normalised (protocol/target.py: what the backend will be sent) and
+compare byte for byte (case-sensitive, no case folding), by whole segments, so "/chat" never
+captures "/chatroom". The hash key feeds
 consistent hashing; an absent or empty key is None so the caller can apply `hash_fallback`.
 """
 
@@ -28,6 +29,13 @@ def host_name(host: bytes) -> str:
     if text.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
         text = text.partition(":")[0]
     return text[:-1] if text.endswith(".") else text
+
+
+def host_allowed(host: bytes | None, names: frozenset[str]) -> bool:
+    """The admin listener's DNS-rebinding guard: the Host header names one of `names` (lower
+    case, no port, IPv6 without brackets). A request without Host (HTTP/1.0) comes from no
+    browser, so it cannot be a rebinding page, and passes."""
+    return host is None or host_name(host) in names
 
 
 def host_matches(pattern: str, name: str) -> bool:

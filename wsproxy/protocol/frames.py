@@ -1,20 +1,24 @@
-"""Incremental WebSocket frame-header parser and frame helpers for the passthrough relay.
+"""The one WebSocket frame codec (RFC 6455 section 5) of both relays: parse, mask, build, close.
 
-The passthrough relay forwards frames verbatim (RFC 6455 section 5), so it only needs to know
-where each frame starts and ends, what kind it is and whether it is legal; it never needs a data
-payload. `FrameParser` reads headers out of a byte stream cut anywhere, holds at most one split
-header (<= 14 bytes) between feeds and reports payload as index ranges of the caller's chunk, so
-payload bytes are never copied or buffered here. It also does the checks an intermediary owes
-both peers (opcodes, control-frame rules, fragmentation order, masking direction, RSV bits,
-length encoding, an optional message-size limit) and says which close code a violation earns.
-The helpers unmask and read the few control payloads the relay looks at (close, pong) and build
-the proxy's own control frames. Pure: no I/O, no clock.
+`FrameParser` reads frame headers out of one direction of a byte stream cut anywhere: it holds
+at most one split header (<= 14 bytes) between feeds and reports payload as index ranges of the
+caller's chunk, so payload bytes are never copied or buffered here. It does the checks RFC 6455
+asks of whoever reads a stream (opcodes, control-frame rules, length encoding, RSV bits, masking
+direction, fragmentation order, an optional message-size limit), in the order wsproto does them
+and with wsproto's reasons, so both relays answer a bad stream with the close wsproto would give.
+`apply_mask`/`remask` are the XOR of RFC 6455 section 5.3 (big-int XOR for short payloads, four
+strided table translates for long ones: the fastest pure-Python forms measured, see
+benchmarks/codec_bench.py); `MaskKeys` is the source of the proxy's mask keys, an object the
+relays are given rather than a module global. `encode_frame` and the `build_*` helpers make the
+proxy's frames; `parse_close` and `close_payload` read and write close payloads. Pure: no I/O,
+no clock.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 
 # Events returned by FrameParser.next_event.
 NEED_DATA = 0  # the chunk is used up (a split header may be held); feed more
@@ -30,6 +34,9 @@ CLOSE = 0x8
 PING = 0x9
 PONG = 0xA
 
+FIN = 0x80  # the first byte's FIN bit
+RSV1 = 0x40  # the first byte's RSV1 bit (permessage-deflate: a compressed message)
+
 # Close codes this module hands out.
 PROTOCOL_ERROR = 1002
 INVALID_DATA = 1007
@@ -39,13 +46,22 @@ MAX_HEADER = 14  # 2 + 8 (64-bit length) + 4 (mask key)
 MAX_CONTROL_PAYLOAD = 125
 
 _OPCODE_OK = tuple(op in (0, 1, 2, 8, 9, 10) for op in range(16))
+NO_LIMIT = 1 << 63  # above any payload length: "no size limit" is then one comparison, like a limit
+# What a parser that found an error holds instead of a split header: the hot path of next_event
+# then needs no check of its own for a dead parser (a real held header is never this object).
+_DEAD = b"dead"
+_OPCODE_NAME = {1: "TEXT", 2: "BINARY"}
 
-# Close codes a peer may put on the wire (RFC 6455 section 7.4). 1012/1013 are registered with
-# IANA, wsproto (hence the inspect relay) accepts them, and the proxy itself sends 1012 on
-# restart, so a chained wsproxy must be able to pass it on. 1004-1006, 1014-2999 and 1015 are not.
+# Close codes a peer may put on the wire (RFC 6455 section 7.4): the ones wsproto knows below
+# 3000, and 3000-4999. 1012/1013 are registered with IANA and the proxy itself sends 1012 on
+# restart, so a chained wsproxy must be able to pass it on. 1005, 1006 and 1015 are local-only.
 _WIRE_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013))
-# Local-only codes: they mean "no code" / "no close frame" and must never be sent.
-_NO_CODE = (None, 1005, 1006)
+_LOCAL_ONLY_CLOSE_CODES = (1005, 1006, 1015)
+_NO_CODE = (None, 1005, 1006)  # no code on the wire: an empty close payload
+
+_pack16 = struct.Struct("!BBH").pack
+_pack64 = struct.Struct("!BBQ").pack
+_from_bytes = int.from_bytes
 
 
 class ProtocolError(ValueError):
@@ -63,13 +79,16 @@ class FrameParser:
     Drive it with `next_event(chunk, pos)` until `pos == len(chunk)` or the event is
     NEED_DATA / ERROR. After HEADER, the header's bytes are `prefix + chunk[pos:end]` (`prefix`
     is the part held from earlier chunks, usually b""); after PAYLOAD, `chunk[pos:end]` belongs
-    to the current frame and `remaining == 0` means the frame just ended.
+    to the current frame and `remaining == 0` means the frame just ended. `remaining` is the
+    payload of the current frame still to come: a reader may instead take payload straight from
+    its chunk and lower `remaining` by what it took (the inspect relay does, to stop part way when
+    the other peer has no room); `next_event` then goes on from the next header.
 
     `masked` is what the RFC demands of this direction: True for the client's stream, False for
-    the backend's. `rsv1_allowed` is set when permessage-deflate was negotiated end to end: RSV1
-    is then legal on the first frame of a data message (never on continuations or controls).
-    `max_message_bytes` caps the wire size of a message, checked from headers, before the
-    offending frame's payload is forwarded.
+    the backend's. `rsv1_allowed` is set when permessage-deflate was negotiated on this stream:
+    RSV1 is then legal on the first frame of a data message (never on continuations or
+    controls). `max_message_bytes` caps the wire size of a message, checked from headers, before
+    the offending frame's payload is reported.
     """
 
     __slots__ = (
@@ -83,7 +102,6 @@ class FrameParser:
         "in_message",
         "length",
         "mask",
-        "masked",
         "message_bytes",
         "message_opcode",
         "opcode",
@@ -101,14 +119,13 @@ class FrameParser:
     ) -> None:
         self._masked = masked
         self._rsv1 = rsv1_allowed
-        self._max = max_message_bytes
+        self._max = max_message_bytes if max_message_bytes is not None else NO_LIMIT
         self._held = b""
         self.prefix = b""
         self.fin = True
         self.rsv = 0  # the three RSV bits as they sit in the first byte (0x70 mask)
         self.opcode = 0
-        self.masked = False
-        self.mask: bytes | None = None
+        self.mask: bytes | None = None  # the current frame's mask key (None: not masked)
         self.length = 0
         self.remaining = 0
         self.in_message = False  # a fragmented data message has started and not finished
@@ -123,7 +140,10 @@ class FrameParser:
         return not self.remaining
 
     def next_event(self, data: bytes, pos: int = 0) -> tuple[int, int]:
-        """The next thing in `data` from `pos`: (event, end). See the class docstring."""
+        """The next thing in `data` from `pos`: (event, end). See the class docstring.
+
+        A header is checked here, in wsproto's order and with its reasons (one call per frame:
+        this is the relays' hot path)."""
         rem = self.remaining
         if rem:
             end = pos + rem
@@ -133,116 +153,221 @@ class FrameParser:
                 return PAYLOAD, end
             self.remaining = end - n
             return PAYLOAD, n
-        if self.error_code:
-            return ERROR, pos
         held = self._held
-        if held:
-            buf = held + data[pos : pos + MAX_HEADER - len(held)]
-            hl = self._header(buf, 0, len(buf))
-            if hl > 0:
-                self._held = b""
-                self.prefix = held
-                return HEADER, pos + hl - len(held)
-            if hl == 0:
-                self._held = buf  # still short: all of data went into buf
-                return NEED_DATA, len(data)
-            return ERROR, pos
-        n = len(data)
-        hl = self._header(data, pos, n)
-        if hl > 0:
-            self.prefix = b""
-            return HEADER, pos + hl
-        if hl == 0:
-            self._held = bytes(data[pos:])
-            return NEED_DATA, n
-        return ERROR, pos
-
-    def _fail(self, code: int, reason: str) -> int:
-        self.error_code = code
-        self.error_reason = reason
-        self._held = b""
-        return -1
-
-    def _header(self, b: bytes, i: int, n: int) -> int:
-        """Header length if a whole valid header starts at b[i]; 0 if short; -1 if invalid."""
-        if n - i < 2:
-            return 0
+        if held:  # the header began in an earlier chunk: parse it from held + what follows
+            if held is _DEAD:
+                return ERROR, pos
+            b = held + data[pos : pos + MAX_HEADER - len(held)]
+            i = 0
+        else:
+            b = data
+            i = pos
+        avail = len(b) - i
+        if avail < 2:
+            return self._short(b, i, data)
         b0 = b[i]
         b1 = b[i + 1]
         op = b0 & 0x0F
         if not _OPCODE_OK[op]:
-            return self._fail(PROTOCOL_ERROR, f"reserved opcode {op:#x}")
+            return self._fail(PROTOCOL_ERROR, f"Invalid opcode {op:#x}", pos)
         ln = b1 & 0x7F
         if op >= 8:
             if not b0 & 0x80:
-                return self._fail(PROTOCOL_ERROR, "fragmented control frame")
+                return self._fail(PROTOCOL_ERROR, "Invalid attempt to fragment control frame", pos)
             if ln > MAX_CONTROL_PAYLOAD:
-                return self._fail(PROTOCOL_ERROR, "control frame payload over 125 bytes")
-        elif op:
-            if self.in_message:
-                return self._fail(PROTOCOL_ERROR, "new data frame inside a fragmented message")
-        elif not self.in_message:
-            return self._fail(PROTOCOL_ERROR, "continuation frame without a message")
-        rsv = b0 & 0x70
-        if rsv and (rsv != 0x40 or not self._rsv1 or op == 0 or op >= 8):
-            return self._fail(PROTOCOL_ERROR, "reserved bit set unexpectedly")
-        masked = b1 & 0x80
-        if masked:
-            if not self._masked:
-                return self._fail(PROTOCOL_ERROR, "masked frame from the server side")
-            hl = 6
-        else:
-            if self._masked:
-                return self._fail(PROTOCOL_ERROR, "unmasked frame from the client side")
-            hl = 2
+                return self._fail(PROTOCOL_ERROR, "Control frame with payload len > 125", pos)
+        hl = 2
         if ln >= 126:
             if ln == 126:
-                hl += 2
-                if n - i < hl:
-                    return 0
+                hl = 4
+                if avail < 4:
+                    return self._short(b, i, data)
                 ln = (b[i + 2] << 8) | b[i + 3]
                 if ln < 126:
-                    return self._fail(PROTOCOL_ERROR, "payload length not minimally encoded")
+                    return self._fail(PROTOCOL_ERROR, "Payload length used 2 bytes when 1 would have sufficed", pos)
             else:
-                hl += 8
-                if n - i < hl:
-                    return 0
-                ln = int.from_bytes(b[i + 2 : i + 10], "big")
-                if ln >> 63:
-                    return self._fail(PROTOCOL_ERROR, "64-bit payload length with the top bit set")
+                hl = 10
+                if avail < 10:
+                    return self._short(b, i, data)
+                ln = _from_bytes(b[i + 2 : i + 10], "big")
                 if ln < 0x10000:
-                    return self._fail(PROTOCOL_ERROR, "payload length not minimally encoded")
-        elif n - i < hl:
-            return 0
+                    return self._fail(PROTOCOL_ERROR, "Payload length used 8 bytes when 2 would have sufficed", pos)
+                if ln >> 63:
+                    return self._fail(PROTOCOL_ERROR, "8-byte payload length with non-zero MSB", pos)
+        rsv = b0 & 0x70
+        if rsv:
+            if self._rsv1 and rsv & 0x40 and (op == 0 or op >= 8):
+                return self._fail(PROTOCOL_ERROR, "error in extension", pos)
+            if rsv != 0x40 or not self._rsv1:
+                return self._fail(PROTOCOL_ERROR, "Reserved bit set unexpectedly", pos)
+        if b1 & 0x80:
+            if not self._masked:
+                return self._fail(PROTOCOL_ERROR, "client received unexpected masked frame", pos)
+            hl += 4
+            if avail < hl:
+                return self._short(b, i, data)
+            mask: bytes | None = b[i + hl - 4 : i + hl]
+        elif self._masked:
+            return self._fail(PROTOCOL_ERROR, "server received unexpected unmasked frame", pos)
+        else:
+            mask = None
         if op < 8:
-            total = ln + self.message_bytes if op == 0 else ln
-            if self._max is not None and total > self._max:
-                return self._fail(TOO_BIG, f"message over {self._max} bytes")
             if op:
+                if self.in_message:
+                    why = f"expected CONTINUATION, got <Opcode.{_OPCODE_NAME[op]}: {op}>"
+                    return self._fail(PROTOCOL_ERROR, why, pos)
                 self.message_opcode = op
+                total = ln
+            elif not self.in_message:
+                return self._fail(PROTOCOL_ERROR, "unexpected CONTINUATION", pos)
+            else:
+                total = ln + self.message_bytes
+            if total > self._max:
+                return self._fail(TOO_BIG, f"message over {self._max} bytes", pos)
             self.message_bytes = total
-            self.in_message = not b0 & 0x80
-        self.fin = bool(b0 & 0x80)
+            self.in_message = b0 < 0x80  # FIN not set: more frames of this message follow
+        self.fin = b0 > 0x7F  # FIN is the top bit
         self.rsv = rsv
         self.opcode = op
         self.length = ln
         self.remaining = ln
-        if masked:
-            self.masked = True
-            self.mask = bytes(b[i + hl - 4 : i + hl])
-        else:
-            self.masked = False
-            self.mask = None
-        return hl
+        self.mask = mask
+        if held:
+            self._held = b""
+            self.prefix = held
+            return HEADER, pos + hl - len(held)
+        self.prefix = b""
+        return HEADER, pos + hl
+
+    def _short(self, b: bytes, i: int, data: bytes) -> tuple[int, int]:
+        """The header from b[i] is not whole yet: hold it (all of `data` went into it)."""
+        self._held = bytes(b[i:])
+        return NEED_DATA, len(data)
+
+    def _fail(self, code: int, reason: str, pos: int) -> tuple[int, int]:
+        self.error_code = code
+        self.error_reason = reason
+        self._held = _DEAD
+        return ERROR, pos
 
 
-def apply_mask(payload: bytes, key: bytes) -> bytes:
-    """XOR `payload` with the 4-byte mask `key` (masking and unmasking are the same)."""
-    n = len(payload)
-    if not n:
-        return b""
-    stream = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
+# --- masking ---------------------------------------------------------------------------------
+
+_XOR_SMALL = 512  # below this, big-int XOR is faster than four strided translates (measured)
+_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
+# 0x00000001 in each of w 32-bit words: a 32-bit key times _REPS[w] is the key repeated w times
+# (no carries), cheaper than converting the repeated key's bytes.
+_REPS = [_from_bytes(b"\x01\x00\x00\x00" * w, "little") for w in range(_XOR_SMALL // 4 + 1)]
+
+
+def _xor(data: bytes, k: int) -> bytes:
+    """`data` XOR the 4-byte key whose little-endian value is `k`, repeated."""
+    n = len(data)
+    if n < _XOR_SMALL:
+        if not n:
+            return b""
+        w = (n + 3) >> 2
+        x = _from_bytes(data, "little") ^ k * _REPS[w]
+        return x.to_bytes(w << 2, "little")[:n] if n & 3 else x.to_bytes(n, "little")
+    t = _XOR_TABLES
+    b = bytearray(data)
+    b[::4] = b[::4].translate(t[k & 0xFF])
+    b[1::4] = b[1::4].translate(t[(k >> 8) & 0xFF])
+    b[2::4] = b[2::4].translate(t[(k >> 16) & 0xFF])
+    b[3::4] = b[3::4].translate(t[k >> 24])
+    return bytes(b)
+
+
+def apply_mask(data: bytes, key: bytes) -> bytes:
+    """`data` XOR the 4-byte mask `key` repeated (masking and unmasking are the same)."""
+    return _xor(data, _from_bytes(key, "little"))
+
+
+def remask(data: bytes, old: bytes, new: bytes) -> bytes:
+    """`data` masked with key `old`, masked with key `new` instead: one pass, never unmasked."""
+    return _xor(data, _from_bytes(old, "little") ^ _from_bytes(new, "little"))
+
+
+def key_at(key: bytes, offset: int) -> bytes:
+    """The mask key as it applies from payload byte `offset` on (the key's phase)."""
+    off = offset & 3
+    return key[off:] + key[:off] if off else key
+
+
+class MaskKeys:
+    """Fresh random mask keys (RFC 6455 section 5.3) for the frames the proxy sends to backends.
+
+    Keys come from a pool of random bytes, refilled from `random_bytes` (os.urandom) when used
+    up: one system call per many frames. The pool starts small and grows to `pool_keys` keys as
+    it is refilled, so a source a quiet session owns costs little and a busy one few refills.
+    Make one per process and hand it to whoever builds masked frames (relays, heartbeat pings);
+    tests pass a deterministic `random_bytes`. Never share one across a fork: the child would
+    repeat the parent's keys (wsproxy's workers are separate programs, not forks).
+    """
+
+    __slots__ = ("_at", "_max", "_pool", "_random", "_size")
+
+    def __init__(self, *, random_bytes: Callable[[int], bytes] = os.urandom, pool_keys: int = 1024) -> None:
+        if pool_keys < 1:
+            raise ValueError("pool_keys must be at least 1")
+        self._random = random_bytes
+        self._max = pool_keys * 4
+        self._size = min(64, self._max)
+        self._pool = b""
+        self._at = 0
+
+    def next(self) -> bytes:
+        """A mask key never handed out before by this source."""
+        i = self._at
+        if i >= len(self._pool):
+            self._pool = self._random(self._size)
+            if len(self._pool) != self._size or self._size & 3:
+                raise ValueError("the random source gave the wrong number of bytes")
+            self._size = min(self._size * 4, self._max)
+            i = 0
+        self._at = i + 4
+        return self._pool[i : i + 4]
+
+
+# --- building frames -------------------------------------------------------------------------
+
+
+def frame_head(b0: int, length: int, key: bytes | None) -> bytes:
+    """A frame's header: first byte `b0` (FIN, RSV and opcode), the length, the mask key if any."""
+    if key is None:
+        if length < 126:
+            return bytes((b0, length))
+        if length < 0x10000:
+            return _pack16(b0, 126, length)
+        return _pack64(b0, 127, length)
+    if length < 126:
+        return bytes((b0, 0x80 | length)) + key
+    if length < 0x10000:
+        return _pack16(b0, 0xFE, length) + key
+    return _pack64(b0, 0xFF, length) + key
+
+
+def encode_frame(b0: int, payload: bytes, key: bytes | None) -> bytes:
+    """One whole frame with first byte `b0`; masked with `key` when one is given (to a backend)."""
+    if key is None:
+        return frame_head(b0, len(payload), None) + payload
+    return frame_head(b0, len(payload), key) + apply_mask(payload, key)
+
+
+def build_frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    mask: bool,
+    fin: bool = True,
+    keys: MaskKeys | None = None,
+) -> bytes:
+    """One frame; masked when it goes to a backend (we are its client), with a key from `keys`
+    (a key straight from os.urandom if none is given: one-off frames, tests)."""
+    b0 = (0x80 if fin else 0) | opcode
+    if not mask:
+        return encode_frame(b0, bytes(payload), None)
+    return encode_frame(b0, bytes(payload), keys.next() if keys is not None else os.urandom(4))
 
 
 def valid_wire_close_code(code: int) -> bool:
@@ -254,19 +379,24 @@ def parse_close(payload: bytes) -> tuple[int | None, str]:
     """(code, reason) of an unmasked close payload; code None means none was sent (1005).
 
     Raises ProtocolError with 1002 for a 1-byte payload or a code not allowed on the wire, and
-    1007 for a reason that is not UTF-8: the relay must not forward such a close.
+    1007 for a reason that is not UTF-8 (reasons as wsproto gives them): the relay must not
+    forward such a close.
     """
     if not payload:
         return None, ""
     if len(payload) == 1:
-        raise ProtocolError(PROTOCOL_ERROR, "close frame with a 1-byte payload")
+        raise ProtocolError(PROTOCOL_ERROR, "CLOSE with 1 byte payload")
     code = (payload[0] << 8) | payload[1]
+    if code < 1000 or code > 4999:
+        raise ProtocolError(PROTOCOL_ERROR, "CLOSE with invalid code")
+    if code in _LOCAL_ONLY_CLOSE_CODES:
+        raise ProtocolError(PROTOCOL_ERROR, "remote CLOSE with local-only reason")
     if not valid_wire_close_code(code):
-        raise ProtocolError(PROTOCOL_ERROR, f"invalid close code {code}")
+        raise ProtocolError(PROTOCOL_ERROR, "CLOSE with unknown reserved code")
     try:
         reason = bytes(payload[2:]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError(INVALID_DATA, "close reason is not valid UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(INVALID_DATA, f"Error decoding CLOSE reason: {exc}") from None
     return code, reason
 
 
@@ -274,23 +404,6 @@ def _truncate_utf8(data: bytes, limit: int) -> bytes:
     if len(data) <= limit:
         return data
     return data[:limit].decode("utf-8", "ignore").encode("utf-8")
-
-
-def build_frame(opcode: int, payload: bytes = b"", *, mask: bool, fin: bool = True) -> bytes:
-    """One frame; masked with a fresh random key when it goes to a backend (we are its client)."""
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | opcode
-    mbit = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((b0, mbit | n))
-    elif n < 0x10000:
-        head = struct.pack("!BBH", b0, mbit | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, mbit | 127, n)
-    if mask:
-        key = os.urandom(4)
-        return head + key + apply_mask(payload, key)
-    return head + bytes(payload)
 
 
 def close_payload(code: int | None, reason: str = "") -> bytes:
@@ -303,20 +416,20 @@ def close_payload(code: int | None, reason: str = "") -> bytes:
     return struct.pack("!H", code) + _truncate_utf8(reason.encode("utf-8"), 123)
 
 
-def build_close(code: int | None, reason: str = "", *, mask: bool) -> bytes:
+def build_close(code: int | None, reason: str = "", *, mask: bool, keys: MaskKeys | None = None) -> bytes:
     """The proxy's own close frame (reason cut to fit 125 bytes at a character boundary)."""
-    return build_frame(CLOSE, close_payload(code, reason), mask=mask)
+    return build_frame(CLOSE, close_payload(code, reason), mask=mask, keys=keys)
 
 
-def build_ping(payload: bytes, *, mask: bool) -> bytes:
+def build_ping(payload: bytes, *, mask: bool, keys: MaskKeys | None = None) -> bytes:
     """The proxy's own ping (heartbeat); payload at most 125 bytes."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ValueError("ping payload over 125 bytes")
-    return build_frame(PING, payload, mask=mask)
+    return build_frame(PING, payload, mask=mask, keys=keys)
 
 
-def build_pong(payload: bytes, *, mask: bool) -> bytes:
+def build_pong(payload: bytes, *, mask: bool, keys: MaskKeys | None = None) -> bytes:
     """A pong answering a ping with `payload`."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise ValueError("pong payload over 125 bytes")
-    return build_frame(PONG, payload, mask=mask)
+    return build_frame(PONG, payload, mask=mask, keys=keys)

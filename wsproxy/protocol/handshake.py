@@ -2,7 +2,7 @@
 
 Decides whether a client's request is a valid WebSocket Upgrade (and if not, which HTTP status
 answers it), builds the request sent to the backend (end-to-end headers unchanged, hop-by-hop
-headers dropped, X-Forwarded-*/Forwarded added, a fresh key), checks the backend's 101, and
+headers dropped, X-Forwarded-*/Forwarded written as forwarding.py says, a fresh key), checks the backend's 101, and
 builds the 101 for the client. No sockets and no clock: the shell does the waiting.
 """
 
@@ -14,9 +14,13 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 from wsproto.extensions import PerMessageDeflate
+
+from wsproxy.protocol.forwarding import FORWARDING_HEADERS, Origin, forwarding_headers
+from wsproxy.protocol.target import BadTarget, normalize_target
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -43,16 +47,25 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """An HTTP answer instead of a 101: status, a reason for the log, extra headers, a body."""
+    """An HTTP answer instead of a 101: status, a reason for the log, extra headers, a body.
+
+    The client is told the reason of a 4xx (its own request is at fault, and the reason says how).
+    A 5xx is about the proxy's side (a backend's address and what it answered, the auth service's
+    URL): its reason goes to the log only, and the client gets the status, or `public` when the
+    reason is fit to show (a session cap of the proxy's own).
+    """
 
     status: int
     reason: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    public: str | None = None  # what the client is told instead of the reason
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""
-        body = self.body or f"{self.status} {phrase(self.status)}: {self.reason}\n".encode()
+        detail = self.public if self.public is not None else (self.reason if self.status < 500 else "")
+        line = f"{self.status} {phrase(self.status)}"
+        body = self.body or (f"{line}: {detail}\n" if detail else f"{line}\n").encode()
         head = [f"HTTP/1.1 {self.status} {phrase(self.status)}".encode()]
         head += [k + b": " + v for k, v in self.headers]
         head += [
@@ -64,28 +77,18 @@ class Rejection:
 
 
 def phrase(status: int) -> str:
-    return _PHRASES.get(status, "")
-
-
-_PHRASES = {
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    408: "Request Timeout",
-    426: "Upgrade Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
+    """The standard reason phrase of a status (RFC 9110), never empty: a status line always has one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 @dataclass(frozen=True, slots=True)
 class ClientUpgrade:
     """A validated client Upgrade request."""
 
-    target: bytes  # path and query, byte for byte
+    target: bytes  # path and query: the path normalised (target.py), the query byte for byte
     host: bytes
     key: bytes
     subprotocols: tuple[str, ...]
@@ -141,6 +144,11 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
         return Rejection(400, "exactly one non-empty Host header is required")
     if _all(headers, b"content-length") not in ([], [b"0"]) or _all(headers, b"transfer-encoding"):
         return Rejection(400, "an Upgrade request must not carry a body")
+    # A header named in Connection is dropped as hop-by-hop; these must reach the backend.
+    needed = sorted({t for t in connection if t == b"host" or t.startswith(b"sec-websocket-")})
+    if needed:
+        shown = ", ".join(t.decode("latin-1") for t in needed)[:200]
+        return Rejection(400, f"Connection lists {shown}, which the handshake needs end to end")
     versions = _all(headers, b"sec-websocket-version")
     if len(versions) != 1 or versions[0].strip() != b"13":
         shown = b", ".join(versions).decode("latin-1") or "missing"
@@ -152,10 +160,14 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
     keys = _all(headers, b"sec-websocket-key")
     if len(keys) != 1 or not _valid_key(keys[0]):
         return Rejection(400, "Sec-WebSocket-Key must be one base64 encoding of 16 bytes")
+    try:
+        target = normalize_target(req.target, host=hosts[0].strip())
+    except BadTarget as exc:
+        return Rejection(400, f"request target {exc}")
     subprotocols = tuple(t.decode("latin-1") for t in _tokens_keep_case(_all(headers, b"sec-websocket-protocol")))
     offers = tuple(_tokens_keep_case(_all(headers, b"sec-websocket-extensions")))
     return ClientUpgrade(
-        target=req.target,
+        target=target,
         host=hosts[0].strip(),
         key=keys[0].strip(),
         subprotocols=subprotocols,
@@ -198,37 +210,28 @@ def _connection_listed(headers: Headers) -> set[bytes]:
     return set(_tokens(_all(headers, b"connection")))
 
 
-def _forwarded_for(ip: str) -> str:
-    return f'"[{ip}]"' if ":" in ip else ip
-
-
 def build_upstream_request(
     upgrade: ClientUpgrade,
     *,
     key: bytes,
-    client_ip: str,
+    origin: Origin,
     scheme: str,
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
     """The request to the backend: end-to-end headers as received, in order, plus forwarding.
 
+    `origin` says who connected and whether its forwarding headers are kept (forwarding.py).
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
     offers for Sec-WebSocket-Extensions (None: no extensions). `extra_headers` are added after
     the client's (the auth service's `copy_headers`; the caller removed the client's own).
     """
     listed = _connection_listed(list(upgrade.raw_headers))
     out: Headers = []
-    xff_prior: list[bytes] = []
     for name, value in upgrade.raw_headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING:
+        if low in HOP_BY_HOP or low in listed or low in PER_HOP_WS or low in FORWARDING or low in FORWARDING_HEADERS:
             continue
-        if low == b"x-forwarded-for":
-            xff_prior.append(value.strip())
-            continue
-        if low == b"forwarded":
-            continue  # re-added below with our element appended
         out.append((name, value))
     out.extend(extra_headers)
     out.append((b"Connection", b"Upgrade"))
@@ -236,14 +239,9 @@ def build_upstream_request(
     out.append((b"Sec-WebSocket-Key", key))
     if extension_offer:
         out.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
-    xff = b", ".join([*xff_prior, client_ip.encode()])
-    out.append((b"X-Forwarded-For", xff))
     out.append((b"X-Forwarded-Proto", scheme.encode()))
     out.append((b"X-Forwarded-Host", upgrade.host))
-    prior_fwd = [v.strip() for k, v in upgrade.raw_headers if k.lower() == b"forwarded"]
-    host_q = upgrade.host.decode("latin-1").replace('"', "")
-    element = f'for={_forwarded_for(client_ip)};proto={scheme};host="{host_q}"'.encode()
-    out.append((b"Forwarded", b", ".join([*prior_fwd, element])))
+    out.extend(forwarding_headers(origin, upgrade.raw_headers, scheme=scheme, host=upgrade.host))
     return h11.Request(method=b"GET", target=upgrade.target, headers=out)
 
 

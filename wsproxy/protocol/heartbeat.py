@@ -1,31 +1,46 @@
-"""When to ping a leg, when a peer is dead, when a session is idle or too old: a pure schedule.
+"""When to ping a side, when a peer is dead, when a session is idle or too old: a pure schedule.
 
 Nothing here reads a clock: every method takes `now`, so a 20 s interval is tested in
-microseconds. The session tells the schedule what it saw (traffic on a leg, a data message, one of
-our pongs) and asks, at the time `next_deadline()` names, what is due.
+microseconds. The session tells the schedule what it saw (traffic from a side, a data message, one
+of our pongs) and asks, at the time `next_deadline()` names, what is due. The sides that get
+heartbeats are what the config calls `heartbeat.legs`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-CLIENT = "client"
-BACKEND = "backend"
-LEGS = (CLIENT, BACKEND)
+from wsproxy.protocol.sides import SIDES, Side
+
+CLIENT = Side.CLIENT
+BACKEND = Side.BACKEND
 PING_MARKER = b"wsproxy:"  # the proxy's pings carry this prefix; pongs with it are ours
 
 
+class _ForSide:
+    """An action about one side. `leg` is `side` under its older name, still read by runtime/ and
+    tests until they are converted (issue 16)."""
+
+    __slots__ = ()
+    side: Side
+
+    @property
+    def leg(self) -> Side:
+        return self.side
+
+
 @dataclass(frozen=True, slots=True)
-class SendPing:
-    leg: str
+class SendPing(_ForSide):
+    side: Side
     payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
-class PeerDead:
-    leg: str
-    silent_for: float  # seconds since anything arrived on that leg
+class PeerDead(_ForSide):
+    side: Side
+    silent_for: float  # seconds since anything arrived from that side
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +51,7 @@ class Expired:
 Action = SendPing | PeerDead | Expired
 
 
-class _Leg:
+class _SideState:
     __slots__ = ("last_rx", "ping_payload", "ping_sent", "rtt")
 
     def __init__(self, now: float) -> None:
@@ -49,12 +64,13 @@ class _Leg:
 class Schedule:
     """Heartbeat and deadline state of one session.
 
-    interval: ping a leg silent this long (None: no heartbeat). timeout: after our ping, a leg with
-    no traffic for this long is dead. legs: which legs get heartbeats. idle: no data message either
-    way for this long ends the session. lifetime: the session's end, jitter already applied.
+    interval: ping a side silent this long (None: no heartbeat). timeout: after our ping, a side
+    with no traffic for this long is dead. sides: which sides get heartbeats (`legs` is the same
+    argument under its older name, as runtime/ and tests still pass it). idle: no data message
+    either way for this long ends the session. lifetime: the session's end, jitter applied.
     """
 
-    __slots__ = ("_counter", "_legs", "idle", "interval", "last_data", "lifetime_end", "timeout")
+    __slots__ = ("_counter", "_sides", "idle", "interval", "last_data", "lifetime_end", "timeout")
 
     def __init__(
         self,
@@ -62,47 +78,50 @@ class Schedule:
         *,
         interval: float | None,
         timeout: float,
-        legs: tuple[str, ...] = LEGS,
+        sides: Iterable[Side] = SIDES,
         idle: float | None = None,
         lifetime: float | None = None,
+        legs: Iterable[Side] | None = None,
     ) -> None:
+        if legs is not None:
+            sides = legs
         self.interval = interval
         self.timeout = timeout
         self.idle = idle
         self.lifetime_end = now + lifetime if lifetime is not None else None
         self.last_data = now
-        self._legs = {leg: _Leg(now) for leg in legs} if interval is not None else {}
+        self._sides = {Side(side): _SideState(now) for side in sides} if interval is not None else {}
         self._counter = 0
 
     # --- what the session saw ---------------------------------------------------------------
 
-    def saw_traffic(self, leg: str, now: float) -> None:
-        state = self._legs.get(leg)
+    def saw_traffic(self, side: Side, now: float) -> None:
+        state = self._sides.get(side)
         if state is not None:
             state.last_rx = now
 
     def saw_data(self, now: float) -> None:
         self.last_data = now
 
-    def saw_own_pong(self, leg: str, payload: bytes, now: float) -> float | None:
+    def saw_own_pong(self, side: Side, payload: bytes, now: float) -> float | None:
         """A pong the relay swallowed as ours: the round trip it measured (None: not the answer
-        to our outstanding ping on that leg, so nothing was measured)."""
-        state = self._legs.get(leg)
+        to our outstanding ping to that side, so nothing was measured)."""
+        state = self._sides.get(side)
         if state is not None and state.ping_payload is not None and payload == state.ping_payload:
             state.rtt = now - state.ping_sent
             state.ping_payload = None
             return state.rtt
         return None
 
-    def ping_held(self, leg: str, now: float) -> None:
-        """Our ping to `leg` still waits behind a frame the peer is receiving: its timeout
+    def ping_held(self, side: Side, now: float) -> None:
+        """Our ping to `side` still waits behind a frame the peer is receiving: its timeout
         counts from when it can be sent, not from when it was queued."""
-        state = self._legs.get(leg)
+        state = self._sides.get(side)
         if state is not None and state.ping_payload is not None:
             state.ping_sent = now
 
-    def rtt(self, leg: str) -> float | None:
-        state = self._legs.get(leg)
+    def rtt(self, side: Side) -> float | None:
+        state = self._sides.get(side)
         return state.rtt if state is not None else None
 
     # --- what is due --------------------------------------------------------------------------
@@ -110,7 +129,7 @@ class Schedule:
     def next_deadline(self) -> float | None:
         """The earliest time anything may be due (None: nothing ever is)."""
         times: list[float] = []
-        for state in self._legs.values():
+        for state in self._sides.values():
             assert self.interval is not None
             if state.ping_payload is None:
                 times.append(state.last_rx + self.interval)
@@ -129,7 +148,7 @@ class Schedule:
         if self.idle is not None and now >= self.last_data + self.idle:
             return [Expired("idle")]
         actions: list[Action] = []
-        for leg, state in self._legs.items():
+        for side, state in self._sides.items():
             assert self.interval is not None
             if state.ping_payload is not None and now >= max(state.ping_sent, state.last_rx) + self.timeout:
                 if state.last_rx > state.ping_sent:
@@ -137,14 +156,14 @@ class Schedule:
                     # behind data. Ping again from the last traffic on.
                     state.ping_payload = None
                 else:
-                    actions.append(PeerDead(leg, now - state.last_rx))
+                    actions.append(PeerDead(side, now - state.last_rx))
                     continue
             if state.ping_payload is None and now >= state.last_rx + self.interval:
                 self._counter += 1
                 payload = PING_MARKER + self._counter.to_bytes(4, "big") + os.urandom(4)
                 state.ping_payload = payload
                 state.ping_sent = now
-                actions.append(SendPing(leg, payload))
+                actions.append(SendPing(side, payload))
         return actions
 
 

@@ -3,7 +3,7 @@
 Two relays implement this interface: `relay_inspect.InspectRelay` (every frame parsed,
 validated, unmasked and re-framed, per-hop permessage-deflate) and, per ARCHITECTURE.md "Two
 relay paths", `relay_passthrough.PassthroughRelay`, which forwards frames verbatim. The shell
-(link.py, or session.py's pumps) drives either without knowing which: it feeds what it reads,
+(runtime/link.py, on the readiness loop) drives either without knowing which: it feeds what it reads,
 sends what the relay queued, closes a peer's socket once the relay says that peer is done, and
 arms the close timeout once the relay says a closing handshake started.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from wsproxy.protocol.sides import Side
 
 # Close codes the proxy itself sends (RFC 6455 section 7.4.1).
 NORMAL = 1000
@@ -43,15 +45,16 @@ class RelayStats:
     client_close: CloseRecord | None = None  # what the client sent (or 1006 if it vanished)
     backend_close: CloseRecord | None = None
     proxy_close: CloseRecord | None = None  # a close the proxy originated, and why
-    first_closer: str | None = None  # "client" | "backend" | "proxy"
+    first_closer: str | None = None  # "client" | "backend" (a Side) | "proxy"
 
     def closed_by(self, who: str) -> None:
+        """`who` (a Side, or "proxy") closed first, unless someone already did."""
         if self.first_closer is None:
             self.first_closer = who
 
-    def peer_closed(self, side: str, code: int | None, reason: str) -> None:
-        """`side` ("client" or "backend") sent its close frame (or vanished: code 1006)."""
-        if side == "client":
+    def peer_closed(self, side: Side, code: int | None, reason: str) -> None:
+        """`side` sent its close frame (or vanished: code 1006)."""
+        if side == Side.CLIENT:
             self.client_close = CloseRecord(code, reason)
         else:
             self.backend_close = CloseRecord(code, reason)
@@ -75,33 +78,33 @@ class Relay(Protocol):
     def take_for_backend(self) -> bytes:
         """Everything queued for the backend since the last call."""
 
-    def backlog(self, side: str) -> bool:
+    def backlog(self, side: Side) -> bool:
         """Did the relay keep some of what `side` sent unprocessed (its output queue is full)?
         The session then sends what is queued and calls `resume(side)` before reading more.
         A relay whose backlog is always empty says so with a class attribute `may_backlog =
         False`, and the shell stops asking after every read."""
 
-    def resume(self, side: str) -> None:
+    def resume(self, side: Side) -> None:
         """Process more of `side`'s backlog, as far as the output queue has room."""
 
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         """Start a closing handshake the proxy originates (shutdown, timeouts, limits)."""
 
-    def abandon(self, side: str, *, other_code: int, reason: str) -> None:
+    def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
         """Give up on `side` (dead or stuck peer): nothing more goes to or comes from it; the
         other peer gets a close with `other_code`."""
 
-    def send_ping(self, to: str, payload: bytes) -> bool:
-        """Queue the proxy's own ping to "client" or "backend" (at a frame boundary); False if
-        that hop can no longer take one."""
+    def send_ping(self, side: Side, payload: bytes) -> bool:
+        """Queue the proxy's own ping to `side` (at a frame boundary); False if that side can no
+        longer take one."""
 
-    def ping_waiting(self, to: str) -> bool:
-        """Is a proxy ping to `to` still held back (behind a frame being forwarded)? The
+    def ping_waiting(self, side: Side) -> bool:
+        """Is a proxy ping to `side` still held back (behind a frame being forwarded)? The
         heartbeat starts a ping's timeout only once it could actually reach the peer."""
 
-    def take_pongs(self) -> list[tuple[str, bytes]]:
-        """Pongs that answered the proxy's own pings (their payload equals one the proxy sent on
-        that hop and has not yet seen answered), swallowed rather than forwarded, as
+    def take_pongs(self) -> list[tuple[Side, bytes]]:
+        """Pongs that answered the proxy's own pings (their payload equals one the proxy sent to
+        that side and has not yet seen answered), swallowed rather than forwarded, as
         (side, payload), since the last call. Every other pong passes end to end."""
 
     @property

@@ -29,6 +29,7 @@ from wsproxy.protocol.frames import (
     PING,
     PONG,
     FrameParser,
+    MaskKeys,
     ProtocolError,
     apply_mask,
     build_close,
@@ -37,29 +38,30 @@ from wsproxy.protocol.frames import (
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
 from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, TOO_BIG, CloseRecord, RelayStats
+from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
 
 
-class _Hop:
-    """One peer: the parser of what it sends and what is queued for it."""
+class _SideState:
+    """One side's peer: the parser of what it sends and what is queued for it."""
 
     __slots__ = (
         "ctl",
         "failed",
         "fwd",
         "mask_out",
-        "name",
         "out",
         "own_pings",
         "parser",
         "pending",
         "recv_close",
         "sent_close",
+        "side",
     )
 
-    def __init__(self, name: str, parser: FrameParser, *, mask_out: bool) -> None:
-        self.name = name
+    def __init__(self, side: Side, parser: FrameParser, *, mask_out: bool) -> None:
+        self.side = side
         self.parser = parser  # frames coming from this peer
         self.mask_out = mask_out  # the proxy's own frames to this peer are masked (backend)
         self.out: list[bytes | memoryview] = []  # ready for this peer, in order
@@ -99,10 +101,11 @@ class PassthroughRelay:
     the first frame of a data message in both directions. `max_message_bytes`: a message whose
     wire size (compressed, if deflated) exceeds it fails its sender with 1009. `ping_marker`:
     pongs starting with it answer the proxy's own pings (`send_ping`); they are swallowed and
-    handed out by `take_pongs` instead of being forwarded.
+    handed out by `take_pongs` instead of being forwarded. `mask_keys`: where the keys of the
+    proxy's own frames to the backend come from (one per process; a fresh source if not given).
     """
 
-    __slots__ = ("_backend", "_client", "_marker", "_pongs", "stats")
+    __slots__ = ("_backend", "_client", "_keys", "_marker", "_pongs", "stats")
     may_backlog = False  # every read is forwarded at once: backlog() is always False
 
     def __init__(
@@ -111,21 +114,23 @@ class PassthroughRelay:
         deflate: bool = False,
         max_message_bytes: int | None = None,
         ping_marker: bytes = PING_MARKER,
+        mask_keys: MaskKeys | None = None,
     ) -> None:
         if not ping_marker or len(ping_marker) > MAX_CONTROL_PAYLOAD:
             raise ValueError("ping_marker must be 1 to 125 bytes")
-        self._client = _Hop(
-            "client",
+        self._keys = mask_keys if mask_keys is not None else MaskKeys()
+        self._client = _SideState(
+            Side.CLIENT,
             FrameParser(masked=True, rsv1_allowed=deflate, max_message_bytes=max_message_bytes),
             mask_out=False,
         )
-        self._backend = _Hop(
-            "backend",
+        self._backend = _SideState(
+            Side.BACKEND,
             FrameParser(masked=False, rsv1_allowed=deflate, max_message_bytes=max_message_bytes),
             mask_out=True,
         )
         self._marker = ping_marker
-        self._pongs: list[tuple[str, bytes]] | None = None
+        self._pongs: list[tuple[Side, bytes]] | None = None
         self.stats = RelayStats()
 
     # --- the Relay contract ---------------------------------------------------------------
@@ -174,13 +179,13 @@ class PassthroughRelay:
         if b.open:
             self._send_close(b, backend_code, reason)
 
-    def abandon(self, side: str, *, other_code: int, reason: str) -> None:
+    def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
         """Give up on a dead or stuck peer: nothing more to or from it; the other gets a close.
 
         If the abandoned peer's frame was part way through to the other peer, that stream can
         carry no valid frame any more, so the other peer is dropped too (no close possible).
         """
-        src = self._hop(side)
+        src = self._state(side)
         dst = self._backend if src is self._client else self._client
         if src.done:
             return
@@ -194,15 +199,15 @@ class PassthroughRelay:
             return
         self._close_other(dst, other_code, reason)
 
-    def send_ping(self, to: str, payload: bytes) -> bool:
-        """Queue the proxy's own ping to "client" or "backend"; False if that peer is closing.
+    def send_ping(self, side: Side, payload: bytes) -> bool:
+        """Queue the proxy's own ping to `side`; False if that peer is closing.
 
         Its payload is remembered (the last MAX_OWN_PINGS per hop), so the pong it earns is
         swallowed instead of reaching the other peer, which never sent that ping. Give it the
         ping marker as prefix: only pongs carrying the marker are checked against our pings.
         """
-        hop = self._hop(to)
-        frame = build_ping(payload, mask=hop.mask_out)
+        hop = self._state(side)
+        frame = build_ping(payload, mask=hop.mask_out, keys=self._keys)
         if not hop.open:
             return False
         self._emit_own(hop, frame)
@@ -213,23 +218,23 @@ class PassthroughRelay:
             del hop.own_pings[:-MAX_OWN_PINGS]
         return True
 
-    def ping_waiting(self, to: str) -> bool:
-        """Is a proxy ping to `to` still held behind a forwarded frame (not yet sendable)?
+    def ping_waiting(self, side: Side) -> bool:
+        """Is a proxy ping to `side` still held behind a forwarded frame (not yet sendable)?
 
         A peer cannot answer a ping it has not been sent: the heartbeat should start that
         ping's timeout only once this turns False. (InspectRelay never holds one.)
         """
-        pending = self._hop(to).pending
+        pending = self._state(side).pending
         return pending is not None and any(f[0] & 0x0F == PING for f in pending)
 
-    def backlog(self, side: str) -> bool:
+    def backlog(self, side: Side) -> bool:
         return False  # output never exceeds input: every read is forwarded at once
 
-    def resume(self, side: str) -> None:
+    def resume(self, side: Side) -> None:
         return None
 
-    def take_pongs(self) -> list[tuple[str, bytes]]:
-        """(leg, payload) of every pong that answered one of the proxy's pings since the last
+    def take_pongs(self) -> list[tuple[Side, bytes]]:
+        """(side, payload) of every pong that answered one of the proxy's pings since the last
         call; those were swallowed, every other pong passed end to end."""
         pongs = self._pongs
         if not pongs:
@@ -239,14 +244,14 @@ class PassthroughRelay:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _hop(self, name: str) -> _Hop:
-        if name == "client":
+    def _state(self, side: Side) -> _SideState:
+        if side == Side.CLIENT:
             return self._client
-        if name == "backend":
+        if side == Side.BACKEND:
             return self._backend
-        raise ValueError(f"unknown leg {name!r}")
+        raise ValueError(f"unknown side {side!r}")
 
-    def _emit_own(self, hop: _Hop, frame: bytes) -> None:
+    def _emit_own(self, hop: _SideState, frame: bytes) -> None:
         """Queue a frame the proxy made; it waits while a forwarded frame is part way through."""
         feeder = self._backend if hop is self._client else self._client
         if feeder.fwd and feeder.parser.remaining:
@@ -257,14 +262,14 @@ class PassthroughRelay:
         else:
             hop.out.append(frame)
 
-    def _send_close(self, hop: _Hop, code: int | None, reason: str) -> None:
+    def _send_close(self, hop: _SideState, code: int | None, reason: str) -> None:
         """The proxy's own close to `hop`, if it may still be sent one."""
         if hop.failed or hop.sent_close:
             return
-        self._emit_own(hop, build_close(code, reason, mask=hop.mask_out))
+        self._emit_own(hop, build_close(code, reason, mask=hop.mask_out, keys=self._keys))
         hop.sent_close = True
 
-    def _feed(self, src: _Hop, dst: _Hop, data: bytes) -> None:
+    def _feed(self, src: _SideState, dst: _SideState, data: bytes) -> None:
         if src.failed or (src.sent_close and src.recv_close):
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
@@ -353,7 +358,7 @@ class PassthroughRelay:
         if run >= 0:
             out.append(data if run == 0 and pos == n else mv[run:pos])
 
-    def _control(self, src: _Hop, dst: _Hop, frame: bytearray) -> bool:
+    def _control(self, src: _SideState, dst: _SideState, frame: bytearray) -> bool:
         """Act on a complete control frame from `src`; False once `src` must not be read on."""
         p = src.parser
         op = p.opcode
@@ -372,7 +377,7 @@ class PassthroughRelay:
                     src.own_pings = None
                 if self._pongs is None:
                     self._pongs = []
-                self._pongs.append((src.name, payload))
+                self._pongs.append((src.side, payload))
             elif dst.open:
                 dst.out.append(bytes(frame))
             return True
@@ -385,8 +390,8 @@ class PassthroughRelay:
         self._peer_close(src, dst, code, reason, bytes(frame))
         return False
 
-    def _peer_close(self, src: _Hop, dst: _Hop, code: int | None, reason: str, frame: bytes) -> None:
-        self.stats.peer_closed(src.name, code, reason)
+    def _peer_close(self, src: _SideState, dst: _SideState, code: int | None, reason: str, frame: bytes) -> None:
+        self.stats.peer_closed(src.side, code, reason)
         src.recv_close = True
         if not src.sent_close:
             # The peer started closing: pass its close on verbatim; its answer comes back when
@@ -401,7 +406,7 @@ class PassthroughRelay:
             self._emit_own(dst, frame)
             dst.sent_close = True
 
-    def _protocol_error(self, src: _Hop, dst: _Hop, code: int, reason: str) -> None:
+    def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
         """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src."""
         self._send_close(src, code, reason)
         src.failed = True
@@ -411,25 +416,25 @@ class PassthroughRelay:
         if code == TOO_BIG:
             # A limit, not a fault of either implementation: the other side is going away
             # either way (as InspectRelay says it).
-            why = f"{src.name} sent a {reason}"
+            why = f"{src.side} sent a {reason}"
             self.stats.proxy_close = CloseRecord(code, why)
             self._close_other(dst, GOING_AWAY, why)
             return
-        self.stats.proxy_close = CloseRecord(code, f"{src.name} protocol error: {reason}")
+        self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
         if src is self._client:
             self._close_other(dst, GOING_AWAY, "client protocol error")
         else:
             self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
 
-    def _peer_lost(self, src: _Hop, dst: _Hop) -> None:
+    def _peer_lost(self, src: _SideState, dst: _SideState) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""
         cut = self._stop(src, dst)
         if self.stats.client_close is None and src is self._client:
             self.stats.client_close = CloseRecord(ABNORMAL, "connection lost")
-            self.stats.closed_by("client")
+            self.stats.closed_by(Side.CLIENT)
         elif self.stats.backend_close is None and src is self._backend:
             self.stats.backend_close = CloseRecord(ABNORMAL, "connection lost")
-            self.stats.closed_by("backend")
+            self.stats.closed_by(Side.BACKEND)
         if cut:
             # dst holds the start of a frame that can never be completed: no valid frame can
             # follow it on that stream, so dst cannot get a close; drop the connection.
@@ -441,7 +446,7 @@ class PassthroughRelay:
         else:
             self._close_other(dst, INTERNAL_ERROR, "backend connection lost")
 
-    def _stop(self, src: _Hop, dst: _Hop) -> bool:
+    def _stop(self, src: _SideState, dst: _SideState) -> bool:
         """Read nothing more from `src`, send it nothing more; True if its frame to dst was cut."""
         cut = src.fwd and src.parser.remaining > 0
         src.failed = True
@@ -452,7 +457,7 @@ class PassthroughRelay:
         dst.fwd = False  # the rest of a frame dst is sending has nowhere to go
         return cut
 
-    def _close_other(self, dst: _Hop, code: int, reason: str) -> None:
+    def _close_other(self, dst: _SideState, code: int, reason: str) -> None:
         if dst.failed or dst.sent_close:
             return
         if not dst.recv_close:

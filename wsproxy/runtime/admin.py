@@ -5,7 +5,9 @@ Prometheus, orchestrators and people. Bounded like everything else: a request he
 most ADMIN_MAX_REQUEST_BYTES, ADMIN_TIMEOUT for the whole exchange, at most
 ADMIN_MAX_CONNECTIONS at once (further ones are closed at once). It only reads the server's state:
 the metrics registry, the session registry, the pools and the draining flag. It binds loopback
-unless the config says `allow_remote: true` (config.py enforces that).
+unless the config says `allow_remote: true` (config.py enforces that). It answers only requests
+whose Host is its own address, `localhost` or a name in `admin.hosts` (else 421), so a page on
+another site that a DNS-rebinding attack points at this address cannot read /status.json.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from wsproxy.config import AdminConfig, defaults
+from wsproxy.config import Address, AdminConfig, defaults
 from wsproxy.observe.status import STATUS_HTML, RecentErrors, build_status
+from wsproxy.policy.routing import host_allowed, host_name
+from wsproxy.protocol.handshake import phrase
+from wsproxy.runtime.listen import open_sockets
 
 if TYPE_CHECKING:
     from wsproxy.runtime.server import Server
@@ -48,10 +53,14 @@ class Response:
 class Admin:
     """Answers admin requests about one `Server`."""
 
-    def __init__(self, server: Server, errors: RecentErrors | None = None) -> None:
+    def __init__(self, server: Server, errors: RecentErrors | None = None, config: AdminConfig | None = None) -> None:
         self.server = server
         self.errors = errors if errors is not None else RecentErrors()
         self._slots = trio.Semaphore(defaults.ADMIN_MAX_CONNECTIONS)
+        # Host names answered on every connection; the address a connection arrived on is added to them
+        self.hosts = frozenset({"localhost", *(config.hosts if config else ())})
+        if config is not None:
+            self.hosts |= {host_name(config.address.host.encode())}
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -144,6 +153,13 @@ class Admin:
             await self._send(stream, h, Response(exc.error_status_hint, f"bad request: {exc}\n".encode()), head=False)
             return
         assert request is not None
+        host = next((bytes(v) for k, v in request.headers if k == b"host"), None)
+        if not host_allowed(host, self.hosts | _own_names(stream)):
+            shown = (host or b"").decode("latin-1")[:100]
+            log.warning("admin: refused a request for Host %r (not this listener's address or admin.hosts)", shown)
+            body = b"this admin listener answers to its own address, localhost and admin.hosts only\n"
+            await self._send(stream, h, Response(421, body), head=request.method == b"HEAD")
+            return
         try:
             response = self.respond(request.method, request.target)
         except Exception:  # a bug in a page must not take the admin listener down
@@ -161,7 +177,7 @@ class Admin:
             ("Connection", "close"),
             *response.headers,
         ]
-        out = h.send(h11.Response(status_code=response.status, headers=headers))
+        out = h.send(h11.Response(status_code=response.status, headers=headers, reason=phrase(response.status)))
         if not head and response.body:
             out += h.send(h11.Data(data=response.body))
         out += h.send(h11.EndOfMessage())
@@ -181,16 +197,29 @@ async def serve_admin(
     """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
-    listeners = await trio.open_tcp_listeners(port, host=config.address.host)
+    address = Address(config.address.host, port)
+    listeners = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()
     root = logging.getLogger("wsproxy")
     root.addHandler(errors)
     try:
-        admin = Admin(server, errors)
+        admin = Admin(server, errors, config)
         log.info("admin: serving http://%s:%d/ (metrics, healthz, readyz, status)", bound[0], bound[1])
         task_status.started(bound)
         await trio.serve_listeners(admin.handle, listeners)
     finally:
         root.removeHandler(errors)
+
+
+def _own_names(stream: trio.SocketStream) -> frozenset[str]:
+    """The address this connection arrived on (for a listener bound to 0.0.0.0 or ::), as a Host name."""
+    try:
+        local = stream.socket.getsockname()[0]
+    except OSError:
+        return frozenset()
+    names = {str(local).lower()}
+    if str(local).lower().startswith("::ffff:"):
+        names.add(str(local)[7:])
+    return frozenset(names)

@@ -139,7 +139,7 @@ class Capacity:
 
     # --- the accept loop ---------------------------------------------------------------------
 
-    def accept_failed(self, listener: trio.SocketListener, exc: OSError) -> bool:
+    def accept_failed(self, listening: socket.socket, exc: OSError) -> bool:
         """accept() failed with `exc` (one of ACCEPT_CAPACITY_ERRNOS). For want of descriptors,
         release the spare, take the waiting connection and close it at once (its client sees a
         closed connection instead of waiting in the backlog), and take the spare back. True: do
@@ -152,7 +152,7 @@ class Capacity:
         os.close(self._spare)
         self._spare = None
         try:
-            conn, _addr = listener.socket._sock.accept()  # type: ignore[attr-defined]
+            conn, _addr = listening.accept()
         except OSError:
             self._take_spare()
             return False

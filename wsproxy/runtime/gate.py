@@ -2,8 +2,8 @@
 
 The decisions are pure (admission.py, ratelimit.py, origin.py); this module runs them where a
 session needs them and does the waiting they imply: the auth subrequest before a backend is
-contacted, and the pause a client over its message or byte rate gets (its pump does not read,
-so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
+contacted, and the session's message/byte budget (`flow_limiter`; the relay driver stops
+reading a client over it, so TCP pushes back on the client). `Edge` is the state a server shares with all its sessions;
 `EdgeCollector` shows its counters as Prometheus metrics.
 """
 
@@ -13,7 +13,6 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -102,9 +101,8 @@ async def admit(
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
-        return Rejection(
-            503, f"every backend of pool {rules.pool} is at its max_sessions", retry_after(config.limits.retry_after)
-        )
+        why = f"every backend of pool {rules.pool} is at its max_sessions"
+        return Rejection(503, why, retry_after(config.limits.retry_after), public=why)
     ticket = edge.admission.admit(config, client_ip, rules.pool)
     if isinstance(ticket, Rejection):
         return ticket
@@ -140,17 +138,6 @@ def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
         nbytes=(rl.bytes.rate, rl.bytes.burst) if rl.bytes else None,
         close_after=rl.close_after,
     )
-
-
-async def hold_back(limiter: FlowLimiter) -> bool:
-    """Wait while the sender is over its budget. False: it has been over it for `close_after`."""
-    while True:
-        pause = limiter.pause(trio.current_time())
-        if pause is None:
-            return False
-        if pause <= 0:
-            return True
-        await trio.sleep(pause)
 
 
 class EdgeCollector(Collector):

@@ -16,7 +16,8 @@ import random
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 
@@ -39,10 +40,18 @@ from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.capacity import Capacity
 from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.health_check import HealthMonitor
-from wsproxy.runtime.reactor import AVAILABLE as REACTOR_AVAILABLE
+from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context
 from wsproxy.runtime.reactor import Reactor
-from wsproxy.runtime.session import Session, peer_address
-from wsproxy.runtime.streams import FastSocketStream, FastTLSStream, PrefixedStream
+from wsproxy.runtime.session import Session
+from wsproxy.runtime.streams import (
+    FastSocketStream,
+    FastTLSStream,
+    Stream,
+    close_socket,
+    format_address,
+    read_proxy_header,
+    tune_tcp,
+)
 from wsproxy.runtime.timers import Timers
 
 log = logging.getLogger("wsproxy.server")
@@ -50,20 +59,6 @@ log = logging.getLogger("wsproxy.server")
 # accept() failures that mean "out of descriptors or memory for now", not a broken listener
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
-
-PROXY_HEADER_READ = 256  # a PROXY header is at most 107 (v1) or 16 + a few hundred (v2) bytes
-
-
-def server_ssl_context(listener: ListenerConfig) -> ssl.SSLContext:
-    """A TLS context for a listener: TLS 1.2 minimum, ALPN http/1.1 only. Built once per listener
-    and again on reload (so renewed cert files on disk are picked up)."""
-    assert listener.tls is not None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(listener.tls.cert), str(listener.tls.key))
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
 
 class ReloadError(Exception):
     """A valid config that still cannot be applied (a cert that does not load, a port in use)."""
@@ -74,7 +69,7 @@ class _Listening:
 
     __slots__ = ("config", "scope", "sockets", "ssl_ctx")
 
-    def __init__(self, config: ListenerConfig, sockets: list[trio.SocketListener], ctx: ssl.SSLContext | None) -> None:
+    def __init__(self, config: ListenerConfig, sockets: list[socket.socket], ctx: ssl.SSLContext | None) -> None:
         self.config = config
         self.sockets = sockets
         self.ssl_ctx = ctx
@@ -96,7 +91,7 @@ class Server:
         self._all_gone = trio.Event()
         self.draining = False
         self.timers = Timers()
-        self.reactor = Reactor()  # the relay phase of every session, on one readiness loop (Linux)
+        self.reactor = Reactor(on_failure=self.metrics_relay_failure)  # every session's relay phase
         self.health = HealthMonitor(  # active checks; sync() on start and reload
             on_down=self._backend_down, on_shortage=lambda exc: self.capacity.record(exc.resource, exc.reason)
         )
@@ -112,6 +107,10 @@ class Server:
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
 
+    def metrics_relay_failure(self) -> None:
+        """A watcher of the readiness loop raised: counted (its session alone ended)."""
+        self.metrics.relay_failure()
+
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
         if self.draining and not self.sessions:
@@ -119,44 +118,37 @@ class Server:
 
     # --- connections -----------------------------------------------------------------------
 
-    async def _handle(self, stream: trio.SocketStream, slot: _Listening) -> None:
+    async def _handle(self, sock: socket.socket, slot: _Listening) -> None:
         """One accepted connection. Until it is a session the socket is ours to close; from
         then on the session closes it, possibly long after this task ended (on the reactor)."""
         session = None
         try:
-            session = await self._admit_connection(stream, slot)
+            session = await self._admit_connection(sock, slot)
         finally:
             if session is None:
-                stream.socket.close()
+                close_socket(sock)
         if session is not None:
             self.sessions.add(session)
             await session.run()
 
-    async def _admit_connection(self, stream: trio.SocketStream, slot: _Listening) -> Session | None:
+    async def _admit_connection(self, sock: socket.socket, slot: _Listening) -> Session | None:
         """PROXY header, TLS wrapping, the Session object; None: refused before a session."""
         listener, ctx = slot.config, slot.ssl_ctx  # as of accept time: a reload may change the slot later
-        client_addr = peer_address(stream)
-        conn: trio.abc.Stream = stream
-        got = None
+        client_addr = _address(sock.getpeername) or ("?", 0)
+        local_addr = _address(sock.getsockname)  # before any TLS wrap: wrap_socket takes the descriptor over
         if listener.proxy_protocol:
-            got = await self._read_proxy_header(stream, client_addr)
+            got = await self._read_proxy_header(sock, client_addr)
             if got is None:
                 return None
             if got.source is not None:
                 client_addr = got.source
-            if got.rest:
-                conn = PrefixedStream(stream, got.rest)
+            if got.dest is not None:
+                local_addr = got.dest
         if self.draining:  # accepted before the shutdown, not yet a session: the drain would never close it
             return None
-        own_addr = _local(stream)  # before any TLS wrap: wrap_socket takes the descriptor over
-        if ctx is not None:
-            if conn is stream:  # OpenSSL on the socket itself: no Python in the record path
-                conn = FastTLSStream(stream, ctx)
-            else:  # bytes already read after a PROXY header: they must go through a BIO
-                conn = trio.SSLStream(conn, ctx, server_side=True, https_compatible=True)
-        elif conn is stream:  # the system call first, a scheduler trip only when it must wait
-            conn = FastSocketStream(stream)
-        local_addr = got.dest if listener.proxy_protocol and got.dest is not None else own_addr
+        # The PROXY header was read to its last byte and no further: TLS (or the request)
+        # starts on the socket itself, so OpenSSL reads it with no Python in the record path.
+        conn: Stream = FastTLSStream(sock, ctx) if ctx is not None else FastSocketStream(sock)
         session = Session(
             conn,
             client_addr=client_addr,
@@ -171,33 +163,29 @@ class Server:
         )
         return session
 
-    async def _read_proxy_header(
-        self, stream: trio.SocketStream, peer: tuple[str, int]
-    ) -> proxy_protocol.ProxyHeader | None:
+    async def _read_proxy_header(self, sock: socket.socket, peer: tuple[str, int]) -> proxy_protocol.ProxyHeader | None:
         """The PROXY header a listener with `proxy_protocol: true` requires; None: refused."""
         reason = "no PROXY header within the handshake timeout"
         with trio.move_on_after(self.snapshot.config.timeouts.handshake):
             try:
-                got = await _receive_proxy_header(stream)
+                got = await read_proxy_header(sock)
             except ValueError as exc:
                 reason = str(exc)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except OSError as exc:
                 reason = f"connection failed: {exc}"
             else:
                 if got is not None:
                     return got
                 reason = "connection closed before a PROXY header"
-        log.warning("connection from %s refused: %s", _fmt(peer), reason)
-        await trio.aclose_forcefully(stream)
+        log.warning("connection from %s refused: %s", format_address(peer), reason)
         return None
 
     # --- listeners -------------------------------------------------------------------------
 
-    async def _open_sockets(self, listener: ListenerConfig) -> list[trio.SocketListener]:
-        addr = listener.address
-        if self.snapshot.config.workers > 1:
-            return [_reuseport_listener(addr)]
-        return list(await trio.open_tcp_listeners(addr.port, host=addr.host, backlog=1024))
+    async def _open_sockets(self, listener: ListenerConfig, config: Config) -> list[socket.socket]:
+        """Listening stdlib sockets: the server owns every connection's socket from accept on."""
+        label = listener_label(config, listener)
+        return await open_sockets(listener.address, label=label, reuse_port=config.workers > 1)
 
     def _refresh_bound(self) -> None:
         self.bound = [(slot.config, _sockname(sock)) for slot in self._listening.values() for sock in slot.sockets]
@@ -210,35 +198,42 @@ class Server:
                     loops.start_soon(self._accept_loop, sock, slot)
                 task_status.started()
 
-    async def _accept_loop(self, listener: trio.SocketListener, slot: _Listening) -> None:
-        """trio.serve_listeners' loop, minus the aclose_forcefully (a cancel scope and a
-        checkpoint) it wraps around every connection: sessions close their own sockets."""
+    async def _accept_loop(self, listening: socket.socket, slot: _Listening) -> None:
+        """Accept on a stdlib listening socket (waiting with trio only when none is pending) and
+        give each connection its task; sessions close their own sockets. Closed with the slot."""
         connections = self._connections
         assert connections is not None
-        async with listener:
+        try:
             while True:
                 try:
-                    stream = await listener.accept()
+                    sock, _ = listening.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listening)
+                    continue
                 except OSError as exc:
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    if not self.capacity.accept_failed(listener, exc):  # the spare descriptor: accept, close
+                    if not self.capacity.accept_failed(listening, exc):  # the spare descriptor: accept, close
                         await trio.sleep(ACCEPT_PAUSE)
                     continue
-                connections.start_soon(self._handle, stream, slot)
+                tune_tcp(sock)
+                connections.start_soon(self._handle, sock, slot)
+                await trio.lowlevel.checkpoint()  # a burst of connects must not hold the scheduler
+        finally:
+            close_socket(listening)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
         async with trio.open_nursery() as connections:
             self._connections = connections
             await connections.start(self.timers.run)
-            if REACTOR_AVAILABLE:
-                await connections.start(self.reactor.run)
+            await connections.start(self.reactor.run)
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
-            for key, lst in listener_keys(self.snapshot.config).items():
-                ctx = server_ssl_context(lst) if lst.tls is not None else None
-                self._listening[key] = _Listening(lst, await self._open_sockets(lst), ctx)
+            config = self.snapshot.config
+            for key, lst in listener_keys(config).items():
+                ctx = server_ssl_context(lst, listener_label(config, lst)) if lst.tls is not None else None
+                self._listening[key] = _Listening(lst, await self._open_sockets(lst, config), ctx)
             self._refresh_bound()
             self.capacity.start(self.snapshot.config)  # the spare descriptor; warns if RLIMIT_NOFILE is short
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
@@ -277,18 +272,19 @@ class Server:
         for lst in config.listeners:
             if lst.tls is not None:
                 try:
-                    contexts[lst.address] = server_ssl_context(lst)
-                except (OSError, ssl.SSLError) as exc:
-                    raise ReloadError(f"listener {lst.address}: cannot load TLS cert/key: {exc}") from None
+                    contexts[lst.address] = server_ssl_context(lst, listener_label(config, lst))
+                except ListenError as exc:
+                    raise ReloadError(str(exc)) from None
         opened: list[tuple[ListenerKey, _Listening]] = []
         try:
             for key, lst in plan.open:
-                opened.append((key, _Listening(lst, await self._open_sockets(lst), contexts.get(lst.address))))
-        except OSError as exc:
+                sockets = await self._open_sockets(lst, config)
+                opened.append((key, _Listening(lst, sockets, contexts.get(lst.address))))
+        except ListenError as exc:
             for _, slot in opened:
                 for sock in slot.sockets:
-                    await sock.aclose()
-            raise ReloadError(f"cannot listen on {lst.address}: {exc}") from None
+                    sock.close()
+            raise ReloadError(str(exc)) from None
         # the swap: from here on nothing fails
         self.snapshot = Snapshot.build(config, previous=self.snapshot)
         self.reloads += 1
@@ -412,52 +408,15 @@ class Server:
             session.cut()
 
 
-async def _receive_proxy_header(stream: trio.SocketStream) -> proxy_protocol.ProxyHeader | None:
-    data = b""
-    while True:
-        chunk = await stream.receive_some(PROXY_HEADER_READ)
-        if not chunk:
-            return None
-        data += chunk
-        got = proxy_protocol.parse(data)
-        if got is not None:
-            return got
-        if len(data) > proxy_protocol.V2_MAX_TLV + 16:
-            raise ValueError("PROXY header too long")
-
-
-def _reuseport_listener(addr: Address) -> trio.SocketListener:
-    """A listening socket that other workers bind too (SO_REUSEPORT: the kernel spreads connects)."""
-    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _address(get: Callable[[], Any]) -> tuple[str, int] | None:
+    """A socket's peer or own address as (host, port); None if the socket cannot tell."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((addr.host, addr.port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"{addr} is in use by another program") from None
-        raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-
-def _local(stream: trio.SocketStream) -> tuple[str, int] | None:
-    try:
-        name = stream.socket.getsockname()
+        name = get()
     except OSError:
         return None
+    return (name[0], name[1]) if isinstance(name, tuple) else (str(name), 0)
+
+
+def _sockname(sock: socket.socket) -> tuple[str, int]:
+    name = sock.getsockname()
     return (name[0], name[1])
-
-
-def _sockname(sock: trio.SocketListener) -> tuple[str, int]:
-    name = sock.socket.getsockname()
-    return (name[0], name[1])
-
-
-def _fmt(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"

@@ -1,5 +1,13 @@
-"""Streams of the shell: a prefix replayed after a PROXY header, and the relay's fast plain-TCP
-and TLS streams."""
+"""The streams of a session's handshake phase, on sockets the shell owns from accept on.
+
+The server accepts on stdlib listening sockets and the upstream connects stdlib sockets, so every
+socket a session uses is ours from the start: nothing has to be pried out of trio's streams when
+the relay phase hands the sockets to the readiness loop (`.socket`). Until then the handshake
+speaks to them through two trio streams that try the system call first and wait only when it
+must: `FastSocketStream` (plain TCP) and `FastTLSStream` (server-side TLS, OpenSSL on the socket
+itself, public `ssl` APIs only). `read_proxy_header` reads a PROXY header without taking a byte
+past it, so TLS (or the request) starts on the socket right after it.
+"""
 
 from __future__ import annotations
 
@@ -9,58 +17,58 @@ import ssl
 
 import trio
 
-
-class PrefixedStream(trio.abc.Stream):
-    """`prefix`, then whatever `inner` yields; sends go straight to `inner`."""
-
-    __slots__ = ("_prefix", "inner")
-
-    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
-        self.inner = inner
-        self._prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            await trio.lowlevel.checkpoint()
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:n], self._prefix[n:]
-            return data
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        if isinstance(self.inner, trio.abc.HalfCloseableStream):
-            await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
+from wsproxy.protocol import proxy_protocol
 
 FAIR_EVERY = 16  # operations that did not have to wait, between two yields to the scheduler
+PROXY_PEEK = 16 + proxy_protocol.V2_MAX_TLV  # the longest PROXY header we accept
+
+
+# Unsent bytes a TCP socket may hold before it stops reporting writable (trio's SocketStream
+# default too): without it the kernel takes megabytes for a slow peer, and a send the peer is
+# still draining looks like one it takes nothing of (the slow-consumer timer).
+NOTSENT_LOWAT = 16384
+
+
+def tune_tcp(sock: socket.socket) -> None:
+    """The options every TCP socket of a session gets: non-blocking, no Nagle delay (frames are
+    written whole), a small unsent-bytes watermark (`NOTSENT_LOWAT`)."""
+    sock.setblocking(False)
+    with contextlib.suppress(OSError):  # not TCP (a Unix socket in a test)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if lowat is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, lowat, NOTSENT_LOWAT)
+
+
+def format_address(addr: tuple[str, int]) -> str:
+    """host:port, an IPv6 host in brackets: how addresses appear in logs."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close `sock` now, waking any trio task that waits on it (with ClosedResourceError)."""
+    if sock.fileno() != -1:
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
 
 
 class FastSocketStream(trio.abc.HalfCloseableStream):
-    """A plain TCP stream that tries the system call first and waits only when it must.
+    """A plain TCP stream on a non-blocking stdlib socket that it owns.
 
     trio's SocketStream yields to the scheduler on every receive and send, even when data is
-    already there or the send buffer has room: on a relay, that is most of the cost (see
-    docs/performance.md). This one calls `recv`/`send` on the non-blocking socket directly, waits
-    with `wait_readable`/`wait_writable` only on EWOULDBLOCK, and yields every FAIR_EVERY calls
-    that did not wait, so one flooding peer cannot starve other sessions or hold off a
-    cancellation. Closing goes through the wrapped SocketStream, whose close wakes any waiter
-    with ClosedResourceError, as trio's own streams do.
+    already there or the send buffer has room (docs/performance.md). This one calls `recv`/`send`
+    directly, waits with `wait_readable`/`wait_writable` only on EWOULDBLOCK, and yields every
+    FAIR_EVERY calls that did not wait, so one busy peer cannot starve other sessions or hold off
+    a cancellation.
     """
 
-    __slots__ = ("_raw", "_streak", "stream")
+    __slots__ = ("_streak", "socket")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self._raw = stream.socket._sock  # trio keeps the stdlib socket here, non-blocking
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock  # the relay phase hands this to the readiness loop
         self._streak = 0
 
     async def _fair(self) -> None:
@@ -77,10 +85,10 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()  # before the call: a cancelled receive takes nothing
         while True:
             try:
-                data = self._raw.recv(size)
+                data = self.socket.recv(size)
             except BlockingIOError:
                 self._streak = 0
-                await trio.lowlevel.wait_readable(self._raw)
+                await trio.lowlevel.wait_readable(self.socket)
                 continue
             except OSError as exc:
                 raise self._translate(exc) from exc
@@ -92,10 +100,10 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint_if_cancelled()  # before the call: a cancelled send sends nothing
         while view:
             try:
-                sent = self._raw.send(view)
+                sent = self.socket.send(view)
             except BlockingIOError:
                 self._streak = 0
-                await trio.lowlevel.wait_writable(self._raw)
+                await trio.lowlevel.wait_writable(self.socket)
                 continue
             except OSError as exc:
                 raise self._translate(exc) from exc
@@ -103,22 +111,30 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         await self._fair()
 
     def _translate(self, exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        if self._raw.fileno() == -1:
+        if self.socket.fileno() == -1:
             return trio.ClosedResourceError("the socket was closed")
         return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
+        await trio.lowlevel.wait_writable(self.socket)
 
     async def send_eof(self) -> None:
-        await self.stream.send_eof()
+        await trio.lowlevel.checkpoint()
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._translate(exc) from exc
+
+    def close_now(self) -> None:
+        close_socket(self.socket)
 
     async def aclose(self) -> None:
-        await self.stream.aclose()
+        self.close_now()
+        await trio.lowlevel.checkpoint()
 
 
 class FastTLSStream(trio.abc.Stream):
-    """Server-side TLS on a non-blocking `ssl.SSLSocket` over the kernel socket.
+    """Server-side TLS on a non-blocking `ssl.SSLSocket` wrapped around a socket we own.
 
     trio.SSLStream pushes every record through two MemoryBIOs in Python; here OpenSSL reads and
     writes the socket itself and Python only waits when it says SSL_WANT_READ/WRITE, like
@@ -129,12 +145,12 @@ class FastTLSStream(trio.abc.Stream):
     stream (`suppress_ragged_eofs`), as with SSLStream's https_compatible.
     """
 
-    __slots__ = ("_handshaken", "_ssl", "_streak")
+    __slots__ = ("_handshaken", "_streak", "socket")
 
-    def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext) -> None:
-        raw = stream.socket._sock  # taken over: from here on this object owns the descriptor
-        self._ssl = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True)
-        self._ssl.setblocking(False)
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=True)
+        tls.setblocking(False)
+        self.socket = tls  # from here on this owns the descriptor (wrap_socket detached `sock`)
         self._handshaken = False
         self._streak = 0
 
@@ -142,16 +158,16 @@ class FastTLSStream(trio.abc.Stream):
         self._streak = 0
         try:
             if isinstance(exc, ssl.SSLWantWriteError):
-                await trio.lowlevel.wait_writable(self._ssl)
+                await trio.lowlevel.wait_writable(self.socket)
             else:
-                await trio.lowlevel.wait_readable(self._ssl)
+                await trio.lowlevel.wait_readable(self.socket)
         except trio.BusyResourceError:
             await trio.sleep(0.001)  # the other task waits on this socket: let it, then retry
 
     async def _handshake(self) -> None:
         while not self._handshaken:
             try:
-                self._ssl.do_handshake()
+                self.socket.do_handshake()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
                 await self._wait(exc)
                 continue
@@ -171,7 +187,7 @@ class FastTLSStream(trio.abc.Stream):
         size = max_bytes if max_bytes is not None else 65536
         while True:
             try:
-                data = self._ssl.recv(size)
+                data = self.socket.recv(size)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
                 await self._wait(exc)
                 continue
@@ -186,9 +202,9 @@ class FastTLSStream(trio.abc.Stream):
         view = memoryview(data)
         while view:
             try:
-                sent = self._ssl.send(view)
+                sent = self.socket.send(view)
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-                await self._wait(exc)
+                await self._wait(exc)  # retried with the same view: OpenSSL's rule
                 continue
             except (ssl.SSLError, OSError) as exc:
                 raise self._translate(exc) from exc
@@ -196,12 +212,12 @@ class FastTLSStream(trio.abc.Stream):
         await self._fair()
 
     def _translate(self, exc: BaseException) -> trio.ClosedResourceError | trio.BrokenResourceError:
-        if self._ssl.fileno() == -1:
+        if self.socket.fileno() == -1:
             return trio.ClosedResourceError("the socket was closed")
         return trio.BrokenResourceError(f"TLS connection broken: {exc}")
 
     async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self._ssl)
+        await trio.lowlevel.wait_writable(self.socket)
 
     async def aclose(self) -> None:
         """Send close_notify if the socket takes it at once, then close; never waits for the peer."""
@@ -209,40 +225,48 @@ class FastTLSStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     def close_now(self) -> None:
-        if self._ssl.fileno() != -1:
+        if self.socket.fileno() != -1:
             if self._handshaken:
                 with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-                    self._ssl.unwrap()
-            trio.lowlevel.notify_closing(self._ssl)
-            self._ssl.close()
+                    self.socket.unwrap()
+            close_socket(self.socket)
 
 
-def raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """The non-blocking socket under a plain or FastTLS stream, for the reactor to drive; None
-    for a stream whose bytes pass through Python first (trio.SSLStream, a PROXY prefix)."""
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket._sock  # type: ignore[attr-defined]
-    if isinstance(stream, FastSocketStream):
-        return stream._raw
-    if isinstance(stream, FastTLSStream):
-        return stream._ssl if stream._handshaken else None
-    if isinstance(stream, PrefixedStream) and not stream._prefix:
-        return raw_socket(stream.inner)
-    return None
+Stream = FastSocketStream | FastTLSStream
 
 
-def close_now(stream: trio.abc.Stream) -> bool:
-    """Close a socket-backed stream without waiting (True), as aclose_forcefully would but
-    without its cancel scope and checkpoint: a handshake-rate cost. False: not one of ours,
-    close it with trio.aclose_forcefully."""
-    if isinstance(stream, PrefixedStream):  # (the prefix was read already, or is dropped with the socket)
-        stream = stream.inner
-    if isinstance(stream, FastSocketStream):
-        stream = stream.stream
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()  # trio's close: wakes any waiter with ClosedResourceError
-        return True
-    if isinstance(stream, FastTLSStream):
-        stream.close_now()
-        return True
-    return False
+def _header_bytes(data: bytes) -> int:
+    """How many of `data` (the first bytes a client sent) belong to its PROXY header, as far as
+    they tell: all of them until the header's end is in sight. ValueError: not a PROXY header."""
+    sig = proxy_protocol.V2_SIGNATURE
+    if data[: len(sig)] == sig[: len(data)]:
+        if len(data) < 16:
+            return len(data)  # a v2 header is at least its 16-byte fixed part
+        return min(len(data), 16 + int.from_bytes(data[14:16], "big"))
+    prefix = proxy_protocol.V1_PREFIX
+    if data[: len(prefix)] == prefix[: len(data)]:
+        end = data.find(b"\r\n", 0, proxy_protocol.V1_MAX)
+        return end + 2 if end >= 0 else min(len(data), proxy_protocol.V1_MAX)
+    raise ValueError("not a PROXY protocol header")
+
+
+async def read_proxy_header(sock: socket.socket) -> proxy_protocol.ProxyHeader | None:
+    """Read the PROXY header at the start of `sock` and nothing past it (the client's TLS or HTTP
+    bytes stay in the kernel for whoever reads next): peek, take exactly the header's bytes seen
+    so far. None: the connection ended first; ValueError: not a valid header."""
+    got = b""
+    while True:
+        try:
+            seen = sock.recv(PROXY_PEEK - len(got), socket.MSG_PEEK)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        if not seen:
+            return None
+        take = _header_bytes(got + seen) - len(got)
+        got += sock.recv(take)  # at least one byte: what was peeked is there
+        header = proxy_protocol.parse(got)
+        if header is not None:
+            return header
+        if len(got) >= PROXY_PEEK:
+            raise ValueError("PROXY header too long")

@@ -31,6 +31,20 @@ RESTART_BACKOFF_MAX = 30.0
 HEALTHY_AFTER = 10.0  # a worker that ran this long resets its back-off
 
 
+def startup_errors(exc: BaseException) -> list[OSError] | None:
+    """The OSErrors (a port in use, an address not available) that stopped a start, however trio
+    grouped them; None if anything else is among them (a bug: let it raise)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[OSError] = []
+        for inner in exc.exceptions:
+            found = startup_errors(inner)
+            if found is None:
+                return None
+            leaves += found
+        return leaves
+    return [exc] if isinstance(exc, OSError) else None
+
+
 async def run(
     config: Config,
     config_path: str | Path | None = None,

@@ -11,12 +11,14 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
 
 from wsproxy.config import Address
 from wsproxy.policy import capacity
+from wsproxy.runtime.streams import FastSocketStream, close_socket, tune_tcp
 
 
 class UpstreamError(Exception):
@@ -43,37 +45,47 @@ class LocalResourceError(Exception):
 class UpstreamAnswer:
     """What the backend said: a 101 (with bytes that followed it) or a normal HTTP response."""
 
-    stream: trio.abc.Stream
+    stream: FastSocketStream
     conn: h11.Connection
     response: h11.InformationalResponse | h11.Response
     trailing: bytes = b""
 
 
-async def connect(address: Address, timeout: float) -> trio.SocketStream:
-    """Open a TCP stream to the backend within `timeout` seconds.
+async def connect(address: Address, timeout: float) -> FastSocketStream:
+    """Open a TCP connection to the backend within `timeout` seconds, on a stdlib socket the
+    session owns from here on (the relay phase hands it to the readiness loop as it is).
 
-    Backends are usually given by IP address: those skip name resolution and the happy-eyeballs
-    machinery of trio.open_tcp_stream (a tenth of a handshake's CPU in the profile), and connect
-    one socket directly. Names still go through open_tcp_stream.
+    Backends are usually given by IP address: those skip name resolution. A name is resolved
+    (trio's threaded getaddrinfo) and its addresses are tried in order within the same timeout.
 
-    Raises UpstreamError (the backend's failure) or LocalResourceError (the proxy's own shortage).
+    Raises UpstreamError (the backend's failure) or LocalResourceError (the proxy's own shortage:
+    a socket or connect that failed for want of descriptors, memory, buffers or source ports).
     """
     family = _ip_family(address.host)
+    last: OSError | None = None
     with trio.move_on_after(timeout) as scope:
-        try:
-            if family is None:
-                stream = await trio.open_tcp_stream(address.host, address.port)
-            else:
-                stream = await _connect_numeric(family, address.host, address.port)
-        except OSError as exc:
-            reason = f"connect to {address} failed: {exc.strerror or exc}"
-            resource = capacity.local_resource(exc.errno)
-            if resource is not None:
-                raise LocalResourceError(resource, reason) from None
-            raise UpstreamError(reason) from None
+        if family is not None:
+            targets: list[tuple[int, tuple[Any, ...]]] = [(family, (address.host, address.port))]
+        else:
+            try:
+                infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
+            targets = [(info[0], tuple(info[4])) for info in infos]
+        for fam, sockaddr in targets:
+            try:
+                return FastSocketStream(await _connect_one(fam, sockaddr))
+            except OSError as exc:
+                resource = capacity.local_resource(exc.errno)
+                if resource is not None:  # the proxy's own shortage: no other address would fare better
+                    raise LocalResourceError(
+                        resource, f"connect to {address} failed: {exc.strerror or exc}"
+                    ) from None
+                last = exc
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
-    return stream  # trio.SocketStream sets TCP_NODELAY itself
+    reason = (last.strerror or str(last)) if last is not None else "no address"
+    raise UpstreamError(f"connect to {address} failed: {reason}")
 
 
 @functools.lru_cache(maxsize=1024)  # per backend address, not per connection
@@ -84,28 +96,27 @@ def _ip_family(host: str) -> int | None:
         return None
 
 
-async def _connect_numeric(family: int, host: str, port: int) -> trio.SocketStream:
+async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
     """A non-blocking connect on a plain socket, waiting for writability only if it is still in
     progress (trio's socket connect adds a lock and a generator context manager per call)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setblocking(False)
+        tune_tcp(sock)
         try:
-            sock.connect((host, port))
+            sock.connect(sockaddr)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
     except BaseException:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
+        close_socket(sock)
         raise
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return sock
 
 
 async def request_upgrade(
-    stream: trio.abc.Stream, request: h11.Request, *, max_header_bytes: int, receive_size: int
+    stream: FastSocketStream, request: h11.Request, *, max_header_bytes: int, receive_size: int
 ) -> UpstreamAnswer:
     """Send the Upgrade request and read the backend's response head (not its body).
 

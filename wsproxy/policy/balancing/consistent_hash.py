@@ -48,7 +48,7 @@ def vnode_points(name: str, count: int) -> list[int]:
     return points[:count]
 
 
-def cap(factor: float, total_active: int, weight: int, total_weight: int) -> int:
+def cap(factor: float, total_active: int, weight: float, total_weight: float) -> int:
     """Most sessions a backend may hold before a new one is placed (bounded loads).
 
     ceil(factor * (total_active + 1) * weight / total_weight): the +1 counts the session being

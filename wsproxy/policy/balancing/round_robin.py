@@ -15,7 +15,7 @@ from wsproxy.policy.balancing.base import Backend, Policy
 class RoundRobin(Policy):
     def __init__(self, backends: Sequence[Backend], config: PoolConfig) -> None:
         super().__init__(backends, config)
-        self._score = [0] * len(self.backends)
+        self._score: list[float] = [0.0] * len(self.backends)
         self._total = sum(b.weight for b in self.backends)
 
     def candidates(self, key: bytes | None = None, weights: Sequence[float] | None = None) -> Iterator[Backend]:

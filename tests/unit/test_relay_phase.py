@@ -1,0 +1,244 @@
+"""policy.relay_phase.RelayPhase with plain values: events in, actions out, no sockets, no clock.
+
+The relay under it is the real passthrough relay (frames forwarded verbatim), so what a test
+sends are real WebSocket frames; the "driver" here is the test, which reports what its sends took.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsproxy.policy import relay_phase as rp
+from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.policy.relay_phase import RelayPhase
+from wsproxy.protocol.frames import build_close, build_frame, build_pong, parse_close
+from wsproxy.protocol.heartbeat import Schedule, SendPing
+from wsproxy.protocol.relay_passthrough import PING_MARKER, PassthroughRelay
+
+
+def phase(**kw: Any) -> RelayPhase:
+    kw.setdefault("close_timeout", 5.0)
+    return RelayPhase(PassthroughRelay(), **kw)
+
+
+def taken(actions: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The actions of one event, as a driver takes them (the phase reuses its list)."""
+    out = list(actions)
+    actions.clear()
+    return out
+
+
+def sends(actions: list[tuple[Any, ...]], side: str) -> list[bytes]:
+    return [bytes(a[2]) for a in actions if a[0] == rp.SEND and a[1] == side]
+
+
+def text(data: bytes, *, from_client: bool = True) -> bytes:
+    return build_frame(0x1, data, mask=from_client)
+
+
+def test_a_read_from_the_client_becomes_a_send_to_the_backend() -> None:
+    p = phase()
+    frame = text(b"hello")
+    got = taken(p.received("client", frame, now=1.0))
+    assert got == [(rp.SEND, "backend", frame)]
+    assert p.may_read(p.client) is False  # backpressure: its bytes are in flight
+    assert taken(p.sent("backend", len(frame), now=1.0)) == []
+    assert p.may_read(p.client) is True
+    assert p.wants(p.backend) == (True, False)
+
+
+def test_a_partial_send_keeps_the_rest_and_stops_reading_the_producer_until_it_is_out() -> None:
+    p = phase(slow_consumer_timeout=3.0)
+    frame = text(b"x" * 1000)
+    taken(p.received("client", frame, now=1.0))
+    got = taken(p.sent("backend", 400, now=1.0))
+    assert got == [(rp.ARM, rp.STALL_TIMER, "backend", 4.0)]  # the slow-consumer deadline
+    assert bytes(p.backend.out) == frame[400:]
+    assert p.wants(p.client) == (False, False) and p.wants(p.backend) == (True, True)
+    got = taken(p.sent("backend", len(frame) - 400, now=2.5))
+    assert (rp.REPORT, rp.STALL_ENDED, "backend", 1.5) in got
+    assert (rp.CANCEL, rp.STALL_TIMER, "backend") in got
+    assert p.may_read(p.client)
+
+
+def test_a_write_that_took_nothing_is_retried_with_the_same_buffer_and_new_bytes_wait_behind_it() -> None:
+    """OpenSSL's rule: a write it answered with want-write is repeated with the same buffer. The
+    proxy's own ping queued meanwhile must not grow it: it waits behind, and goes next."""
+    p = phase()
+    frame = text(b"y" * 100, from_client=False)
+    out = taken(p.received("backend", frame, now=0.0))[0][2]
+    taken(p.sent("client", 0, now=0.0))  # want-write: nothing taken
+    assert p.relay.send_ping("client", PING_MARKER + b"1")
+    assert taken(p.settle(now=0.1)) == []  # nothing sent while the first write is pending
+    assert p.client.out is out  # the very buffer given to the first send
+    got = taken(p.sent("client", len(frame), now=0.2))
+    assert got == [(rp.SEND, "client", build_frame(0x9, PING_MARKER + b"1", mask=False))]
+
+
+def test_the_slow_consumer_is_dropped_and_the_other_peer_is_told_why() -> None:
+    p = phase(slow_consumer_timeout=2.0)
+    frame = text(b"z" * 50, from_client=False)
+    taken(p.received("backend", frame, now=0.0))
+    taken(p.sent("client", 10, now=0.0))
+    got = taken(p.timer(rp.STALL_TIMER, "client", now=2.0))
+    assert (rp.REPORT, rp.SLOW_CONSUMER, "client", 2.0) in got
+    assert (rp.CLOSE, "client") in got
+    (close,) = sends(got, "backend")
+    assert close[0] == 0x88  # a close frame, masked toward the backend, code 1001 with the reason
+    assert p.client.out == b""
+
+
+def test_a_stall_timer_that_fires_after_the_bytes_left_does_nothing() -> None:
+    p = phase(slow_consumer_timeout=2.0)
+    frame = text(b"z" * 50, from_client=False)
+    taken(p.received("backend", frame, now=0.0))
+    taken(p.sent("client", 10, now=0.0))
+    taken(p.sent("client", len(frame) - 10, now=1.0))
+    assert taken(p.timer(rp.STALL_TIMER, "client", now=2.0)) == []
+    assert not p.client.closed
+
+
+def test_a_client_over_its_byte_rate_is_paused_then_read_again_then_closed_with_1008() -> None:
+    flow = FlowLimiter(now=0.0, nbytes=(100.0, 100.0), close_after=2.0)
+    p = phase(flow=flow)
+    frame = text(b"a" * 150)  # 156 bytes on the wire: 0.56 s of debt
+    got = taken(p.received("client", frame, now=0.0))
+    assert (rp.REPORT, rp.THROTTLED, "client", None) in got
+    arm = next(a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER)
+    assert arm[3] > 0.0
+    taken(p.sent("backend", len(frame), now=0.0))
+    assert not p.may_read(p.client)  # paused by the budget, not by backpressure
+    taken(p.timer(rp.THROTTLE_TIMER, "client", now=arm[3] + 0.001))
+    assert p.may_read(p.client)
+    # over the rate again and again: once it has been over for close_after, 1008
+    now = arm[3]
+    for _ in range(10):
+        got = taken(p.received("client", frame, now=now))
+        for a in got:
+            if a[0] == rp.SEND:
+                taken(p.sent(a[1], len(a[2]), now=now))
+        if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
+            break
+        now += 1.0
+    else:
+        raise AssertionError("never closed")
+    (to_client,) = sends(got, "client")
+    assert parse_close(to_client[2:])[0] == 1008
+
+
+def test_a_close_from_the_client_arms_the_close_timer_which_ends_the_session() -> None:
+    p = phase(close_timeout=5.0)
+    got = taken(p.received("client", build_close(1000, "bye", mask=True), now=10.0))
+    assert (rp.ARM, rp.CLOSE_TIMER, None, 15.0) in got
+    taken(p.sent("backend", len(got[0][2]), now=10.0))
+    assert taken(p.timer(rp.CLOSE_TIMER, None, now=15.0)) == [(rp.END,)]
+    assert p.done and p.wants(p.client) == (False, False)
+
+
+def test_a_full_closing_handshake_closes_both_sides_and_ends() -> None:
+    p = phase()
+    close = build_close(1000, "", mask=True)
+    taken(p.received("client", close, now=0.0))
+    assert taken(p.sent("backend", len(close), now=0.0)) == []
+    answer = build_close(1000, "", mask=False)
+    # the backend's answer closes the backend at once; the client once the answer is out
+    assert taken(p.received("backend", answer, now=0.1)) == [(rp.SEND, "client", answer), (rp.CLOSE, "backend")]
+    assert taken(p.sent("client", len(answer), now=0.1)) == [(rp.CLOSE, "client"), (rp.END,)]
+
+
+def test_a_failed_send_closes_that_side_and_the_other_peer_hears_1001() -> None:
+    p = phase()
+    frame = text(b"q", from_client=False)
+    taken(p.received("backend", frame, now=0.0))
+    got = taken(p.send_failed("client", now=0.0))
+    assert (rp.CLOSE, "client") in got
+    (close,) = sends(got, "backend")
+    assert close[0] == 0x88
+
+
+def test_heartbeat_accounting_traffic_data_and_own_pongs() -> None:
+    schedule = Schedule(0.0, interval=1.0, timeout=5.0, legs=("client",), idle=60.0)
+    p = phase(schedule=schedule)
+    frame = text(b"hi")
+    taken(p.received("client", frame, now=3.0))
+    assert schedule.last_data == 3.0
+    taken(p.sent("backend", len(frame), now=3.0))
+    (ping,) = [a for a in schedule.due(4.5) if isinstance(a, SendPing)]  # the client is silent since 3.0
+    assert p.relay.send_ping("client", ping.payload)
+    (sent,) = sends(taken(p.settle(now=4.5)), "client")
+    taken(p.sent("client", len(sent), now=4.5))
+    got = taken(p.received("client", build_pong(ping.payload, mask=True), now=4.75))
+    assert got == [(rp.REPORT, rp.PONG_RTT, "client", 0.25)]  # swallowed, measured
+    assert schedule.rtt("client") == 0.25
+    assert schedule.last_data == 3.0  # a pong is traffic, not data
+
+
+def test_eof_from_both_peers_ends_the_session() -> None:
+    p = phase()
+    got = taken(p.received("client", b"", now=0.0))
+    (close,) = sends(got, "backend")  # the client vanished: the backend hears 1001
+    assert (rp.CLOSE, "client") in got and not p.may_read(p.client)
+    got = taken(p.sent("backend", len(close), now=0.0)) + taken(p.received("backend", b"", now=0.1))
+    assert got == [(rp.CLOSE, "backend"), (rp.END,)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=12),
+    takes=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=60),
+    pings=st.lists(st.booleans(), min_size=1, max_size=60),
+)
+def test_whatever_the_sends_take_every_byte_arrives_once_in_order(
+    messages: list[bytes], takes: list[int], pings: list[bool]
+) -> None:
+    """Reads from the client whenever the phase allows, sends that take arbitrary amounts (0
+    included: want-write), the proxy's pings queued at arbitrary moments: the backend receives
+    exactly the client's frames in order with the pings between frames, the in-flight buffer is
+    only ever replaced once it was sent whole, and pending bytes never exceed one read plus the
+    queued control frames."""
+    p = phase()
+    frames = [text(m) for m in messages]
+    wire = bytearray()
+    queue = list(frames)
+    step = 0
+    pings_queued = 0
+    in_flight: bytes | memoryview = b""
+    while queue or p.backend.out:
+        step += 1
+        assert step < 10_000
+        if pings[step % len(pings)] and pings_queued < 5 and p.relay.send_ping("backend", PING_MARKER + b"%d" % step):
+            pings_queued += 1
+            for a in taken(p.settle(now=float(step))):
+                assert a[0] == rp.SEND and not in_flight, "a new buffer while one was in flight"
+                in_flight = a[2]
+        if p.may_read(p.client) and queue:
+            for a in taken(p.received("client", queue.pop(0), now=float(step))):
+                assert a[0] == rp.SEND and not in_flight
+                in_flight = a[2]
+        assert len(p.backend.out) + sum(map(len, p.backend.more or ())) <= 300 + 8 + 5 * 20
+        if in_flight:
+            # arbitrary amounts for a while (0: the peer takes nothing), then whole sends
+            n = min(takes[step % len(takes)], len(in_flight)) if step < 3 * len(takes) else len(in_flight)
+            wire += bytes(in_flight)[:n]
+            assert p.backend.out is in_flight
+            next_actions = taken(p.sent("backend", n, now=float(step)))
+            in_flight = p.backend.out
+            for a in next_actions:
+                if a[0] == rp.SEND:
+                    assert a[2] is p.backend.out
+    got = bytes(wire)
+    stripped = bytearray()  # the wire without the proxy's pings (frame by frame: every frame is whole)
+    pos = 0
+    while pos < len(got):
+        length = got[pos + 1] & 0x7F
+        head = 2 + (2 if length == 126 else 0) + 4
+        if length == 126:
+            length = int.from_bytes(got[pos + 2 : pos + 4], "big")
+        end = pos + head + length
+        if got[pos] & 0x0F != 0x9:
+            stripped += got[pos:end]
+        pos = end
+    assert bytes(stripped) == b"".join(frames)

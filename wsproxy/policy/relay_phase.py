@@ -1,0 +1,372 @@
+"""The relay phase's decisions, sans I/O: what to send, when to stop reading, what to close, when.
+
+A session's relay (relay_passthrough / relay_inspect) turns bytes into bytes; around it sit the
+decisions that make a relay a good citizen of the proxy, and they are all here, as pure code that
+takes events and returns actions, so they can be tested with plain values and no sockets:
+
+- backpressure: a peer is not read while what it sent before still waits for the other one, so
+  each side has one pending buffer, bounded by one read plus the proxy's own control frames. The
+  buffer in flight is kept exactly as it was given to the last send (a TLS write that OpenSSL
+  answered with want-read/want-write must be retried with the same buffer); what the relay
+  queues meanwhile waits behind it;
+- the slow consumer: a side that took nothing of its pending bytes for `slow_consumer_timeout`
+  is dropped, and the other peer is told why;
+- rate-limit pauses: a client over its message/byte budget (FlowLimiter) is not read until the
+  budget allows, and is closed with 1008 once it has been over it for `close_after`;
+- the close timer: once a closing handshake started, the session ends at `close_timeout` at the
+  latest;
+- heartbeat accounting: what each read carried (traffic from a peer, data frames, the proxy's own
+  pongs) goes to the heartbeat schedule.
+
+Events are the methods (`start`, `received`, `sent`, `send_failed`, `timer`, `settle`), each
+with `now`; each returns the list of actions to carry out in order (tuples, tag first: `SEND`,
+`CLOSE`, `ARM`, `CANCEL`, `REPORT`, `LATER`, `END`). What to watch a socket for is a query
+(`wants`), asked by the driver once after it carried out a batch of actions, so a burst of
+events costs one change of the poller's registration. The driver (runtime/link.py) owns the
+sockets, TLS and the timers, and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.protocol.heartbeat import Schedule
+from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
+
+CLIENT, BACKEND = "client", "backend"
+SETTLE_ROUNDS = 16  # relay steps per event before the rest is asked for in a later round (LATER)
+
+# Actions: (tag, ...) tuples, carried out in order.
+SEND = "send"  # (SEND, side, data): write data to side's socket, then report `sent` or `send_failed`
+CLOSE = "close"  # (CLOSE, side): close that side's socket now (its pending bytes are out or dropped)
+ARM = "arm"  # (ARM, timer, side, when): call `timer(timer, side, now)` at `when` (replaces one armed)
+CANCEL = "cancel"  # (CANCEL, timer, side): forget that timer
+REPORT = "report"  # (REPORT, what, side, value): for metrics and logs; changes nothing here
+LATER = "later"  # (LATER,): call `settle` again in a coming round (a long backlog, split to be fair)
+END = "end"  # (END,): the relay phase is over: close what is open, release the session
+
+# Timers (the `timer` of ARM, CANCEL and the `timer` event).
+CLOSE_TIMER = "close"  # side None: the closing handshake ran out of time
+STALL_TIMER = "stall"  # per side: the slow-consumer deadline
+THROTTLE_TIMER = "throttle"  # side "client": the rate-limit pause is over
+
+# Reports (the `what` of REPORT).
+BUFFER_FULL = "buffer_full"  # side: the relay's output queue toward `side` is full (reading paused)
+STALL_ENDED = "stall_ended"  # side, seconds: pending bytes toward `side` waited this long, now sent
+SLOW_CONSUMER = "slow_consumer"  # side, seconds: `side` took nothing that long: dropped
+THROTTLED = "throttled"  # client: newly over its message/byte budget (reading paused)
+RATE_CLOSED = "rate_closed"  # client, seconds: over its budget for close_after: closing with 1008
+PONG_RTT = "pong_rtt"  # leg, seconds: a round trip of the proxy's own ping
+
+
+class SideState:
+    """What the relay phase knows about one peer (read by the driver, changed only here)."""
+
+    __slots__ = ("closed", "eof", "feed", "more", "name", "out", "stall_since", "take")
+
+    def __init__(self, name: str, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
+        self.name = name
+        self.feed = feed
+        self.take = take
+        self.out: bytes | memoryview = b""  # in flight: the rest of the last SEND, as it was given
+        # queued behind `out` (only the proxy's own frames, in practice); None: nothing, no list
+        self.more: list[bytes] | None = None
+        self.eof = False  # the peer's stream ended (or broke): nothing more to read
+        self.closed = False  # the socket is closed (CLOSE was asked): nothing more to send
+        self.stall_since: float | None = None  # when a send first left bytes pending
+
+
+class RelayPhase:
+    """One session's relay phase: the relay plus every decision around it (see the module)."""
+
+    __slots__ = (
+        "_close_armed",
+        "_later",
+        "_may_backlog",
+        "_rounds",
+        "_slow_limit",
+        "_throttled",
+        "actions",
+        "backend",
+        "client",
+        "close_timeout",
+        "done",
+        "flow",
+        "relay",
+        "schedule",
+    )
+
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        close_timeout: float,
+        slow_consumer_timeout: float | None = None,
+        flow: FlowLimiter | None = None,
+        schedule: Schedule | None = None,
+    ) -> None:
+        self.relay = relay
+        self.client = SideState(CLIENT, relay.feed_client, relay.take_for_client)
+        self.backend = SideState(BACKEND, relay.feed_backend, relay.take_for_backend)
+        self.close_timeout = close_timeout
+        self._slow_limit = slow_consumer_timeout
+        self.flow = flow
+        self.schedule = schedule  # heartbeat.Schedule (None: nothing timed), told what each read carried
+        self._may_backlog = getattr(relay, "may_backlog", True)  # passthrough never keeps a backlog
+        self._throttled = False
+        self._close_armed = False
+        self._rounds = 0  # relay steps since the last event from outside (bounded by SETTLE_ROUNDS)
+        self._later = False  # a LATER is outstanding
+        self.done = False
+        self.actions: list[tuple[Any, ...]] = []  # one list, reused: the driver clears it once done
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def side(self, name: str) -> SideState:
+        return self.client if name == CLIENT else self.backend
+
+    def may_read(self, s: SideState) -> bool:
+        """Read this peer now? Not once it ended, not while what it sent before still waits for
+        the other peer (backpressure), not while the relay holds a backlog of it, not while it is
+        over its rate (the client)."""
+        if s.eof or s.closed or self.done:
+            return False
+        if (self.backend if s is self.client else self.client).out:
+            return False
+        if self._may_backlog and self.relay.backlog(s.name):
+            return False  # inflated input waits until the other peer took some
+        return not (self._throttled and s is self.client)
+
+    def wants(self, s: SideState) -> tuple[bool, bool]:
+        """(read, write): what the driver should watch this side's socket for."""
+        if s.closed or self.done:
+            return False, False
+        return self.may_read(s), bool(s.out)
+
+    # --- events -----------------------------------------------------------------------------
+
+    def start(self, client_trailing: bytes, backend_trailing: bytes, now: float) -> list[tuple[Any, ...]]:
+        """The relay phase begins with what each peer sent past its handshake."""
+        self._rounds = 0
+        if client_trailing:
+            self._step(self.client.feed, client_trailing, now, CLIENT)
+        if backend_trailing:
+            self._step(self.backend.feed, backend_trailing, now, BACKEND)
+        self._settle(now)
+        return self.actions
+
+    def received(self, name: str, data: bytes, now: float) -> list[tuple[Any, ...]]:
+        """A read of peer `name` gave `data`; b"": its stream ended (or broke)."""
+        s = self.client if name == CLIENT else self.backend
+        if self.done or s.eof:
+            return self.actions
+        self._rounds = 0
+        if not data:
+            s.eof = True
+            s.feed(b"")
+            self._settle(now)
+            return self.actions
+        relay = self.relay
+        flow = self.flow if s is self.client else None
+        sent_before = relay.stats.messages_to_backend
+        self._step(s.feed, data, now, name)
+        if self._may_backlog and relay.backlog(name):
+            self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
+        if flow is not None and not relay.closing:
+            was_limited = flow.limited_since is not None
+            flow.charge(now, messages=relay.stats.messages_to_backend - sent_before, nbytes=len(data))
+            if flow.limited_since is not None:
+                self._hold_back(now, newly=not was_limited)
+        self._settle(now)
+        return self.actions
+
+    def sent(self, name: str, n: int, now: float) -> list[tuple[Any, ...]]:
+        """The driver's send of side `name`'s in-flight bytes took `n` of them (0: it would block;
+        for TLS, all or none)."""
+        s = self.client if name == CLIENT else self.backend
+        if s.closed or self.done:
+            return self.actions
+        out = s.out
+        if n < len(out):
+            s.out = memoryview(out)[n:] if n else out  # unchanged: a TLS retry repeats the same buffer
+            if s.stall_since is None:
+                s.stall_since = now
+                if self._slow_limit is not None:
+                    self.actions.append((ARM, STALL_TIMER, name, now + self._slow_limit))
+            return self.actions
+        if s.more:
+            s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
+            s.more = None
+            self.actions.append((SEND, name, s.out))
+            return self.actions
+        s.out = b""
+        if s.stall_since is not None:
+            self._stall_over(s, now)
+        if self._may_backlog or self.relay.closing:  # (else nothing can have changed)
+            self._settle(now, take=False)
+        return self.actions
+
+    def send_failed(self, name: str, now: float) -> list[tuple[Any, ...]]:
+        """A send to `name` failed: the peer is gone; the relay decides what the other hears."""
+        s = self.client if name == CLIENT else self.backend
+        if s.closed or self.done:
+            return self.actions
+        s.out = b""
+        s.more = None
+        if s.stall_since is not None:
+            self._stall_over(s, now)
+        self._close(s)
+        if not s.eof:
+            s.eof = True
+            s.feed(b"")
+        self._settle(now)
+        return self.actions
+
+    def timer(self, kind: str, name: str | None, now: float) -> list[tuple[Any, ...]]:
+        """An armed timer fired."""
+        if self.done:
+            return self.actions
+        self._rounds = 0
+        if kind == CLOSE_TIMER:
+            self._end()
+        elif kind == STALL_TIMER:
+            assert name is not None
+            s = self.client if name == CLIENT else self.backend
+            if s.out and not s.closed:
+                # The peer took nothing for the limit while data waited. Its socket is mid-frame,
+                # so no close frame can follow: drop it, and tell the other peer why.
+                limit = self._slow_limit or 0.0
+                self.actions.append((REPORT, SLOW_CONSUMER, name, limit))
+                reason = f"{name} too slow: nothing accepted for {limit:g}s"
+                self.relay.abandon(name, other_code=GOING_AWAY, reason=reason)
+                s.out = b""
+                s.more = None
+                s.stall_since = None
+                self._close(s)
+                self._settle(now)
+        elif kind == THROTTLE_TIMER:
+            self._hold_back(now, newly=False)
+            self._settle(now)
+        return self.actions
+
+    def settle(self, now: float) -> list[tuple[Any, ...]]:
+        """Something changed outside a read (a ping or a close the proxy queued, a LATER came
+        due): take what the relay queued and decide again."""
+        if self.done:
+            return self.actions
+        self._rounds = 0
+        self._later = False
+        self._settle(now)
+        return self.actions
+
+    def end(self) -> None:
+        """The driver ended the session itself (a cut, the loop stopping): decide nothing more."""
+        self.done = True
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _step(self, step: Callable[[Any], None], arg: Any, now: float, read_from: str | None = None) -> None:
+        """Run one relay step and tell the heartbeat schedule what it carried: traffic from the
+        peer read (if any), data frames, the proxy's own pongs."""
+        schedule = self.schedule
+        if schedule is None:
+            step(arg)
+            return
+        if read_from is not None:
+            schedule.saw_traffic(read_from, now)
+        stats = self.relay.stats
+        frames = stats.data_frames
+        step(arg)
+        if stats.data_frames != frames:
+            schedule.saw_data(now)
+        pongs = self.relay.take_pongs()
+        for leg, payload in pongs:
+            rtt = schedule.saw_own_pong(leg, payload, now)
+            if rtt is not None:
+                self.actions.append((REPORT, PONG_RTT, leg, rtt))
+
+    def _settle(self, now: float, *, take: bool = True) -> None:
+        """Queue what the relay has for each side (`take`: only after a relay step; a send's
+        result cannot give the relay anything new), resume a backlog the other side has room
+        for, and follow a closing handshake to its end."""
+        relay = self.relay
+        actions = self.actions
+        for s in (self.client, self.backend) if take else ():
+            data = s.take()
+            if not data or s.closed:
+                continue  # (a finished side's output is dropped)
+            if s.out:  # a send in flight: never grow its buffer
+                if s.more is None:
+                    s.more = [data]
+                else:
+                    s.more.append(data)
+            else:
+                s.out = data
+                actions.append((SEND, s.name, data))
+        if self._may_backlog:
+            for s, other in ((self.client, self.backend), (self.backend, self.client)):
+                if relay.backlog(s.name) and not other.out:
+                    if self._rounds >= SETTLE_ROUNDS:
+                        if not self._later:
+                            self._later = True
+                            actions.append((LATER,))
+                        break
+                    self._rounds += 1
+                    self._step(relay.resume, s.name, now)  # inflated input, as far as there is room
+                    self._settle(now)
+                    return
+        if relay.closing:  # (a side can only be done once a close or a failure started)
+            if not self._close_armed:
+                self._close_armed = True
+                actions.append((ARM, CLOSE_TIMER, None, now + self.close_timeout))
+            if relay.client_done and not self.client.out:
+                self._close(self.client)
+            if relay.backend_done and not self.backend.out:
+                self._close(self.backend)
+            if self.client.closed and self.backend.closed:
+                self._end()
+
+    def _stall_over(self, s: SideState, now: float) -> None:
+        assert s.stall_since is not None
+        self.actions.append((REPORT, STALL_ENDED, s.name, now - s.stall_since))
+        s.stall_since = None
+        if self._slow_limit is not None:
+            self.actions.append((CANCEL, STALL_TIMER, s.name))
+
+    def _hold_back(self, now: float, *, newly: bool) -> None:
+        """Over its message/byte budget: stop reading the client until the budget allows, or
+        close it once it has been over for close_after."""
+        flow = self.flow
+        assert flow is not None
+        self.actions.append((CANCEL, THROTTLE_TIMER, CLIENT))
+        if newly:
+            self.actions.append((REPORT, THROTTLED, CLIENT, None))
+        pause = flow.pause(now)
+        if pause is not None and pause > 0:
+            self._throttled = True
+            self.actions.append((ARM, THROTTLE_TIMER, CLIENT, now + pause))
+            return
+        self._throttled = False
+        if pause is None:
+            over = flow.close_after or 0.0
+            self.actions.append((REPORT, RATE_CLOSED, CLIENT, over))
+            self.relay.close(
+                client_code=POLICY_VIOLATION,
+                backend_code=GOING_AWAY,
+                reason=f"client over its rate limit for {over:g}s",
+            )
+
+    def _close(self, s: SideState) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        self.actions.append((CLOSE, s.name))
+        if s.stall_since is not None and self._slow_limit is not None:
+            self.actions.append((CANCEL, STALL_TIMER, s.name))
+        s.stall_since = None
+
+    def _end(self) -> None:
+        self.done = True
+        self.actions.append((END,))
