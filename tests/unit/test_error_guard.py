@@ -4,6 +4,9 @@ names one error and does not cover another."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import subprocess_errors
@@ -57,9 +60,12 @@ def test_expected_error_in_a_proxy_subprocess():
 """
 
 
-def inner_outcomes(pytester: pytest.Pytester) -> dict[str, str]:
+def inner_outcomes(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Run INNER with the guard (tests/conftest.py as a plugin) in a subprocess: the guard of this
-    test must not see the inner tests' records. Returns each inner test's outcome."""
+    test must not see the inner tests' records. Returns each inner test's outcome. The checkout
+    goes on the subprocess's path so that `tests.conftest` imports from pytester's folder."""
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_subprocess("-p", "tests.conftest", "-p", "no:cacheprovider", "-rA")
     seen: dict[str, str] = {}
@@ -71,8 +77,10 @@ def inner_outcomes(pytester: pytest.Pytester) -> dict[str, str]:
     return seen
 
 
-def test_the_guard_fails_unexpected_errors_and_passes_declared_ones_only(pytester: pytest.Pytester) -> None:
-    outcomes = inner_outcomes(pytester)
+def test_the_guard_fails_unexpected_errors_and_passes_declared_ones_only(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcomes = inner_outcomes(pytester, monkeypatch)
     # an ERROR nobody declared fails the test, in this process or in a proxy subprocess's output
     assert outcomes["test_unexpected_error"] == "failed"
     assert outcomes["test_unexpected_error_in_a_proxy_subprocess"] == "failed"
