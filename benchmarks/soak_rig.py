@@ -161,7 +161,8 @@ class ProxyProcess:
         with trio.fail_after(5):
             stream = await trio.open_tcp_stream("127.0.0.1", admin)
             async with stream:
-                await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                head = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{admin}\r\nConnection: close\r\n\r\n"
+                await stream.send_all(head.encode())  # the admin listener answers only its own Host
                 got = b""
                 while data := await stream.receive_some(65536):
                     got += data
