@@ -67,6 +67,7 @@ def test_check_passes_good_tls_files(tmp_path: Path, tls_files: TLSFiles) -> Non
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.expect_errors(r"cannot start: .*the key does not belong to the certificate")
 def test_run_with_a_key_that_does_not_match_names_listener_address_and_files(
     tmp_path: Path, tls_files: TLSFiles
 ) -> None:
@@ -79,6 +80,7 @@ def test_run_with_a_key_that_does_not_match_names_listener_address_and_files(
     assert str(tls_files.cert) in line and str(key) in line and "does not belong" in line
 
 
+@pytest.mark.expect_errors(r"cannot start: .*in use by another program")
 def test_run_on_a_port_in_use_names_the_file_listener_and_address(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -92,6 +94,7 @@ def test_run_on_a_port_in_use_names_the_file_listener_and_address(tmp_path: Path
     assert "in use" in result.stderr and "Errno" not in result.stderr
 
 
+@pytest.mark.expect_errors(r"reload rejected, keeping the running config: .*the key does not belong")
 async def test_reload_with_a_bad_key_names_the_listener_and_both_files(
     nursery, tmp_path: Path, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -198,10 +198,9 @@ async def serve_admin(
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
     address = Address(config.address.host, port)
-    opened = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
-    # open_sockets gives the stdlib sockets the session listeners accept on; the admin listener
-    # keeps trio's serve_listeners (one small request per connection), so wrap them
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in opened]
+    sockets = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
+    # The admin listener is low-volume: trio's own listener and streams serve it.
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()

@@ -48,6 +48,7 @@ from wsproxy.runtime.streams import (
     FastTLSStream,
     Stream,
     close_socket,
+    discard_readable,
     format_address,
     read_proxy_header,
     tune_tcp,
@@ -178,6 +179,7 @@ class Server:
                     return got
                 reason = "connection closed before a PROXY header"
         log.warning("connection from %s refused: %s", format_address(peer), reason)
+        discard_readable(sock)  # the close then reaches the peer as a FIN, not a reset
         return None
 
     # --- listeners -------------------------------------------------------------------------

@@ -54,6 +54,21 @@ def close_socket(sock: socket.socket) -> None:
         sock.close()
 
 
+def discard_readable(sock: socket.socket, limit: int = 65536) -> None:
+    """Read and drop what the peer already sent (at most `limit` bytes, without waiting), so that
+    closing a refused connection sends a FIN the peer can read to the end instead of a reset
+    (the kernel resets a socket closed with unread input)."""
+    taken = 0
+    while taken < limit:
+        try:
+            data = sock.recv(min(65536, limit - taken), socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if not data:
+            return
+        taken += len(data)
+
+
 class FastSocketStream(trio.abc.HalfCloseableStream):
     """A plain TCP stream on a non-blocking stdlib socket that it owns.
 
