@@ -78,9 +78,7 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
             except OSError as exc:
                 resource = capacity.local_resource(exc.errno)
                 if resource is not None:  # the proxy's own shortage: no other address would fare better
-                    raise LocalResourceError(
-                        resource, f"connect to {address} failed: {exc.strerror or exc}"
-                    ) from None
+                    raise LocalResourceError(resource, f"connect to {address} failed: {exc.strerror or exc}") from None
                 last = exc
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
