@@ -1,4 +1,4 @@
-"""The command line: `wsproxy run|check|reload|demo -c FILE`, `--version`. Exit codes: 0 ok,
+"""The command line: `wsproxy run|check|reload|upgrade|ctl|demo -c FILE`, `--version`. Exit codes: 0 ok,
 1 cannot start / cannot signal, 2 bad config.
 
 Other tooling drives wsproxy through these commands, so they are extended, never renamed.
@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -41,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--pid-file", default=None, help="write the process id here (default: pid_file of the config)")
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # its index, from the supervisor
+    run.add_argument("--inherit", default=None, help=argparse.SUPPRESS)  # an upgrade's handover socket
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload = sub.add_parser("reload", help="validate the file, then tell the running proxy to reload it (SIGHUP)")
     reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
     reload.add_argument("--pid-file", default=None, help="default: pid_file of the config")
+    from wsproxy import ctl
+
+    ctl.add_parser(sub)
+    ctl.add_upgrade_parser(sub)
     demo = sub.add_parser("demo", help="run two demo backends and the proxy on the packaged demo config")
     demo.add_argument(
         "-c",
@@ -94,9 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         return _run(config, args)
     if args.command == "reload":
         return _reload(args)
+    if args.command == "ctl":
+        from wsproxy import ctl
+
+        return ctl.run(args)
+    if args.command == "upgrade":
+        from wsproxy import ctl
+
+        return ctl.run_upgrade(args)
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
+
         return demo.main(
             args.config, certs_dir=args.certs, self_check_only=args.self_check_only, free_ports=args.free_ports
         )
@@ -114,18 +129,37 @@ def _check_files(config: Config) -> None:
 
 def _run(config: Config, args: argparse.Namespace) -> int:
     from wsproxy.runtime import supervisor
+
     pid_file = None if args.worker is not None else (Path(args.pid_file) if args.pid_file else config.pid_file)
+    inherit = getattr(args, "inherit", None)
     # Until the signal receiver is up, a SIGHUP (an early `wsproxy reload`, or one passed on to a
     # starting worker) must not kill the process: the config it is about to serve is already fresh.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # an early `wsproxy upgrade` must not kill it either
     try:
-        if pid_file is not None:
+        if pid_file is not None and inherit is None:  # a successor's pid is written once it took over
             write_pid_file(pid_file)
+        tail = ["--log-level", args.log_level] if args.log_level else []
+        if pid_file is not None:
+            tail += ["--pid-file", str(pid_file)]
         if config.workers > 1 and args.worker is None:
-            tail = ["--log-level", args.log_level] if args.log_level else []
+            if inherit is not None:
+                logging.getLogger("wsproxy").error("cannot start: an upgrade cannot change workers (restart instead)")
+                return EXIT_FAILED
             trio.run(supervisor.Supervisor(config.workers, args.config, tail).run)
         else:
-            trio.run(supervisor.run, config, args.config, args.worker or 0)
+            trio.run(
+                partial(
+                    supervisor.run,
+                    config,
+                    args.config,
+                    args.worker or 0,
+                    supervised=args.worker is not None,
+                    inherit=inherit,
+                    argv_tail=tail,
+                    on_successor=(lambda pid: write_pid_file(pid_file, pid)) if pid_file is not None else None,
+                )
+            )
     except (OSError, BaseExceptionGroup) as exc:  # trio wraps startup errors (a port in use) in a group
         errors = supervisor.startup_errors(exc)
         if errors is None:
@@ -162,16 +196,18 @@ def _reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def write_pid_file(pid_file: Path) -> None:
+def write_pid_file(pid_file: Path, pid: int | None = None) -> None:
     """Written whole, then renamed, so a reader never sees the file empty or half written; where
-    the directory does not allow a new file (a pid file pre-created in /run), in place."""
-    partial = pid_file.with_name(f".{pid_file.name}.{os.getpid()}")
+    the directory does not allow a new file (a pid file pre-created in /run), in place. `pid`: an
+    upgrade's successor (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    part = pid_file.with_name(f".{pid_file.name}.{os.getpid()}")
     try:
-        partial.write_text(f"{os.getpid()}\n")
-        partial.replace(pid_file)
+        part.write_text(f"{pid}\n")
+        part.replace(pid_file)
     except OSError:
-        partial.unlink(missing_ok=True)
-        pid_file.write_text(f"{os.getpid()}\n")
+        part.unlink(missing_ok=True)
+        pid_file.write_text(f"{pid}\n")
 
 
 if __name__ == "__main__":  # `python -m wsproxy.cli ...`, the same as `python -m wsproxy ...`

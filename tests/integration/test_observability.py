@@ -395,6 +395,7 @@ async def test_status_page_is_self_contained_and_json_lists_live_sessions(nurser
         "health": backend["health"],
         "up": True,
         "weight": 1,
+        "admin_state": "ready",
         "active_sessions": 2,
     }
     assert any("400" in e["message"] and e["level"] == "warning" for e in doc["recent_errors"])

@@ -273,12 +273,12 @@ def test_metric_labels_and_log_text_stay_client_and_backend():
 
 
 def test_relays_and_the_schedule_take_a_side_or_its_string():
-    """runtime/ still passes "client"/"backend" and reads `.leg`; both keep working."""
-    s = Schedule(0.0, interval=20.0, timeout=10.0, legs=("client",))
+    """A Side equals its string (labels, log text, the config's `heartbeat.legs` names)."""
+    s = Schedule(0.0, interval=20.0, timeout=10.0, sides=(Side("client"),))
     (ping,) = s.due(20.0)
-    assert isinstance(ping, SendPing) and ping.side is Side.CLIENT and ping.leg is Side.CLIENT
+    assert isinstance(ping, SendPing) and ping.side is Side.CLIENT
     (dead,) = s.due(30.0)
-    assert isinstance(dead, PeerDead) and dead.side is Side.CLIENT and dead.leg == "client"
+    assert isinstance(dead, PeerDead) and dead.side is Side.CLIENT and dead.side == "client"
     for relay in (PassthroughRelay(), InspectRelay()):
         assert relay.send_ping("backend", b"wsproxy:x")  # type: ignore[arg-type]
         relay.feed_backend(encode_frame(0x8A, b"wsproxy:x", None))

@@ -32,11 +32,11 @@ def make(now: float = 0.0, **kwargs: object) -> Schedule:
 
 
 def pings(actions: list) -> dict[str, bytes]:
-    return {a.leg: a.payload for a in actions if isinstance(a, SendPing)}
+    return {a.side: a.payload for a in actions if isinstance(a, SendPing)}
 
 
 def dead(actions: list) -> dict[str, float]:
-    return {a.leg: a.silent_for for a in actions if isinstance(a, PeerDead)}
+    return {a.side: a.silent_for for a in actions if isinstance(a, PeerDead)}
 
 
 # --- pings --------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_traffic_on_one_leg_does_not_postpone_the_other() -> None:
 
 
 def test_legs_client_only_pings_the_client() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     assert set(pings(s.due(20.0))) == {CLIENT}
     # the backend leg is never watched: no ping and no death, however long it is silent
     for t in (100.0, 1000.0):
@@ -99,7 +99,7 @@ def test_legs_client_only_pings_the_client() -> None:
 
 
 def test_legs_backend_only_pings_the_backend() -> None:
-    s = make(legs=(BACKEND,))
+    s = make(sides=(BACKEND,))
     assert set(pings(s.due(20.0))) == {BACKEND}
 
 
@@ -110,7 +110,7 @@ def test_no_interval_means_no_pings_and_no_deadline() -> None:
 
 
 def test_no_legs_means_no_pings() -> None:
-    s = make(legs=())
+    s = make(sides=())
     assert s.next_deadline() is None
     assert s.due(10_000.0) == []
 
@@ -134,7 +134,7 @@ def test_peer_dead_reports_time_since_last_traffic() -> None:
 
 
 def test_peer_dead_at_exactly_interval_plus_timeout_after_last_traffic() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     s.saw_traffic(CLIENT, 3.0)
     assert s.next_deadline() == pytest.approx(23.0)
     assert set(pings(s.due(23.0))) == {CLIENT}
@@ -143,7 +143,7 @@ def test_peer_dead_at_exactly_interval_plus_timeout_after_last_traffic() -> None
 
 
 def test_own_pong_keeps_the_leg_alive_and_schedules_the_next_ping() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     payload = pings(s.due(20.0))[CLIENT]
     s.saw_traffic(CLIENT, 20.5)
     s.saw_own_pong(CLIENT, payload, 20.5)
@@ -153,7 +153,7 @@ def test_own_pong_keeps_the_leg_alive_and_schedules_the_next_ping() -> None:
 
 
 def test_traffic_after_the_ping_without_a_pong_is_not_dead_and_is_pinged_again_later() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     assert set(pings(s.due(20.0))) == {CLIENT}
     s.saw_traffic(CLIENT, 25.0)  # data, but no pong (it may be queued behind that data)
     assert s.due(30.0) == []
@@ -167,7 +167,7 @@ def test_traffic_after_the_ping_without_a_pong_is_not_dead_and_is_pinged_again_l
 
 
 def test_a_pong_with_another_payload_does_not_count_as_the_answer() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     payload = pings(s.due(20.0))[CLIENT]
     s.saw_own_pong(CLIENT, PING_MARKER + b"not-ours", 20.0)
     s.saw_own_pong(CLIENT, payload + b"x", 20.0)
@@ -192,7 +192,7 @@ def test_own_pong_records_rtt() -> None:
 
 
 def test_rtt_is_the_last_pong_s() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     first = pings(s.due(20.0))[CLIENT]
     s.saw_traffic(CLIENT, 21.0)
     s.saw_own_pong(CLIENT, first, 21.0)
@@ -211,7 +211,7 @@ def test_a_pong_for_the_other_legs_ping_does_not_record_rtt() -> None:
 
 
 def test_a_repeated_pong_does_not_overwrite_rtt() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     payload = pings(s.due(20.0))[CLIENT]
     s.saw_own_pong(CLIENT, payload, 20.2)
     s.saw_own_pong(CLIENT, payload, 29.0)
@@ -219,7 +219,7 @@ def test_a_repeated_pong_does_not_overwrite_rtt() -> None:
 
 
 def test_rtt_of_an_unwatched_leg_is_none() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     s.due(20.0)
     s.saw_own_pong(BACKEND, PING_MARKER + b"x", 20.1)
     assert s.rtt(BACKEND) is None
@@ -278,7 +278,7 @@ def test_data_does_not_postpone_max_lifetime() -> None:
 
 
 def test_next_deadline_is_the_min_of_what_is_pending() -> None:
-    s = make(legs=(CLIENT, BACKEND), idle=60.0, lifetime=100.0)
+    s = make(sides=(CLIENT, BACKEND), idle=60.0, lifetime=100.0)
     assert s.next_deadline() == pytest.approx(20.0)
     s.saw_traffic(CLIENT, 15.0)
     s.saw_traffic(BACKEND, 12.0)
@@ -300,7 +300,7 @@ def test_next_deadline_is_lifetime_when_it_comes_first() -> None:
 
 
 def test_next_deadline_after_a_ping_is_its_timeout() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     s.due(20.0)
     assert s.next_deadline() == pytest.approx(30.0)
 
@@ -350,7 +350,7 @@ _events = st.lists(
     events=_events,
     interval=st.one_of(st.none(), st.floats(min_value=0.01, max_value=60.0)),
     timeout=st.floats(min_value=0.01, max_value=30.0),
-    legs=st.sampled_from([(CLIENT, BACKEND), (CLIENT,), (BACKEND,), ()]),
+    sides=st.sampled_from([(CLIENT, BACKEND), (CLIENT,), (BACKEND,), ()]),
     idle=st.one_of(st.none(), st.floats(min_value=0.01, max_value=200.0)),
     lifetime=st.one_of(st.none(), st.floats(min_value=0.01, max_value=500.0)),
 )
@@ -358,12 +358,12 @@ def test_random_events_never_move_the_deadline_back_to_or_before_now(
     events: list[tuple[str, str, float]],
     interval: float | None,
     timeout: float,
-    legs: tuple[str, ...],
+    sides: tuple[str, ...],
     idle: float | None,
     lifetime: float | None,
 ) -> None:
     now = 0.0
-    s = Schedule(now, interval=interval, timeout=timeout, legs=legs, idle=idle, lifetime=lifetime)
+    s = Schedule(now, interval=interval, timeout=timeout, sides=sides, idle=idle, lifetime=lifetime)
     last_ping: dict[str, bytes] = {}
     for kind, leg, step in events:
         if kind == "due_at_deadline":
@@ -387,11 +387,11 @@ def test_random_events_never_move_the_deadline_back_to_or_before_now(
             for a in actions:
                 assert isinstance(a, SendPing | PeerDead | Expired)
                 if isinstance(a, SendPing):
-                    assert a.leg in legs and interval is not None
+                    assert a.side in sides and interval is not None
                     assert a.payload.startswith(PING_MARKER) and len(a.payload) <= 125
-                    last_ping[a.leg] = a.payload
+                    last_ping[a.side] = a.payload
                 if isinstance(a, PeerDead):
-                    assert a.leg in legs and a.silent_for >= 0
+                    assert a.side in sides and a.silent_for >= 0
             if any(isinstance(a, PeerDead | Expired) for a in actions):
                 return  # the session ends: the timer is not re-armed
             deadline = s.next_deadline()
@@ -407,7 +407,7 @@ def test_random_events_never_move_the_deadline_back_to_or_before_now(
 
 
 def test_a_held_ping_times_out_only_after_it_could_be_sent() -> None:
-    s = make(legs=(CLIENT,))
+    s = make(sides=(CLIENT,))
     assert pings(s.due(20.0))
     s.ping_held(CLIENT, 29.0)  # still queued behind a frame the client is receiving
     assert dead(s.due(30.0)) == {}

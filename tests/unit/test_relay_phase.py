@@ -17,6 +17,7 @@ from wsproxy.policy.relay_phase import RelayPhase
 from wsproxy.protocol.frames import build_close, build_frame, build_pong, parse_close
 from wsproxy.protocol.heartbeat import Schedule, SendPing
 from wsproxy.protocol.relay_passthrough import PING_MARKER, PassthroughRelay
+from wsproxy.protocol.sides import Side
 
 
 def phase(**kw: Any) -> RelayPhase:
@@ -160,7 +161,7 @@ def test_a_failed_send_closes_that_side_and_the_other_peer_hears_1001() -> None:
 
 
 def test_heartbeat_accounting_traffic_data_and_own_pongs() -> None:
-    schedule = Schedule(0.0, interval=1.0, timeout=5.0, legs=("client",), idle=60.0)
+    schedule = Schedule(0.0, interval=1.0, timeout=5.0, sides=(Side.CLIENT,), idle=60.0)
     p = phase(schedule=schedule)
     frame = text(b"hi")
     taken(p.received("client", frame, now=3.0))

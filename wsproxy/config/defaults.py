@@ -40,6 +40,33 @@ AUTH_TIMEOUT = 2.0
 AUTH_PASS_HEADERS = ("authorization", "cookie")
 AUTH_CACHE: float | None = None  # off: ask the auth service for every handshake
 AUTH_CACHE_ENTRIES = 10_000
+AUTH_SESSION_EXPIRY_HEADER: str | None = None  # off: sessions outlive their credentials
+AUTH_RECHECK_BEFORE: float | None = None  # off: a session closes (1008) when its credentials expire
+AUTH_EXPIRY_SPREAD = 5.0  # seconds: expiries and rechecks land at a random point this far before the time
+
+# admission: the storm shield (a budget of new upgrades; over it 503 with a spread Retry-After)
+ADMISSION_UPGRADES = None  # {rate, burst}: off
+ADMISSION_RETRY_AFTER_SPREAD = 10.0  # seconds: Retry-After drawn at random in 1..this
+STORM_LOG_INTERVAL = 1.0  # seconds: refusals are summed and logged at most this often
+
+# observability: reconnect waves
+RECONNECT_WINDOW = 60.0  # a new session within this long after the same client's close is a reconnect
+RECONNECT_CLIENTS = 100_000  # recent closes remembered (a bounded table: the oldest is forgotten)
+HISTORY_INTERVAL = 5.0  # seconds between the status page's chart samples
+HISTORY_SPAN = 900.0  # seconds of chart history kept (15 minutes)
+HISTORY_MAX_SERIES = 64  # pools + backends charted at most; further ones are left out of the charts
+
+# runtime control (admin write API, `wsproxy ctl`)
+ADMIN_TOKEN_FILE = None  # off: no write API
+ADMIN_TOKEN_ENV = None
+ADMIN_MAX_TOKEN_BYTES = 4096  # a token file longer than this is refused
+SESSIONS_PAGE = 100  # GET /sessions: rows per page unless `limit` says otherwise
+SESSIONS_PAGE_MAX = 1000  # ... and never more than this
+CONTROL_MAX_SPREAD = 3600.0  # seconds: the longest spread a close or rebalance may ask for
+CTL_TIMEOUT = 10.0  # seconds `wsproxy ctl` waits for each admin listener
+
+# binary upgrades (`wsproxy upgrade`, SIGUSR2)
+UPGRADE_READY_TIMEOUT = 30.0  # seconds the old process waits for its successor to accept
 
 # pools
 BALANCE = "round_robin"

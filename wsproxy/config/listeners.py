@@ -10,6 +10,7 @@ from typing import Any
 
 from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
+from wsproxy.config.control import AUTH_EXPIRY_KEYS, parse_expiry_keys
 from wsproxy.config.model import (
     RELAY_MODES,
     AuthConfig,
@@ -41,7 +42,9 @@ from wsproxy.config.values import (
 def parse_auth(ck: Checker, path: str, raw: Any) -> AuthConfig | None:
     if is_off(raw):
         return None
-    m = ck.mapping(raw, path, ("url", "timeout", "pass_headers", "copy_headers", "cache", "cache_entries"))
+    m = ck.mapping(
+        raw, path, ("url", "timeout", "pass_headers", "copy_headers", "cache", "cache_entries", *AUTH_EXPIRY_KEYS)
+    )
     if not isinstance(raw, dict):
         return None
     if "url" not in m:
@@ -53,6 +56,7 @@ def parse_auth(ck: Checker, path: str, raw: Any) -> AuthConfig | None:
     copied = ck.get(m, "copy_headers", path, parse_header_names(frozenset(COPY_RESERVED)), ())
     cache = ck.get(m, "cache", path, parse_optional_duration, defaults.AUTH_CACHE)
     entries = ck.get(m, "cache_entries", path, parse_bounded_int(1, 10_000_000), defaults.AUTH_CACHE_ENTRIES)
+    expiry_header, recheck_before = parse_expiry_keys(ck, path, m)
     if where is None:
         return None
     host, port, target = where
@@ -66,6 +70,8 @@ def parse_auth(ck: Checker, path: str, raw: Any) -> AuthConfig | None:
         copy_headers=copied,
         cache=cache,
         cache_entries=entries,
+        session_expiry_header=expiry_header,
+        recheck_before=recheck_before,
     )
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from wsproxy.config import defaults
 from wsproxy.config.checker import Checker, join
+from wsproxy.config.control import ADMIN_TOKEN_KEYS, parse_admin_token, parse_admission, parse_observability
 from wsproxy.config.listeners import parse_listener
 from wsproxy.config.model import (
     HEARTBEAT_LEGS,
@@ -101,11 +102,11 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig | None, LogConfig]:
+def _parse_admin_and_log(ck: Checker, top: dict[str, Any], base: Path) -> tuple[AdminConfig | None, LogConfig]:
     """`admin` (absent: off; a non-loopback address needs allow_remote: true) and `log`."""
     admin = None
     if "admin" in top:
-        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote", "hosts"))
+        a = ck.mapping(top["admin"], "admin", ("address", "allow_remote", "hosts", *ADMIN_TOKEN_KEYS))
         if "address" not in a and (top["admin"] is None or isinstance(top["admin"], dict)):
             ck.fail("admin.address", "missing: where the admin listener binds, e.g. 127.0.0.1:9900")
         address = ck.get(a, "address", "admin", lambda v: parse_address(v, allow_port_zero=True), None)
@@ -116,9 +117,12 @@ def _parse_admin_and_log(ck: Checker, top: dict[str, Any]) -> tuple[AdminConfig 
                 f"{address} is not a loopback address: the admin listener shows sessions and metrics, "
                 "so binding it elsewhere needs admin.allow_remote: true",
             )
+        token_file, token_env = parse_admin_token(ck, a, base)
         hosts = ck.get(a, "hosts", "admin", parse_host_names, defaults.ADMIN_HOSTS)
         if address is not None:
-            admin = AdminConfig(address=address, allow_remote=allow_remote, hosts=hosts)
+            admin = AdminConfig(
+                address=address, allow_remote=allow_remote, hosts=hosts, token_file=token_file, token_env=token_env
+            )
     lg = ck.mapping(top.get("log"), "log", ("format", "level", "query"))
     log_config = LogConfig(
         format=ck.get(lg, "format", "log", parse_choice(LOG_FORMATS), defaults.LOG_FORMAT),
@@ -155,6 +159,8 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             "shutdown",
             "heartbeat",
             "reload",
+            "admission",
+            "observability",
             "workers",
             "pid_file",
         ),
@@ -246,7 +252,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         for i, lst in enumerate(listeners):
             if lst.address.port == 0:
                 ck.fail(f"listeners[{i}].address", "workers > 1 needs a fixed port (every worker binds the same one)")
-    admin, log_config = _parse_admin_and_log(ck, top)
+    admin, log_config = _parse_admin_and_log(ck, top, base)
+    admission = parse_admission(ck, top.get("admission"), pools_raw)
+    observability = parse_observability(ck, top.get("observability"))
     # worker i serves its own metrics on admin port + i
     if admin is not None and workers > 1 and (admin.address.port == 0 or admin.address.port + workers - 1 > 65535):
         ck.fail("admin.address", f"with workers: {workers}, worker i listens on this port + i: give a fixed port")
@@ -261,6 +269,8 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         timeouts=timeouts,
         limits=limits,
         rate_limits=rate_limits,
+        admission=admission,
+        observability=observability,
         shutdown=shutdown,
         heartbeat=heartbeat,
         reload=reload,

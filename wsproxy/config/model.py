@@ -78,6 +78,8 @@ class AuthConfig:
     copy_headers: tuple[str, ...] = ()  # lower case; from the 2xx answer into the upstream request
     cache: float | None = defaults.AUTH_CACHE  # seconds an answer is reused; None: never
     cache_entries: int = defaults.AUTH_CACHE_ENTRIES
+    session_expiry_header: str | None = defaults.AUTH_SESSION_EXPIRY_HEADER  # lower case; None: off
+    recheck_before: float | None = defaults.AUTH_RECHECK_BEFORE  # ask again this long before expiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +239,29 @@ class AdminConfig:
 
     address: Address
     allow_remote: bool = defaults.ADMIN_ALLOW_REMOTE
+    token_file: Path | None = defaults.ADMIN_TOKEN_FILE  # the write API's secret (read at start and reload)
+    token_env: str | None = defaults.ADMIN_TOKEN_ENV  # ... or the environment variable holding it
     hosts: tuple[str, ...] = defaults.ADMIN_HOSTS  # Host names answered besides its address and localhost
+
+    @property
+    def writable(self) -> bool:
+        """A token source is configured: the write API is on."""
+        return self.token_file is not None or self.token_env is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """The storm shield: budgets of new upgrades, global and per pool (see docs/operations.md)."""
+
+    upgrades: RateLimit | None = defaults.ADMISSION_UPGRADES
+    per_pool: dict[str, RateLimit] = field(default_factory=dict)
+    retry_after_spread: float = defaults.ADMISSION_RETRY_AFTER_SPREAD
+
+
+@dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    reconnect_window: float = defaults.RECONNECT_WINDOW
+    reconnect_clients: int = defaults.RECONNECT_CLIENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +284,8 @@ class Config:
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     reload: Reload = field(default_factory=Reload)
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     workers: int = defaults.WORKERS
     pid_file: Path | None = None
     digest: str = ""  # sha256 of the file's text, to tell snapshots apart in logs

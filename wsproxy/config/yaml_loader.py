@@ -17,7 +17,7 @@ from yaml.nodes import MappingNode, ScalarNode
 class StrictLoader(yaml.SafeLoader):
     """yaml.SafeLoader that raises ConstructorError for a key repeated in one mapping."""
 
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[tuple[str, str], int] = {}
         for key_node, _ in node.value:
             if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 # WebSocket sessions live from milliseconds to days.
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
+# Handshakes and send stalls: a millisecond on loopback to seconds through a slow backend.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # Handshake outcomes (the `outcome` label of wsproxy_handshakes_total).
@@ -98,6 +100,15 @@ def backend_health(backend: Any, now: float | None = None) -> tuple[str, bool]:
     return name, up
 
 
+ADMIN_STATES = ("ready", "drain", "maint")  # policy/control.py's, as metric label values
+
+
+def admin_state(backend: Any) -> str:
+    """The operator's state of a backend (ready when it has none)."""
+    admin = getattr(backend, "admin", None)
+    return str(getattr(admin, "state", "ready"))
+
+
 class _BackendCollector(Collector):
     """Backend state read at scrape time, so a reload or a health change shows at once."""
 
@@ -117,6 +128,11 @@ class _BackendCollector(Collector):
         weight = GaugeMetricFamily(
             "wsproxy_backend_weight", "The backend's current balancing weight", labels=["pool", "backend"]
         )
+        admin = GaugeMetricFamily(
+            "wsproxy_backend_admin_state",
+            "1 for the operator's state of the backend (ready, drain, maint), 0 for the others",
+            labels=["pool", "backend", "state"],
+        )
         now = self._clock() if self._clock is not None else None
         for pool_name, pool in self._pools().items():
             for backend in pool.backends:
@@ -124,7 +140,10 @@ class _BackendCollector(Collector):
                 up.add_metric([pool_name, backend.name], 1.0 if is_up else 0.0)
                 state.add_metric([pool_name, backend.name, name], 1.0)
                 weight.add_metric([pool_name, backend.name], float(backend.weight))
-        return [up, state, weight]
+                current = admin_state(backend)
+                for s in ADMIN_STATES:
+                    admin.add_metric([pool_name, backend.name, s], 1.0 if s == current else 0.0)
+        return [up, state, weight, admin]
 
 
 Traffic = tuple[str, str, Any]  # (listener, pool, RelayStats) of one open, counted session
@@ -192,6 +211,12 @@ class Metrics:
         self.sessions_active = Gauge(
             "wsproxy_sessions_active",
             "Sessions in the relay phase (after the 101)",
+            ["listener", "pool", "backend"],
+            registry=r,
+        )
+        self.sessions_opened = Counter(
+            "wsproxy_sessions_opened",
+            "Sessions that reached the relay phase (a 101), by where they went",
             ["listener", "pool", "backend"],
             registry=r,
         )
@@ -269,6 +294,28 @@ class Metrics:
             "wsproxy_config_reloads", "Configuration reloads by result (ok, failed)", ["result"], registry=r
         )
         self.config_info = Info("wsproxy_config", "The loaded configuration: file and sha256", registry=r)
+        self.build_info = Info("wsproxy_build", "The running wsproxy: its version and Python's", registry=r)
+        self.handshake_latency = Histogram(
+            "wsproxy_handshake_seconds",
+            "From accepting the connection to sending the client its 101",
+            ["listener"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_latency = Histogram(
+            "wsproxy_backend_handshake_seconds",
+            "Backend connect plus the upstream Upgrade, for attempts the backend answered",
+            ["pool", "backend"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.send_stalls = Histogram(
+            "wsproxy_send_stall_seconds",
+            "How long sends to a peer waited for its TCP window (stalls of the relay phase)",
+            ["side"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for result in ("ok", "failed"):
             self.reloads.labels(result)  # both series exist from the start, at 0
         if pools is not None:
@@ -301,6 +348,7 @@ class Metrics:
         """Count an upgraded session as active; give the labels back to `session_closed`."""
         labels = (listener, pool, backend)
         self._child(self.sessions_active, *labels).inc()
+        self._child(self.sessions_opened, *labels).inc()
         return labels
 
     def session_closed(self, active: tuple[str, str, str] | None, record: SessionRecord) -> None:
@@ -327,6 +375,16 @@ class Metrics:
                 self._child(self.close_codes, who, close_code_label(rec.code)).inc()
         self._child(self.first_closer, record.first_closer or "none").inc()
 
+    def upgraded_after(self, listener: str, seconds: float) -> None:
+        """A client got its 101 `seconds` after its connection was accepted."""
+        self._child(self.handshake_latency, listener).observe(seconds)
+
+    def backend_handshake(self, pool: str, backend: str, seconds: float) -> None:
+        self._child(self.backend_latency, pool, backend).observe(seconds)
+
+    def send_stall(self, side: Side, seconds: float) -> None:
+        self._child(self.send_stalls, side).observe(seconds)
+
     # The label is still called "leg" on the heartbeat metrics (a name dashboards know); its
     # values are a Side's, "client" or "backend".
     def ping_sent(self, side: Side) -> None:
@@ -345,6 +403,10 @@ class Metrics:
         self.relay_failures.inc()
 
     # --- configuration -----------------------------------------------------------------------
+
+    def built(self, version: str, python: str) -> None:
+        """wsproxy_build_info: which wsproxy (and Python) is running."""
+        self.build_info.info({"version": version, "python": python})
 
     def config_loaded(self, config: Config) -> None:
         """The snapshot now serving: its file and sha256 (wsproxy_config_info)."""

@@ -139,6 +139,13 @@ class BackendHealth:
             return EJECTED
         return SLOW_START if self.weight_factor(now) < 1.0 else UP
 
+    def restart_ramp(self, now: float) -> None:
+        """Back in service after an operator's drain or maintenance: ramp up from `now` again
+        (slow start, when configured) instead of taking its full share at once."""
+        if self.state == UP:
+            self.back_since = now
+            self._refresh()
+
     def available_in(self, now: float) -> float:
         """Seconds until it may take sessions again (an estimate for Retry-After); 0 if it can now."""
         ejected_for = self.ejected_until - now

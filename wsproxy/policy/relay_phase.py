@@ -34,8 +34,9 @@ from typing import Any
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.heartbeat import Schedule
 from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
+from wsproxy.protocol.sides import Side
 
-CLIENT, BACKEND = "client", "backend"
+CLIENT, BACKEND = Side.CLIENT, Side.BACKEND
 SETTLE_ROUNDS = 16  # relay steps per event before the rest is asked for in a later round (LATER)
 
 # Actions: (tag, ...) tuples, carried out in order.
@@ -66,7 +67,7 @@ class SideState:
 
     __slots__ = ("closed", "eof", "feed", "more", "name", "out", "stall_since", "take")
 
-    def __init__(self, name: str, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
+    def __init__(self, name: Side, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
         self.name = name
         self.feed = feed
         self.take = take
@@ -124,7 +125,7 @@ class RelayPhase:
 
     # --- queries ----------------------------------------------------------------------------
 
-    def side(self, name: str) -> SideState:
+    def side(self, name: Side) -> SideState:
         return self.client if name == CLIENT else self.backend
 
     def may_read(self, s: SideState) -> bool:
@@ -157,7 +158,7 @@ class RelayPhase:
         self._settle(now)
         return self.actions
 
-    def received(self, name: str, data: bytes, now: float) -> list[tuple[Any, ...]]:
+    def received(self, name: Side, data: bytes, now: float) -> list[tuple[Any, ...]]:
         """A read of peer `name` gave `data`; b"": its stream ended (or broke)."""
         s = self.client if name == CLIENT else self.backend
         if self.done or s.eof:
@@ -182,7 +183,7 @@ class RelayPhase:
         self._settle(now)
         return self.actions
 
-    def sent(self, name: str, n: int, now: float) -> list[tuple[Any, ...]]:
+    def sent(self, name: Side, n: int, now: float) -> list[tuple[Any, ...]]:
         """The driver's send of side `name`'s in-flight bytes took `n` of them (0: it would block;
         for TLS, all or none)."""
         s = self.client if name == CLIENT else self.backend
@@ -208,7 +209,7 @@ class RelayPhase:
             self._settle(now, take=False)
         return self.actions
 
-    def send_failed(self, name: str, now: float) -> list[tuple[Any, ...]]:
+    def send_failed(self, name: Side, now: float) -> list[tuple[Any, ...]]:
         """A send to `name` failed: the peer is gone; the relay decides what the other hears."""
         s = self.client if name == CLIENT else self.backend
         if s.closed or self.done:
@@ -224,7 +225,7 @@ class RelayPhase:
         self._settle(now)
         return self.actions
 
-    def timer(self, kind: str, name: str | None, now: float) -> list[tuple[Any, ...]]:
+    def timer(self, kind: str, name: Side | None, now: float) -> list[tuple[Any, ...]]:
         """An armed timer fired."""
         if self.done:
             return self.actions
@@ -267,7 +268,7 @@ class RelayPhase:
 
     # --- steps ----------------------------------------------------------------------------
 
-    def _step(self, step: Callable[[Any], None], arg: Any, now: float, read_from: str | None = None) -> None:
+    def _step(self, step: Callable[[Any], None], arg: Any, now: float, read_from: Side | None = None) -> None:
         """Run one relay step and tell the heartbeat schedule what it carried: traffic from the
         peer read (if any), data frames, the proxy's own pongs."""
         schedule = self.schedule

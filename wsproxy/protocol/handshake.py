@@ -60,6 +60,7 @@ class Rejection:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
     public: str | None = None  # what the client is told instead of the reason
+    quiet: bool = False  # logged in aggregate elsewhere (the storm shield): no warning per request
 
     def to_bytes(self) -> bytes:
         """The whole HTTP/1.1 response; the connection is closed after it."""

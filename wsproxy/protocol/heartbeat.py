@@ -20,15 +20,10 @@ PING_MARKER = b"wsproxy:"  # the proxy's pings carry this prefix; pongs with it 
 
 
 class _ForSide:
-    """An action about one side. `leg` is `side` under its older name, still read by runtime/ and
-    tests until they are converted (issue 16)."""
+    """An action about one side."""
 
     __slots__ = ()
     side: Side
-
-    @property
-    def leg(self) -> Side:
-        return self.side
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +60,8 @@ class Schedule:
     """Heartbeat and deadline state of one session.
 
     interval: ping a side silent this long (None: no heartbeat). timeout: after our ping, a side
-    with no traffic for this long is dead. sides: which sides get heartbeats (`legs` is the same
-    argument under its older name, as runtime/ and tests still pass it). idle: no data message
+    with no traffic for this long is dead. sides: which sides get heartbeats (the config's
+    `heartbeat.legs`). idle: no data message
     either way for this long ends the session. lifetime: the session's end, jitter applied.
     """
 
@@ -81,10 +76,7 @@ class Schedule:
         sides: Iterable[Side] = SIDES,
         idle: float | None = None,
         lifetime: float | None = None,
-        legs: Iterable[Side] | None = None,
     ) -> None:
-        if legs is not None:
-            sides = legs
         self.interval = interval
         self.timeout = timeout
         self.idle = idle

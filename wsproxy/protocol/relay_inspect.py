@@ -64,8 +64,10 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 class _SideState:
     """One side's peer: the parser of what it sends, its message in progress, what is queued for it."""
 
-    __slots__ = ("deflate", "failed", "mask_out", "out", "own_pings", "side", "state")  # the connection
-    __slots__ += ("compressed", "ctl", "inbox", "inflated", "out_op", "parser", "utf8")  # its stream, part way
+    __slots__ = (
+        *("deflate", "failed", "mask_out", "out", "own_pings", "side", "state"),  # the connection
+        *("compressed", "ctl", "inbox", "inflated", "out_op", "parser", "utf8"),  # its stream, part way
+    )
 
     def __init__(self, side: Side, *, negotiated: PerMessageDeflate | None) -> None:
         client = side == Side.CLIENT

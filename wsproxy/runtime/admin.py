@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -74,20 +75,34 @@ class Admin:
 
     def status(self) -> dict[str, object]:
         s = self.server
-        return build_status(
-            pools=s.snapshot.pools,
-            sessions=s.sessions,
-            now=trio.current_time(),
-            wall_time=time.time(),
-            draining=s.draining,
-            config=s.snapshot.config,
-            listeners=s.bound,
-            errors=self.errors.entries,
-        )
+        return (
+            build_status(
+                pools=s.snapshot.pools,
+                sessions=s.sessions,
+                now=trio.current_time(),
+                wall_time=time.time(),
+                draining=s.draining,
+                config=s.snapshot.config,
+                listeners=s.bound,
+                errors=self.errors.entries,
+            )
+            | s.telemetry.overview()
+        )  # charts, totals, rates, uptime (telemetry.py)
 
-    def respond(self, method: bytes, target: bytes) -> Response:
+    def respond(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+        body: bytes = b"",
+        peer: str = "?",
+    ) -> Response:
         """The response to one request (pure routing; no I/O)."""
         path = target.split(b"?", 1)[0]
+        api = self.server.control_api
+        if api.handles(path):  # /sessions and the writes (admin_api.py)
+            status, doc, extra = api.respond(method, target, headers, body, peer)
+            return Response(status, doc, "application/json", extra)
         if method not in (b"GET", b"HEAD"):
             return Response(405, b"only GET and HEAD\n", headers=(("Allow", "GET, HEAD"),))
         if path == b"/metrics":
@@ -127,7 +142,7 @@ class Admin:
         limit = defaults.ADMIN_MAX_REQUEST_BYTES
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
         request: h11.Request | None = None
-        body = 0
+        body = bytearray()
         try:
             while True:
                 event = h.next_event()
@@ -141,8 +156,8 @@ class Admin:
                 if isinstance(event, h11.Request):
                     request = event
                 elif isinstance(event, h11.Data):
-                    body += len(event.data)
-                    if body > limit:
+                    body += event.data
+                    if len(body) > limit:
                         await self._send(stream, h, Response(413, b"request body too large\n"), head=False)
                         return
                 elif isinstance(event, h11.EndOfMessage):
@@ -157,11 +172,12 @@ class Admin:
         if not host_allowed(host, self.hosts | _own_names(stream)):
             shown = (host or b"").decode("latin-1")[:100]
             log.warning("admin: refused a request for Host %r (not this listener's address or admin.hosts)", shown)
-            body = b"this admin listener answers to its own address, localhost and admin.hosts only\n"
-            await self._send(stream, h, Response(421, body), head=request.method == b"HEAD")
+            refusal = b"this admin listener answers to its own address, localhost and admin.hosts only\n"
+            await self._send(stream, h, Response(421, refusal), head=request.method == b"HEAD")
             return
         try:
-            response = self.respond(request.method, request.target)
+            peer = _peer(stream)
+            response = self.respond(request.method, request.target, tuple(request.headers), bytes(body), peer)
         except Exception:  # a bug in a page must not take the admin listener down
             log.exception("admin: %s %s failed", request.method.decode(), request.target.decode("latin-1"))
             response = Response(500, b"internal error\n")
@@ -187,20 +203,32 @@ class Admin:
             return
 
 
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 async def serve_admin(
     server: Server,
     config: AdminConfig,
     port_offset: int = 0,
     *,
+    inherited: list[socket.socket] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Bind the admin address (+ `port_offset`: worker i of several serves its own metrics on
     port + i), report the bound (host, port), serve until cancelled."""
     port = config.address.port + port_offset if config.address.port else 0
-    address = Address(config.address.host, port)
-    sockets = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
-    # The admin listener is low-volume: trio's own listener and streams serve it.
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock in sockets]
+    if inherited:  # handed over by the previous process (an upgrade)
+        sockets = list(inherited)
+    else:
+        address = Address(config.address.host, port)
+        sockets = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
+    server.admin_sockets = sockets  # stdlib sockets: what an upgrade hands over (handover.py)
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
     sockname = listeners[0].socket.getsockname()
     bound = (sockname[0], sockname[1])
     errors = RecentErrors()

@@ -14,6 +14,7 @@ costs one check.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import h11
 import trio
 
 from wsproxy.config import AuthConfig
+from wsproxy.policy.credentials import parse_expiry
 from wsproxy.policy.lru import LRUTable, TTLCache
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 
@@ -41,6 +43,7 @@ class AuthAnswer:
     copy: Headers = ()  # for the upstream request (allowed)
     challenge: Headers = ()  # WWW-Authenticate for the client (a 401)
     reason: str = ""
+    expires_at: float | None = None  # Unix time the yes holds until (auth.session_expiry_header)
 
     def rejection(self) -> Rejection | None:
         """None when allowed; else the answer for the client (401/403 as is, else 503)."""
@@ -81,7 +84,15 @@ def decide(spec: AuthConfig, response: h11.Response) -> AuthAnswer:
     if 200 <= status < 300:
         wanted = {name.encode("latin-1") for name in spec.copy_headers}
         copy = tuple((bytes(k), bytes(v)) for k, v in response.headers.raw_items() if k.lower() in wanted)
-        return AuthAnswer(True, status, copy=copy, reason=f"auth service answered {status}")
+        expires_at = None
+        if spec.session_expiry_header is not None:
+            name = spec.session_expiry_header.encode("latin-1")
+            value = next((bytes(v) for k, v in response.headers.raw_items() if k.lower() == name), None)
+            if value is not None:
+                expires_at = parse_expiry(value, time.time())
+                if expires_at is None:
+                    log.warning("auth %s: %s: %r is not a time; the session is not bound to it", spec.url, name, value)
+        return AuthAnswer(True, status, copy=copy, reason=f"auth service answered {status}", expires_at=expires_at)
     if status in (401, 403):
         challenge = tuple(
             (b"WWW-Authenticate", bytes(v)) for k, v in response.headers.raw_items() if k.lower() == b"www-authenticate"
@@ -109,12 +120,20 @@ class AuthService:
         return cache
 
     async def check(
-        self, spec: AuthConfig, upgrade: ClientUpgrade, *, client_ip: str, scheme: str, max_header_bytes: int
+        self,
+        spec: AuthConfig,
+        upgrade: ClientUpgrade,
+        *,
+        client_ip: str,
+        scheme: str,
+        max_header_bytes: int,
+        fresh: bool = False,
     ) -> AuthAnswer:
+        """The auth service's answer (a cached one unless `fresh`: a recheck before expiry)."""
         request = build_check(spec, upgrade, client_ip=client_ip, scheme=scheme)
         cache = self._cache(spec)
         key = cache_key(request) if cache is not None else ()
-        if cache is not None:
+        if cache is not None and not fresh:
             hit = cache.get(key, trio.current_time())
             if hit is not None:
                 self.counts["cached"] += 1

@@ -18,7 +18,6 @@ import resource as rlimit
 import socket
 import struct
 from collections.abc import Sized
-from dataclasses import dataclass
 
 import trio
 
@@ -47,19 +46,15 @@ def open_descriptors() -> int | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class LocalShortage(Rejection):
-    """The 503 of a session the proxy could not carry for want of its own resources. Its own
-    log line is at DEBUG: the burst's one warning (Capacity.record) speaks for all of them."""
-
-    log_level: int = logging.DEBUG
-
-
-def shortage_rejection(resource: str, what: str) -> LocalShortage:
-    return LocalShortage(
+def shortage_rejection(resource: str, what: str) -> Rejection:
+    """The 503 of a session the proxy could not carry for want of its own resources. `quiet`: the
+    burst's one warning (Capacity.record) speaks for all of them, not a line per session."""
+    return Rejection(
         503,
         f"proxy out of {resource}: {what}",
         headers=((b"Retry-After", str(defaults.LOCAL_SHORTAGE_RETRY_AFTER).encode()),),
+        public="the proxy is at capacity; retry after Retry-After",
+        quiet=True,
     )
 
 
@@ -92,7 +87,7 @@ class Capacity:
 
     # --- sessions --------------------------------------------------------------------------
 
-    def shed(self) -> LocalShortage | None:
+    def shed(self) -> Rejection | None:
         """A 503 for a new session while the open descriptors are within the reserve, else None.
 
         The estimate (base + 2 per live session) is one len(); only when it says the reserve is
@@ -112,7 +107,7 @@ class Capacity:
             capacity.DESCRIPTORS, f"{count} of {limit} descriptors open, within the reserve of {reserve}"
         )
 
-    def shortage(self, resource: str, what: str) -> LocalShortage:
+    def shortage(self, resource: str, what: str) -> Rejection:
         """Count and (once per burst) log a local shortage; the 503 the session answers."""
         self.record(resource, what)
         return shortage_rejection(resource, what)

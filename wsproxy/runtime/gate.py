@@ -10,21 +10,33 @@ reading a client over it, so TCP pushes back on the client). `Edge` is the state
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from wsproxy.config import Config, ListenerConfig
+from wsproxy.config import Config, ListenerConfig, defaults
+from wsproxy.observe.metrics import Metrics
 from wsproxy.policy import admission as adm
+from wsproxy.policy import routing
 from wsproxy.policy.admission import Admission, Ticket, apply_rules, retry_after, route_rules
 from wsproxy.policy.balancing import Pool
 from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.policy.reconnects import ReconnectTable
+from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
 from wsproxy.runtime.capacity import Capacity, shortage_rejection
+from wsproxy.runtime.credentials import Credentials, CredentialWatch
+from wsproxy.runtime.timers import Timers
 from wsproxy.runtime.upstream import LocalResourceError
+
+if TYPE_CHECKING:
+    from wsproxy.runtime.session import Session
 
 log = logging.getLogger("wsproxy.edge")
 
@@ -47,12 +59,18 @@ class Edge:
     """What a server's sessions share for edge protection: counts, buckets, auth caches, and the
     proxy's own descriptors (`capacity`: None in a bare Edge, as tests build one)."""
 
-    __slots__ = ("admission", "auth", "capacity")
+    __slots__ = ("admission", "auth", "capacity", "keys", "reconnects", "storm", "tasks", "timers", "watches")
 
     def __init__(self, capacity: Capacity | None = None) -> None:
         self.admission = Admission()
         self.auth = AuthService()
         self.capacity = capacity
+        self.storm = StormShield()  # the budget of new upgrades (admission.upgrades / per_pool)
+        self.reconnects = ReconnectTable(defaults.RECONNECT_WINDOW, defaults.RECONNECT_CLIENTS)
+        self.keys: dict[Session, str] = {}  # open upgraded sessions' client keys: bounded by the registry
+        self.watches: dict[Session, CredentialWatch] = {}  # sessions bound to credentials that expire
+        self.timers = Timers()  # the server's (set by the server): expiry timers
+        self.tasks: trio.Nursery | None = None  # the server's nursery (set while serving): auth rechecks
 
 
 def local_shortage(edge: Edge, exc: LocalResourceError) -> Rejection:
@@ -71,6 +89,7 @@ class Admitted:
     pool: str
     ticket: Ticket
     upstream_headers: tuple[tuple[bytes, bytes], ...] = ()
+    credentials: Credentials | None = None  # the auth answer carried an expiry
 
 
 def pool_full(pool: Pool) -> bool:
@@ -98,6 +117,9 @@ async def admit(
     if isinstance(checked, Rejection):
         counts[adm.ORIGIN if checked.status == 403 else adm.SUBPROTOCOL] += 1
         return checked
+    shielded = storm_check(edge, config, rules.pool)
+    if shielded is not None:
+        return shielded
     pool = pools.get(rules.pool)
     if pool is not None and pool_full(pool):
         counts[adm.BACKENDS_FULL] += 1
@@ -124,7 +146,76 @@ async def admit(
         ticket.release()
         counts[adm.AUTH_DENIED if refused.status in (401, 403) else adm.AUTH_ERROR] += 1
         return refused
-    return Admitted(checked, rules.pool, ticket, answer.copy)
+    creds = None
+    if answer.expires_at is not None:
+        scheme = "https" if listener.tls else "http"
+        creds = Credentials(rules.auth, checked, client_ip, scheme, answer.expires_at)
+    return Admitted(checked, rules.pool, ticket, answer.copy, creds)
+
+
+def storm_check(edge: Edge, config: Config, pool: str) -> Rejection | None:
+    """The storm shield: over the upgrade budget, 503 with a Retry-After spread at random over
+    admission.retry_after_spread; refusals are logged in one line per second, not one per request."""
+    if config.admission.upgrades is None and not config.admission.per_pool:
+        return None
+    now = trio.current_time()
+    edge.storm.configure(config.admission, now)
+    after = edge.storm.admit(pool, now, random.random())
+    if after is None:
+        return None
+    report = edge.storm.log_due(now)
+    if report is not None:
+        log.warning(
+            "storm shield: in the last %.2fs admitted %d upgrade(s), refused %d (%s); told to retry within %gs",
+            report.seconds,
+            report.admitted,
+            sum(report.refused.values()),
+            ", ".join(f"{'all pools' if k == '*' else 'pool ' + k}: {n}" for k, n in sorted(report.refused.items())),
+            config.admission.retry_after_spread,
+        )
+    why = f"over the upgrade budget (pool {pool}): retry in {after}s"  # the proxy's own limit: fit to show
+    return Rejection(503, why, ((b"Retry-After", str(after).encode()),), public=why, quiet=True)
+
+
+def reconnect_key(session: Session, upgrade: ClientUpgrade) -> str:
+    """Who a client is across its sessions: the sticky cookie when its pool hashes on one, else
+    its address."""
+    pool = session.snapshot.pools.get(session.outcome.pool or "")
+    hk = pool.config.hash_key if pool is not None else None
+    if hk is not None and hk.kind == "cookie":
+        value = routing.extract_hash_key(hk, upgrade, session.client_addr[0])
+        if value is not None:
+            return "cookie:" + value[:256].decode("latin-1")
+    return session.client_addr[0]
+
+
+def upgraded(
+    edge: Edge, session: Session, upgrade: ClientUpgrade, metrics: Metrics, credentials: Credentials | None = None
+) -> None:
+    """A client got its 101: the handshake's latency, whether it is a reconnect, and (when its
+    auth answer carried an expiry) the timer that rechecks or closes it."""
+    if credentials is not None:
+        watch = edge.watches[session] = CredentialWatch(edge, session, credentials)
+        watch.arm()
+    now = trio.current_time()
+    metrics.upgraded_after(str(session.listener.address), now - session.started)
+    obs = session.snapshot.config.observability
+    table = edge.reconnects
+    if (table.window, table.max_clients) != (obs.reconnect_window, obs.reconnect_clients):
+        table.resize(obs.reconnect_window, obs.reconnect_clients)
+    key = reconnect_key(session, upgrade)
+    edge.keys[session] = key
+    table.opened(key, session.outcome.pool or "-", session.outcome.backend or "-", now)
+
+
+def ended(edge: Edge, session: Session) -> None:
+    """A session left the registry: remember when its client was last here."""
+    watch = edge.watches.pop(session, None)
+    if watch is not None:
+        watch.cancel()
+    key = edge.keys.pop(session, None)
+    if key is not None:
+        edge.reconnects.closed(key, trio.current_time())
 
 
 def flow_limiter(config: Config, now: float) -> FlowLimiter | None:
@@ -168,4 +259,24 @@ class EdgeCollector(Collector):
             "wsproxy_edge_tracked_ips", "Client addresses with a handshake rate bucket (bounded by max_tracked_ips)"
         )
         tracked.add_metric([], float(a.tracked_ips))
-        return [refused, auth, admitted, tracked]
+        storm = CounterMetricFamily(
+            "wsproxy_storm_refused",
+            "Upgrades refused by the storm shield's budget, by pool (* : the global budget)",
+            labels=["pool"],
+        )
+        for name, n in sorted(self._edge.storm.refused.items()):
+            storm.add_metric([name], float(n))
+        passed = CounterMetricFamily(
+            "wsproxy_storm_admitted", "Upgrades that passed the storm shield's budgets, by pool", labels=["pool"]
+        )
+        for name, n in sorted(self._edge.storm.admitted.items()):
+            passed.add_metric([name], float(n))
+        reconnects = CounterMetricFamily(
+            "wsproxy_reconnects",
+            "New sessions from a client (address, or sticky cookie) whose session closed within "
+            "observability.reconnect_window",
+            labels=["pool", "backend"],
+        )
+        for (pool, backend), n in sorted(self._edge.reconnects.counts.items()):
+            reconnects.add_metric([pool, backend], float(n))
+        return [refused, auth, admitted, tracked, storm, passed, reconnects]

@@ -35,7 +35,7 @@ from wsproxy.protocol.relay import Relay
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
 from wsproxy.runtime import gate, tls_handshake
-from wsproxy.runtime.capacity import LocalShortage
+from wsproxy.runtime.credentials import Credentials
 from wsproxy.runtime.streams import format_address
 from wsproxy.runtime.upstream import LocalResourceError, UpstreamAnswer, UpstreamError, connect, request_upgrade
 
@@ -61,16 +61,19 @@ class Upgraded:
     relay: Relay
     client_trailing: bytes
     backend_trailing: bytes
+    upgrade: ClientUpgrade  # the client's request, as admitted
+    credentials: Credentials | None = None  # the auth answer's expiry, if it had one
 
 
 class HandshakePhase:
     """One session's handshake phase (see the module); `run` it once."""
 
-    __slots__ = ("_session", "_upstream_headers")
+    __slots__ = ("_credentials", "_session", "_upstream_headers")
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._upstream_headers: tuple[tuple[bytes, bytes], ...] = ()  # from the auth service
+        self._credentials: Credentials | None = None  # the auth answer's expiry, if it had one
 
     async def run(self) -> Upgraded | None:
         """Both handshakes; once the client has its 101, the relay and the bytes each peer sent
@@ -120,6 +123,7 @@ class HandshakePhase:
             await self._reject(admitted)
             return None
         self._session.ticket, self._upstream_headers = admitted.ticket, admitted.upstream_headers
+        self._credentials = admitted.credentials
         return await self._connect_backend(h, admitted.upgrade)
 
     async def _finish_tls(self) -> bool:
@@ -169,7 +173,7 @@ class HandshakePhase:
         self._session.metrics.handshake(str(self._session.listener.address), REJECTED, rejection.status)
         self._session.outcome.reason = rejection.reason
         log.log(
-            rejection.log_level if isinstance(rejection, LocalShortage) else logging.WARNING,  # once per burst
+            logging.DEBUG if rejection.quiet else logging.WARNING,  # quiet: the storm shield logs in aggregate
             "client %s: %d %s (path %s)",
             format_address(self._session.client_addr),
             rejection.status,
@@ -209,11 +213,14 @@ class HandshakePhase:
             self._session.outcome.backend = backend.name
             lease: Lease | None = pool.acquire(backend)
             try:
+                began = trio.current_time()
                 try:
                     result = await self._try_backend(backend, pool, upgrade, deadline)
                 except LocalResourceError as exc:  # the proxy's own shortage: 503, the backend not blamed
                     await self._reject(gate.local_shortage(self._session.edge, exc))
                     return None
+                if not isinstance(result, Rejection):  # connect + upgrade, to a 101 or another answer
+                    self._session.metrics.backend_handshake(pool_name, backend.name, trio.current_time() - began)
                 if isinstance(result, Rejection):
                     log.warning("backend %s (pool %s): %s", backend.name, pool_name, result.reason)
                     self._session.metrics.upstream_failure(pool_name, backend.name, result.status)
@@ -391,7 +398,7 @@ class HandshakePhase:
                 max_message_bytes=cfg.limits.max_message_bytes,
                 buffer_bytes=cfg.limits.buffer_bytes,
             )
-        return Upgraded(relay, bytes(h.trailing_data[0]), answer.trailing)
+        return Upgraded(relay, bytes(h.trailing_data[0]), answer.trailing, upgrade, self._credentials)
 
 
 def _unavailable(pool: Pool) -> Rejection:

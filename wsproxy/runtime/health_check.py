@@ -178,13 +178,14 @@ class HealthMonitor:
                     wanted[backend] = pool.config
         for backend in [b for b in self._watches if b not in wanted]:
             self._watches.pop(backend).scope.cancel()
-        for backend, pool in wanted.items():
+        for backend, pool_config in wanted.items():
             watch = self._watches.get(backend)
             if watch is not None:
-                watch.pool = pool
+                watch.pool = pool_config
                 continue
-            watch = self._watches[backend] = _Watch(backend, pool)
-            self._nursery.start_soon(self._check_loop, watch, name=f"health check {pool.name} {backend.name}")
+            watch = self._watches[backend] = _Watch(backend, pool_config)
+            name = f"health check {pool_config.name} {backend.name}"
+            self._nursery.start_soon(self._check_loop, watch, name=name)
 
     async def _check_loop(self, watch: _Watch) -> None:
         backend = watch.backend

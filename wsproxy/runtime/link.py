@@ -33,6 +33,7 @@ from wsproxy.policy import relay_phase as rp
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.policy.relay_phase import RelayPhase, SideState
 from wsproxy.protocol.relay import Relay
+from wsproxy.protocol.sides import Side
 from wsproxy.runtime.reactor import READ, WRITE, Reactor
 from wsproxy.runtime.timers import TimerEntry, Timers
 
@@ -49,11 +50,15 @@ def _ignore(*_: Any) -> None:
     return None
 
 
-def _no_name(side: str) -> str:
+def _no_name(side: Side) -> str:
     return side
 
 
-class Side:
+def _waiting(state: SideState) -> int:
+    return len(state.out) + sum(len(chunk) for chunk in state.more or ())
+
+
+class PeerSocket:
     """One peer's socket, as the driver sees it."""
 
     __slots__ = (
@@ -124,7 +129,7 @@ class Link:
         flow: FlowLimiter | None,
         on_throttled: Callable[[], None],
         on_rate_close: Callable[[float], None],
-        peer_name: Callable[[str], str],
+        peer_name: Callable[[Side], str],
         on_end: Callable[[Link], None],
         schedule: Any = None,
     ) -> None:
@@ -137,8 +142,8 @@ class Link:
             flow=flow,
             schedule=schedule,
         )
-        self.client = Side(client, self.phase.client)
-        self.backend = Side(backend, self.phase.backend)
+        self.client = PeerSocket(client, self.phase.client)
+        self.backend = PeerSocket(backend, self.phase.backend)
         self._timers = timers
         self._metrics = metrics
         self._size = receive_size
@@ -162,6 +167,11 @@ class Link:
             self._carry_out(self.phase.start(client_trailing, backend_trailing, now), now)
         except Exception:
             self._crash()
+
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend): each side's send in flight
+        and the proxy's frames queued behind it."""
+        return _waiting(self.client.state), _waiting(self.backend.state)
 
     def end(self) -> None:
         """End the session now, without a closing handshake (a cut, a shutdown deadline)."""
@@ -212,7 +222,7 @@ class Link:
 
     # --- I/O ------------------------------------------------------------------------------
 
-    def _read(self, s: Side, now: float) -> bool:
+    def _read(self, s: PeerSocket, now: float) -> bool:
         """Read once; True if the phase was told something."""
         try:
             data = s.recv(self._size)
@@ -228,7 +238,7 @@ class Link:
         self.phase.received(s.state.name, data, now)
         return True
 
-    def _send(self, s: Side, data: bytes | memoryview, now: float) -> None:
+    def _send(self, s: PeerSocket, data: bytes | memoryview, now: float) -> None:
         """One send of the side's in-flight bytes; its result goes back to the phase."""
         try:
             sent = s.send(data)
@@ -276,7 +286,7 @@ class Link:
         self._aim(self.client)
         self._aim(self.backend)
 
-    def _arm(self, kind: str, side: str | None, when: float) -> None:
+    def _arm(self, kind: str, side: Side | None, when: float) -> None:
         key = (kind, side)
         self._timers.cancel(self._timer_entries.pop(key, None))
 
@@ -291,10 +301,11 @@ class Link:
 
         self._timer_entries[key] = self._timers.schedule(when, fire)
 
-    def _report(self, what: str, side: str, value: Any) -> None:
+    def _report(self, what: str, side: Side, value: Any) -> None:
         if what is rp.BUFFER_FULL:
             self._metrics.backpressure_event(side, BUFFER_FULL)
         elif what is rp.STALL_ENDED:
+            self._metrics.send_stall(side, value)
             if value >= SEND_STALL_SECONDS:
                 self._metrics.backpressure_event(side, SEND_STALLED)
         elif what is rp.PONG_RTT:
@@ -307,7 +318,7 @@ class Link:
         elif what is rp.RATE_CLOSED:
             self._on_rate_close(value)
 
-    def _aim(self, s: Side) -> None:
+    def _aim(self, s: PeerSocket) -> None:
         """Watch `s` for what it now needs: readable to read (or for a TLS write that wants a
         read), writable for pending bytes (or a TLS read that wants a write)."""
         if s.closed:
@@ -333,11 +344,11 @@ class Link:
             self._reactor.modify(s.fd, mask)
         s.mask = mask
 
-    def _read_again(self, s: Side) -> None:
+    def _read_again(self, s: PeerSocket) -> None:
         s.again = False
         self.on_event(s.fd, READ)
 
-    def _close(self, s: Side) -> None:
+    def _close(self, s: PeerSocket) -> None:
         if s.closed:
             return
         s.closed = True
@@ -358,7 +369,7 @@ class Link:
     def _crash(self) -> None:
         """A step run outside the reactor's rounds (a timer, the session's task) raised: log it
         once and count it, as the reactor does for its own calls, and end this session only."""
-        log.exception("session relay failed (%s)", self._peer_name("client"))
+        log.exception("session relay failed (%s)", self._peer_name(Side.CLIENT))
         self._metrics.relay_failure()
         self.failed_by_bug = True
         self._finish()
@@ -382,7 +393,7 @@ class Link:
             try:
                 on_end(self)
             except Exception:
-                log.exception("ending the session (%s) failed", self._peer_name("client"))
+                log.exception("ending the session (%s) failed", self._peer_name(Side.CLIENT))
         # Let go of the session's bound methods: the session holds this link, so without this
         # an ended session would wait for the cycle collector instead of being freed at once.
         self._on_throttled = self._on_rate_close = _ignore

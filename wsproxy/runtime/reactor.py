@@ -106,7 +106,7 @@ class SelectorPoller:
             raise RuntimeError(f"{type(self._sel).__name__} has no descriptor to wait on: the relay needs one")
 
     def fileno(self) -> int:
-        return self._sel.fileno()  # type: ignore[attr-defined,no-any-return]
+        return self._sel.fileno()
 
     def register(self, fd: int, events: int) -> None:
         self._sel.register(fd, _to_selectors(events))

@@ -36,9 +36,13 @@ from wsproxy.policy.reload_plan import (
 from wsproxy.policy.snapshot import Snapshot
 from wsproxy.protocol import proxy_protocol
 from wsproxy.protocol.relay import GOING_AWAY, SERVICE_RESTART
+from wsproxy.runtime import gate, telemetry
 from wsproxy.runtime.admin import serve_admin
+from wsproxy.runtime.admin_api import ControlApi, ControlCollector
 from wsproxy.runtime.capacity import Capacity
+from wsproxy.runtime.control import Control
 from wsproxy.runtime.gate import Edge, EdgeCollector
+from wsproxy.runtime.handover import Inherited
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context
 from wsproxy.runtime.reactor import Reactor
@@ -61,6 +65,7 @@ log = logging.getLogger("wsproxy.server")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
 
+
 class ReloadError(Exception):
     """A valid config that still cannot be applied (a cert that does not load, a port in use)."""
 
@@ -80,8 +85,11 @@ class _Listening:
 class Server:
     """Everything a running proxy holds: snapshot, listeners, sessions."""
 
-    def __init__(self, config: Config, *, worker_index: int = 0) -> None:
+    def __init__(self, config: Config, *, worker_index: int = 0, inherited: Inherited | None = None) -> None:
         self.worker_index = worker_index  # with workers > 1: this worker's admin port is admin's + index
+        self._inherited = inherited  # listening sockets handed over by the previous process (an upgrade)
+        self._admin_scope = trio.CancelScope()
+        self.admin_sockets: list[socket.socket] = []  # the admin listener's (for a handover)
         self.snapshot = Snapshot.build(config)
         self.sessions: set[Session] = set()
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
@@ -105,8 +113,13 @@ class Server:
         self.metrics.config_loaded(config)
         self.capacity = Capacity(self.metrics, sessions=self.sessions)  # the proxy's own descriptors
         self.edge = Edge(capacity=self.capacity)  # caps, per-IP buckets, auth caches: shared, kept on reload
+        self.edge.timers = self.timers  # credential expiry timers run on the one timer task
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
+        self.control = Control(self)  # runtime control: session ids, admin states, closes (control.py)
+        self.control_api = ControlApi(self.control, lambda: self.snapshot.config.admin)
+        self.metrics.registry.register(ControlCollector(lambda: self.control_api))
+        self.telemetry = telemetry.Telemetry(self)  # process_*, build info, backlog; the charts' history
 
     def metrics_relay_failure(self) -> None:
         """A watcher of the readiness loop raised: counted (its session alone ended)."""
@@ -114,6 +127,8 @@ class Server:
 
     def _unregister(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.control.forget(session)
+        gate.ended(self.edge, session)  # reconnect tracking
         if self.draining and not self.sessions:
             self._all_gone.set()
 
@@ -130,6 +145,7 @@ class Server:
                 close_socket(sock)
         if session is not None:
             self.sessions.add(session)
+            self.control.track(session)
             await session.run()
 
     async def _admit_connection(self, sock: socket.socket, slot: _Listening) -> Session | None:
@@ -184,8 +200,13 @@ class Server:
 
     # --- listeners -------------------------------------------------------------------------
 
-    async def _open_sockets(self, listener: ListenerConfig, config: Config) -> list[socket.socket]:
-        """Listening stdlib sockets: the server owns every connection's socket from accept on."""
+    async def _open_sockets(self, listener: ListenerConfig, config: Config, key: ListenerKey) -> list[socket.socket]:
+        """Listening stdlib sockets: the server owns every connection's socket from accept on. After
+        an upgrade, the previous process's sockets for this listener (no moment without one)."""
+        if self._inherited is not None:
+            socks = self._inherited.take(listener_key_name(key))
+            if socks:
+                return socks
         label = listener_label(config, listener)
         return await open_sockets(listener.address, label=label, reuse_port=config.workers > 1)
 
@@ -228,20 +249,20 @@ class Server:
         """Open every listener, report ready, and serve until `shutdown` finishes."""
         async with trio.open_nursery() as connections:
             self._connections = connections
+            self.edge.tasks = connections  # auth rechecks before credentials expire
             await connections.start(self.timers.run)
+            await connections.start(self.telemetry.run)
             await connections.start(self.reactor.run)
             self.health.sync(self.snapshot)
             await connections.start(self.health.run)
             config = self.snapshot.config
             for key, lst in listener_keys(config).items():
                 ctx = server_ssl_context(lst, listener_label(config, lst)) if lst.tls is not None else None
-                self._listening[key] = _Listening(lst, await self._open_sockets(lst, config), ctx)
+                self._listening[key] = _Listening(lst, await self._open_sockets(lst, config, key), ctx)
             self._refresh_bound()
             self.capacity.start(self.snapshot.config)  # the spare descriptor; warns if RLIMIT_NOFILE is short
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
-                self.admin_bound = await connections.start(
-                    serve_admin, self, self.snapshot.config.admin, self.worker_index
-                )
+                self.admin_bound = await connections.start(self._serve_admin)
             with self._listen_scope:
                 async with trio.open_nursery() as accepting:
                     self._accepting = accepting
@@ -256,6 +277,24 @@ class Server:
                 await self._all_gone.wait()
             self.capacity.stop()
             connections.cancel_scope.cancel()
+
+    async def _serve_admin(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.snapshot.config.admin
+        assert config is not None
+        inherited = self._inherited.admin if self._inherited is not None else None
+        with self._admin_scope:
+            await serve_admin(self, config, self.worker_index, inherited=inherited, task_status=task_status)
+
+    def listening_fds(self) -> tuple[dict[str, list[int]], list[int]]:
+        """The descriptors a successor takes over: listeners by key, and the admin listener's."""
+        listeners = {
+            listener_key_name(key): [sock.fileno() for sock in slot.sockets] for key, slot in self._listening.items()
+        }
+        return listeners, [sock.fileno() for sock in self.admin_sockets]
+
+    def stop_admin(self) -> None:
+        """The successor answers on the admin address now."""
+        self._admin_scope.cancel()
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -280,7 +319,7 @@ class Server:
         opened: list[tuple[ListenerKey, _Listening]] = []
         try:
             for key, lst in plan.open:
-                sockets = await self._open_sockets(lst, config)
+                sockets = await self._open_sockets(lst, config, key)
                 opened.append((key, _Listening(lst, sockets, contexts.get(lst.address))))
         except ListenError as exc:
             for _, slot in opened:
@@ -417,6 +456,11 @@ def _address(get: Callable[[], Any]) -> tuple[str, int] | None:
     except OSError:
         return None
     return (name[0], name[1]) if isinstance(name, tuple) else (str(name), 0)
+
+
+def listener_key_name(key: ListenerKey) -> str:
+    """A listener's identity as text, the same in a successor that reads the same file."""
+    return str(key) if isinstance(key, Address) else f"{key[0]}#{key[1]}"
 
 
 def _sockname(sock: socket.socket) -> tuple[str, int]:

@@ -30,6 +30,7 @@ from wsproxy.protocol import heartbeat
 from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.heartbeat import Expired, PeerDead, Schedule, SendPing
 from wsproxy.protocol.relay import GOING_AWAY, INTERNAL_ERROR, Relay, RelayStats
+from wsproxy.protocol.sides import Side
 from wsproxy.runtime import gate
 from wsproxy.runtime.handshake_phase import HandshakePhase
 from wsproxy.runtime.link import Link
@@ -189,6 +190,15 @@ class Session:
             return None
         return (self._active[0], self._active[1], self.relay.stats)
 
+    def backlog(self) -> tuple[int, int]:
+        """Bytes waiting in the proxy: (to the client, to the backend)."""
+        return self._link.backlog() if self._link is not None else (0, 0)
+
+    @property
+    def last_activity(self) -> float | None:
+        """When the last data frame passed either way (None: no schedule keeps it)."""
+        return self._schedule.last_data if self._schedule is not None else None
+
     @property
     def closing(self) -> bool:
         """A closing handshake has started (by either peer or the proxy)."""
@@ -215,6 +225,8 @@ class Session:
         self.relay = upgraded.relay
         listener = str(self.listener.address)
         self._active = self.metrics.session_opened(listener, self.outcome.pool or "-", self.outcome.backend or "-")
+        # the handshake's latency, whether it is a reconnect, and the credentials' expiry timer
+        gate.upgraded(self.edge, self, upgraded.upgrade, self.metrics, upgraded.credentials)
         self._start_schedule()
         self._flow = gate.flow_limiter(cfg, trio.current_time())
         self._relay(upgraded.client_trailing, upgraded.backend_trailing)
@@ -270,14 +282,14 @@ class Session:
             lifetime = heartbeat.lifetime_with_jitter(
                 cfg.timeouts.max_lifetime, cfg.timeouts.max_lifetime_jitter, random.random()
             )
-        legs = cfg.heartbeat.leg_names
-        if not legs and cfg.timeouts.idle is None and lifetime is None:
+        sides = tuple(Side(name) for name in cfg.heartbeat.leg_names)  # the config's `heartbeat.legs`
+        if not sides and cfg.timeouts.idle is None and lifetime is None:
             return  # nothing to time: no schedule, no timer entries
         self._schedule = Schedule(
             trio.current_time(),
-            interval=cfg.heartbeat.interval if legs else None,
+            interval=cfg.heartbeat.interval if sides else None,
             timeout=cfg.heartbeat.timeout,
-            legs=legs,
+            sides=sides,
             idle=cfg.timeouts.idle,
             lifetime=lifetime,
         )
@@ -300,25 +312,25 @@ class Session:
             return  # the session has ended (its timer entry was cancelled; this is a late call)
         if relay.client_done and relay.backend_done:
             return
-        for leg in ("client", "backend"):
-            if relay.ping_waiting(leg):
-                schedule.ping_held(leg, now)
+        for side in Side:
+            if relay.ping_waiting(side):
+                schedule.ping_held(side, now)
         acted = False
         for action in schedule.due(now):
             acted = True
             if isinstance(action, SendPing):
-                if relay.send_ping(action.leg, action.payload):
-                    self.metrics.ping_sent(action.leg)
+                if relay.send_ping(action.side, action.payload):
+                    self.metrics.ping_sent(action.side)
             elif isinstance(action, PeerDead):
-                self.metrics.dead_peer(action.leg)
+                self.metrics.dead_peer(action.side)
                 log.warning(
                     "%s %s: no answer to our ping, silent for %.1fs: closing",
-                    action.leg,
-                    self._peer_name(action.leg),
+                    action.side,
+                    self._peer_name(action.side),
                     action.silent_for,
                 )
-                other = GOING_AWAY if action.leg == "client" else INTERNAL_ERROR
-                relay.abandon(action.leg, other_code=other, reason=f"{action.leg} did not answer the proxy's ping")
+                other = GOING_AWAY if action.side is Side.CLIENT else INTERNAL_ERROR
+                relay.abandon(action.side, other_code=other, reason=f"{action.side} did not answer the proxy's ping")
             elif isinstance(action, Expired):
                 reason = "idle timeout" if action.what == "idle" else "maximum session lifetime reached"
                 log.info("session from %s: %s", format_address(self.client_addr), reason)
@@ -330,8 +342,8 @@ class Session:
         if not relay.closing:
             self._arm_timer()
 
-    def _peer_name(self, side: str) -> str:
-        return format_address(self.client_addr) if side == "client" else (self.outcome.backend or "?")
+    def _peer_name(self, side: Side) -> str:
+        return format_address(self.client_addr) if side is Side.CLIENT else (self.outcome.backend or "?")
 
     # --- log -----------------------------------------------------------------------------------
 
@@ -367,5 +379,5 @@ class Session:
             r.client_close, r.backend_close, r.proxy_close = st.client_close, st.backend_close, st.proxy_close
             r.first_closer = st.first_closer
         if self._schedule is not None:
-            r.rtt_client, r.rtt_backend = self._schedule.rtt("client"), self._schedule.rtt("backend")
+            r.rtt_client, r.rtt_backend = self._schedule.rtt(Side.CLIENT), self._schedule.rtt(Side.BACKEND)
         return r

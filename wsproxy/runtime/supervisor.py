@@ -17,11 +17,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from wsproxy.config import Config, ConfigError, load_config
+from wsproxy.runtime import handover
 from wsproxy.runtime.server import ReloadError, Server
 
 log = logging.getLogger("wsproxy")
@@ -50,30 +52,84 @@ async def run(
     config_path: str | Path | None = None,
     worker_index: int = 0,
     *,
+    supervised: bool = False,
+    inherit: str | None = None,
+    argv_tail: list[str] | None = None,
+    on_successor: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `config` in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`."""
+    """Serve `config` in this process until SIGINT/SIGTERM; SIGHUP reloads `config_path`; SIGUSR2
+    hands the listeners to a successor (handover.py) and drains. With `inherit`, this process is
+    such a successor: it takes its listening sockets from the process waiting at that path.
+    `supervised`: a worker of a `Supervisor`, which starts the successor itself."""
     path = Path(config_path) if config_path is not None else Path(config.source)
-    server = Server(config, worker_index=worker_index)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    # The receiver first: a signal sent once the pid file exists waits for the loop below instead
+    # of killing a process still taking its sockets over or building its server.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2) as signals:
+        inherited = await handover.receive_listeners(inherit) if inherit is not None else None
+        server = Server(config, worker_index=worker_index, inherited=inherited)
+        async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            if inherited is not None:
+                inherited.close_unused(admin_used=config.admin is not None)
+                await inherited.ready()  # the previous process stops accepting now
             log.info("wsproxy ready (config %s, sha256 %s, pid %d)", config.source, config.digest[:12], os.getpid())
             task_status.started(server)
-            draining = False
+            state = _State()
+            successor = (
+                None if supervised else [sys.executable, "-m", "wsproxy", "run", "-c", str(path), *(argv_tail or [])]
+            )
             async for sig in signals:
                 if sig == signal.SIGHUP:
-                    if not draining:
+                    if not state.draining:
                         await reload_from_file(server, path)
                     continue
-                if not draining:
-                    draining = True
+                if sig == signal.SIGUSR2:
+                    if not state.draining and not state.upgrading:
+                        log.info("received SIGUSR2: upgrading (handing the listeners to a new process)")
+                        nursery.start_soon(_upgrade, server, nursery, state, successor, on_successor)
+                    continue
+                if not state.draining:
+                    state.draining = True
                     log.info("received %s: draining", signal.Signals(sig).name)
                     nursery.start_soon(_drain_then_stop, server, nursery)
                     continue
                 log.warning("received %s again: stopping now", signal.Signals(sig).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+class _State:
+    __slots__ = ("draining", "upgrading")
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.upgrading = False
+
+
+async def _upgrade(
+    server: Server,
+    nursery: trio.Nursery,
+    state: _State,
+    successor: list[str] | None,
+    on_successor: Callable[[int], None] | None,
+) -> None:
+    """Hand the listeners over (handover.py); once the successor accepts, drain and stop."""
+    state.upgrading = True
+    try:
+        listeners, admin = server.listening_fds()
+        path = handover.handover_path(os.getpid())
+        done = await handover.send_listeners(listeners, admin, path=path, successor=successor)
+    finally:
+        state.upgrading = False
+    if done is False or state.draining:
+        return
+    if isinstance(done, trio.Process) and on_successor is not None:
+        on_successor(done.pid)
+    log.info("upgrade: the successor accepts on every listener; draining this process (pid %d)", os.getpid())
+    state.draining = True
+    server.stop_admin()
+    await _drain_then_stop(server, nursery)
 
 
 async def reload_from_file(server: Server, path: Path) -> bool:
@@ -126,7 +182,8 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
+            with trio.open_signal_receiver(*sigs) as signals:
                 async with trio.open_nursery() as nursery:
                     for i in range(len(self.procs)):
                         nursery.start_soon(self._keep_running, i)
@@ -135,6 +192,11 @@ class Supervisor:
                     async for sig in signals:
                         if sig == signal.SIGHUP:
                             self._reload()
+                        elif sig == signal.SIGUSR2:
+                            if not self.stopping and self._valid():
+                                log.info("received SIGUSR2: upgrading %d workers", len(self.procs))
+                                for i in range(len(self.procs)):
+                                    nursery.start_soon(self._upgrade_worker, i)
                         elif not self.stopping:
                             log.info("received %s: stopping %d workers", signal.Signals(sig).name, len(self.procs))
                             self.stopping = True
@@ -147,15 +209,42 @@ class Supervisor:
                 if proc is not None and proc.returncode is None:
                     proc.kill()
 
-    def _reload(self) -> None:
+    def _valid(self, what: str = "reload") -> bool:
         try:
             load_config(self.config_path)  # a bad file is logged once, here; the workers keep theirs
         except ConfigError as exc:
             for key, msg in exc.problems:
-                log.error("reload rejected, keeping the running config: %s: %s: %s", exc.source, key or "<top>", msg)
+                log.error("%s rejected, keeping the running config: %s: %s: %s", what, exc.source, key or "<top>", msg)
+            return False
+        return True
+
+    def _reload(self) -> None:
+        if not self._valid():
             return
         log.info("reloading %d workers", len(self.procs))
         self._forward(signal.SIGHUP)
+
+    async def _upgrade_worker(self, index: int) -> None:
+        """Worker `index` hands its listeners to a new worker started here; until the new one
+        accepts, the old one serves, and if the new one fails the old one stays."""
+        old = self.procs[index]
+        if old is None or old.returncode is not None:
+            return
+        old.send_signal(signal.SIGUSR2)  # it waits for its successor at handover_path(its pid)
+        cmd = [*self.cmd, "--worker", str(index), "--inherit", handover.handover_path(old.pid)]
+        new = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.info("worker %d: successor started (pid %d) to take over from pid %d", index, new.pid, old.pid)
+        self.procs[index] = new
+        await new.wait()
+        if old.returncode is None and self.procs[index] is new:
+            log.error(
+                "worker %d: the successor (pid %d) exited with %d; pid %d goes on",
+                index,
+                new.pid,
+                new.returncode,
+                old.pid,
+            )
+            self.procs[index] = old
 
     def _forward(self, sig: int) -> None:
         for proc in self.procs:
@@ -174,6 +263,9 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             log.info("worker %d started (pid %d)", index, proc.pid)
             code = await proc.wait()
+            while (current := self.procs[index]) is not None and current is not proc:  # replaced by an upgrade
+                proc = current
+                code = await proc.wait()
             if self.stopping:
                 log.info("worker %d (pid %d) exited with %d", index, proc.pid, code)
                 return

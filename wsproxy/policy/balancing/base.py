@@ -12,16 +12,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 from wsproxy.config import BackendConfig, PoolConfig
+from wsproxy.policy.control import BackendAdmin
 from wsproxy.policy.health import BackendHealth
 
 
 class Backend:
     """A backend's live state inside one pool."""
 
-    __slots__ = ("active", "address", "config", "health", "index", "name", "weight")
+    __slots__ = ("active", "address", "admin", "config", "health", "index", "name", "weight")
 
     def __init__(self, config: BackendConfig, index: int, health: BackendHealth | None = None) -> None:
         self.health = health if health is not None else BackendHealth()  # survives reloads with the object
+        self.admin = BackendAdmin()  # the operator's ready/drain/maint: survives reloads with the object
         self.config = config
         self.address = config.address
         self.name = config.name
@@ -78,14 +80,27 @@ class Pool:
         for i, fresh in enumerate(self.backends):
             kept = old.get(fresh.address)
             if kept is not None:
-                kept.config, kept.name, kept.weight, kept.index = fresh.config, fresh.name, fresh.weight, i
+                weight = kept.admin.weight if kept.admin.weight is not None else fresh.weight  # set at runtime
+                kept.config, kept.name, kept.weight, kept.index = fresh.config, fresh.name, weight, i
                 self.backends[i] = kept
 
     def candidates(self, key: bytes | None = None, now: float | None = None) -> Iterator[Backend]:
         """The policy's order; with `now`, only backends healthy at `now`, at their slow-start weight.
-        A full backend (`Backend.full`) is skipped, judged when the walk reaches it."""
+        A full backend (`Backend.full`) or one an operator drains is skipped, judged when the walk
+        reaches it."""
         ordered = self.policy.candidates(key, None if now is None else self.effective_weights(now))
-        return (b for b in ordered if not b.full)
+        return (b for b in ordered if not b.full and b.admin.accepting)
+
+    def find(self, name: str) -> Backend | None:
+        """The backend called `name` (host:port as the config spells it)."""
+        return next((b for b in self.backends if b.name == name), None)
+
+    def set_weight(self, backend: Backend, weight: int) -> None:
+        """A weight set at runtime: kept across reloads while the backend stays; the policy is
+        rebuilt, since some (consistent hashing) place backends by weight."""
+        backend.admin.weight = weight
+        backend.weight = weight
+        self.policy = type(self.policy)(self.backends, self.config)
 
     def effective_weights(self, now: float) -> list[float] | None:
         """Each backend's weight * its health factor; None while every backend is at full weight."""
