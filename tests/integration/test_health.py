@@ -352,6 +352,41 @@ async def test_a_recovered_backend_comes_back_after_rise_checks_and_ramps_up(nur
     assert 0.4 <= late <= 0.6
 
 
+async def test_a_restarted_backend_takes_sessions_once_its_checks_pass_long_before_its_ejection_ends(
+    nursery, caplog
+) -> None:
+    """Killed: real sessions' failed connects eject it for 30 s (fall is high, so only the ejection
+    holds it out). Restarted: `rise` passed checks end the ejection, slow start ramps it in, and it
+    takes new sessions within a second or two, not 30 s later."""
+    caplog.set_level(logging.INFO, logger="wsproxy")
+    a, b = await start_backends(nursery, 2)
+    pool = (
+        f"health: {{check: http, path: {HEALTH_PATH}, interval: 100ms, timeout: 100ms, fall: 100, rise: 2,"
+        " slow_start: 300ms}\npassive: {failures: 1, eject_for: 30s}"
+    )
+    proxy = await start_proxy(nursery, proxy_yaml([a.port, b.port], pool_extra=pool, extra=TIMEOUTS))
+    health = pool_backend(proxy, a.port).health
+    a.kill()
+    for _ in range(4):  # round robin: a failed connect on `a` (retried on `b`) ejects it
+        head, stream = await upgrade_head(proxy.port())
+        await stream.aclose()
+        assert status_of(head) == 101, head
+    assert health.status(trio.current_time()) == EJECTED and health.state == UP
+    await a.restart(nursery)
+    restarted = trio.current_time()
+    back = await wait_for(lambda: health.available(trio.current_time()), timeout=5)
+    assert back - restarted < 2.0  # rise 2 x interval 100 ms (+ jitter): far from eject_for
+    await trio.sleep_until(back + 0.3)  # slow start over
+    before = a.upgrades
+    for _ in range(20):
+        head, stream = await upgrade_head(proxy.port())
+        await stream.aclose()
+        assert status_of(head) == 101, head
+    assert a.upgrades - before >= 5  # round robin again: about half
+    assert trio.current_time() - restarted < 10  # all of it well inside the 30 s ejection
+    assert any("ejection ended early" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------------------------
 # open sessions when a backend goes down
 

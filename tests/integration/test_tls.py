@@ -6,6 +6,7 @@ so a test passing means a real client would accept the listener, not just that b
 
 from __future__ import annotations
 
+import logging
 import ssl
 import warnings
 
@@ -198,6 +199,82 @@ async def test_tls_client_that_never_finishes_handshake_is_cut_off(nursery, back
                 except trio.BrokenResourceError:
                     break
     assert trio.current_time() - start < 3
+
+
+async def _silent_until_cut(port: int, *, send: bytes = b"", limit: float = 8.0) -> tuple[float, bytes]:
+    """Open TCP (send `send`, then nothing); seconds until the proxy hangs up, and what it sent."""
+    start = trio.current_time()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    got = b""
+    async with stream:
+        if send:
+            await stream.send_all(send)
+        with trio.fail_after(limit):
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                got += data
+    return trio.current_time() - start, got
+
+
+@pytest.mark.parametrize("send", [b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"], ids=["silent", "half-hello"])
+async def test_one_deadline_covers_the_tls_handshake_and_no_408_is_claimed(
+    nursery, backends, tls_files, caplog, send: bytes
+) -> None:
+    """timeouts.handshake 1 s, timeouts.close 3 s: a client that opens TCP and never finishes TLS
+    is cut at 1 s (not 1 + 3 s: no 408 waits for a handshake that never comes), gets no bytes of
+    HTTP, and the log says what happened instead of claiming a 408."""
+    caplog.set_level(logging.INFO, logger="wsproxy")
+    backends.append(start_backend())
+    yaml_text = proxy_yaml(
+        [backends[0].port],
+        tls=(tls_files.cert, tls_files.key),
+        extra="timeouts: {handshake: 1s, connect: 1s, close: 3s}\n",
+    )
+    proxy = await start_proxy(nursery, yaml_text)
+    elapsed, got = await _silent_until_cut(proxy.port(), send=send)
+    assert 0.9 <= elapsed < 2.5, elapsed
+    assert b"HTTP/1.1" not in got
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("wsproxy")]
+    assert not any("408" in m for m in messages), messages
+    assert any("TLS handshake not complete within 1s" in m for m in messages), messages
+    # the listener still serves a normal client afterwards
+    client = await RawClient.connect(proxy.port(), ssl_context=tls_files.client_context())
+    assert client.accept is not None
+    await client.send(TextMessage(data="after"))
+    assert await client.receive_message() == "after"
+    assert await _finish(client) == 1000
+
+
+async def test_a_tls_client_silent_after_its_handshake_gets_408_at_the_same_deadline(
+    nursery, backends, tls_files
+) -> None:
+    backends.append(start_backend())
+    yaml_text = proxy_yaml(
+        [backends[0].port],
+        tls=(tls_files.cert, tls_files.key),
+        extra="timeouts: {handshake: 1s, connect: 1s, close: 3s}\n",
+    )
+    proxy = await start_proxy(nursery, yaml_text)
+    start = trio.current_time()
+    stream = await _tls_handshake(proxy.port(), tls_files.client_context())
+    async with stream:
+        got = b""
+        with trio.fail_after(5):
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                got += data
+    assert got.startswith(b"HTTP/1.1 408")
+    assert trio.current_time() - start < 2.5
 
 
 class _HeaderFirst(trio.abc.Stream):

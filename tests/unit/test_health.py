@@ -275,3 +275,66 @@ def test_retry_after_is_bounded() -> None:
 def test_jittered_interval_stays_within_the_jitter(interval: float, u: float) -> None:
     wait = jittered(interval, u)
     assert interval * (1 - JITTER) * 0.999999 <= wait <= interval * (1 + JITTER)
+
+
+# --------------------------------------------------------------------------------------------
+# active checks end a passive ejection
+
+
+def test_rise_passed_checks_after_an_ejection_end_it_early_and_slow_start_ramps_from_there() -> None:
+    h = BackendHealth(ActiveHealth(interval=1.0, rise=2, fall=3, slow_start=4.0), PASSIVE)
+    assert eject(h, 10.0) == 30.0
+    assert h.status(10.5) == EJECTED
+    assert h.check_passed(11.0) is None  # one is not `rise`
+    assert h.status(11.5) == EJECTED and not h.available(11.5)
+    change = h.check_passed(12.0)
+    assert change is not None and change.state == UP and "ejection" in change.reason
+    assert h.available(12.0) and h.ejected_until == 12.0  # 28 s before eject_for would have ended it
+    assert h.status(12.0) == SLOW_START and h.weight_factor(13.0) == pytest.approx(0.25)
+    assert h.full_at == 16.0 and h.status(16.0) == UP
+
+
+def test_checks_passed_before_the_ejection_do_not_count_toward_ending_it() -> None:
+    h = BackendHealth(ActiveHealth(interval=1.0, rise=2, fall=3), PASSIVE)
+    h.attempt_failed(0.0, "x")
+    h.check_passed(0.5)  # an up backend passing: nothing to end yet
+    h.attempt_failed(0.6, "x")
+    assert h.attempt_failed(0.7, "x") is not None
+    assert h.check_passed(1.0) is None
+    assert not h.available(1.0)
+    assert h.check_passed(2.0) is not None and h.available(2.0)
+
+
+def test_a_failed_check_restarts_the_count_that_ends_an_ejection() -> None:
+    h = BackendHealth(ActiveHealth(interval=1.0, rise=2, fall=3), PASSIVE)
+    eject(h, 0.0)
+    h.check_passed(1.0)
+    h.check_failed(2.0, "refused")
+    assert h.check_passed(3.0) is None and not h.available(3.0)
+    assert h.check_passed(4.0) is not None and h.available(4.0)
+
+
+def test_a_down_and_ejected_backend_comes_back_with_rise_checks() -> None:
+    h = down_health(ActiveHealth(interval=1.0, rise=2, fall=1))
+    h.configure(h.active, PASSIVE)
+    eject(h, 0.5)
+    assert h.status(1.0) == DOWN
+    h.check_passed(1.0)
+    change = h.check_passed(2.0)
+    assert change is not None and change.state == UP
+    assert h.available(2.0) and h.status(2.0) == UP
+
+
+def test_without_active_checks_the_ejection_period_still_applies() -> None:
+    h = BackendHealth(None, PASSIVE)
+    eject(h, 0.0)
+    assert not h.available(29.9) and h.available(30.0)
+
+
+def test_retry_after_of_an_ejected_backend_with_checks_is_the_rise_checks_left() -> None:
+    h = BackendHealth(ActiveHealth(interval=2.0, rise=3, fall=3), PASSIVE)
+    eject(h, 0.0)
+    assert retry_after([h], 1.0) == 6
+    h.check_passed(2.0)
+    assert retry_after([h], 2.0) == 4
+    assert retry_after([BackendHealth(None, PASSIVE)], 0.0) == 1  # available: the minimum

@@ -135,6 +135,14 @@ ADMIN_MAX_REQUEST_BYTES = 8192
 ADMIN_TIMEOUT = 5.0  # seconds for reading the request and sending the response
 ADMIN_MAX_CONNECTIONS = 32  # at once; further admin connections are closed at once
 
+# the proxy's own descriptors (fixed, not configurable; see docs/operations.md)
+DESCRIPTOR_BASE = 32  # stdio, the epoll instances, the spare descriptor, log files: besides sessions
+DESCRIPTOR_RESERVE_FRACTION = 0.05  # of RLIMIT_NOFILE, kept back from new sessions
+DESCRIPTOR_RESERVE_MIN = 16
+DESCRIPTOR_RESERVE_MAX = 512
+LOCAL_SHORTAGE_RETRY_AFTER = 1  # seconds, in the Retry-After of a 503 for the proxy's own shortage
+LOCAL_SHORTAGE_LOG_QUIET = 10.0  # seconds without a shortage that end a burst (one log line per burst)
+
 # logging (log: {format, level})
 LOG_FORMAT = "text"
 LOG_LEVEL = "info"

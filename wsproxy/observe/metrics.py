@@ -281,6 +281,13 @@ class Metrics:
             ["side", "event"],
             registry=r,
         )
+        self.local_exhausted = Counter(
+            "wsproxy_local_resource_exhausted",
+            "Times the proxy ran out of its OWN resources (descriptors, memory, buffers, source_ports):"
+            " sessions refused or shed with 503, never counted against a backend",
+            ["resource"],
+            registry=r,
+        )
         self.relay_failures = Counter(
             "wsproxy_relay_failures",
             "Sessions a bug ended in their relay phase (the traceback is logged once; other sessions go on)",
@@ -360,6 +367,9 @@ class Metrics:
 
     def upstream_failure(self, pool: str, backend: str, status: int) -> None:
         self._child(self.upstream_failures, pool, backend, status_label(status)).inc()
+
+    def local_resource_exhausted(self, resource: str) -> None:
+        self._child(self.local_exhausted, resource).inc()
 
     # --- relay phase -------------------------------------------------------------------------
 

@@ -13,6 +13,12 @@ Two independent verdicts make a backend unavailable for new sessions:
   101. A normal HTTP response (401, 404, even a 5xx) is not: the backend is alive, and counting
   answers a client can provoke would let any client eject every backend.
 
+With active checks, a passive ejection also ends when the checks say the backend is back:
+`rise` passed checks in a row, all after the ejection began, end it early (Envoy's
+`successful_active_health_check_uneject_host`; HAProxy brings a server back through its checks the
+same way). A backend restarted after a crash then takes sessions as soon as its checks pass,
+not `eject_for` later. Without active checks only the ejection's time ends it.
+
 A backend that becomes available again (up after down, or at the end of an ejection) gets a
 weight ramping linearly from almost 0 to its full weight over `slow_start`, so a cold backend
 is not handed its full share in one burst. Everything is a function of `now`, passed in; the
@@ -148,30 +154,39 @@ class BackendHealth:
 
     def available_in(self, now: float) -> float:
         """Seconds until it may take sessions again (an estimate for Retry-After); 0 if it can now."""
-        wait = 0.0
+        ejected_for = self.ejected_until - now
+        if self.state != DOWN and ejected_for <= 0:
+            return 0.0
+        checks = math.inf
+        if self.active is not None:  # `rise` passed checks end a down state and an ejection alike
+            checks = self.active.interval * max(1, self.active.rise - self._ok_streak)
         if self.state == DOWN:
-            interval = self.active.interval if self.active is not None else 1.0
-            rise = self.active.rise if self.active is not None else 1
-            wait = interval * max(1, rise - self._ok_streak)
-        return max(wait, self.ejected_until - now, 0.0)
+            return checks if self.active is not None else 1.0
+        return max(min(checks, ejected_for), 0.0)
 
     # --- active checks ---------------------------------------------------------------------------
 
     def check_passed(self, now: float) -> Change | None:
         self.checks_passed += 1
         self._fail_streak = 0
-        if self.state == UP:
+        ejected = now < self.ejected_until
+        if self.state == UP and not ejected:
             return None
         self._ok_streak += 1
         rise = self.active.rise if self.active is not None else 1
         if self._ok_streak < rise:
             return None
+        was_down = self.state == DOWN
         self.state = UP
         self._ok_streak = 0
         self.last_change = now
         self.back_since = now
+        if ejected:  # the checks outrank the ejection's clock: the backend is back
+            self.ejected_until = now
         self._refresh()
-        return Change(UP, f"{rise} check(s) passed in a row")
+        if was_down:
+            return Change(UP, f"{rise} check(s) passed in a row")
+        return Change(UP, f"{rise} check(s) passed in a row since its ejection: ejection ended early")
 
     def check_failed(self, now: float, reason: str) -> Change | None:
         self.checks_failed += 1
@@ -216,6 +231,7 @@ class BackendHealth:
         self.ejections += 1
         self.last_ejection = duration
         self.ejected_until = now + duration
+        self._ok_streak = 0  # only checks passed after the ejection began may end it early
         self.last_change = now
         self._refresh()
         return Change(

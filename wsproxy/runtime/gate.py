@@ -32,9 +32,11 @@ from wsproxy.policy.reconnects import ReconnectTable
 from wsproxy.policy.storm import StormShield
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection
 from wsproxy.runtime.auth import AuthService
+from wsproxy.runtime.capacity import Capacity, shortage_rejection
 from wsproxy.runtime.credentials import Credentials, CredentialWatch
 from wsproxy.runtime.shared_state import SharedStateClient
 from wsproxy.runtime.timers import Timers
+from wsproxy.runtime.upstream import LocalResourceError
 
 if TYPE_CHECKING:
     from wsproxy.runtime.session import Session
@@ -57,13 +59,26 @@ LIMIT_NAMES = (
 
 
 class Edge:
-    """What a server's sessions share for edge protection: counts, buckets, auth caches."""
+    """What a server's sessions share for edge protection: counts, buckets, auth caches, and the
+    proxy's own descriptors (`capacity`: None in a bare Edge, as tests build one)."""
 
-    __slots__ = ("admission", "auth", "fleet", "keys", "reconnects", "storm", "tasks", "timers", "watches")
+    __slots__ = (
+        "admission",
+        "auth",
+        "capacity",
+        "fleet",
+        "keys",
+        "reconnects",
+        "storm",
+        "tasks",
+        "timers",
+        "watches",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: Capacity | None = None) -> None:
         self.admission = Admission()
         self.auth = AuthService()
+        self.capacity = capacity
         self.storm = StormShield()  # the budget of new upgrades (admission.upgrades / per_pool)
         self.reconnects = ReconnectTable(defaults.RECONNECT_WINDOW, defaults.RECONNECT_CLIENTS)
         self.keys: dict[Session, str] = {}  # open upgraded sessions' client keys: bounded by the registry
@@ -71,6 +86,14 @@ class Edge:
         self.timers = Timers()  # the server's (set by the server): expiry timers
         self.tasks: trio.Nursery | None = None  # the server's nursery (set while serving): auth rechecks
         self.fleet: SharedStateClient | None = None  # with shared_state: the fleet's counts and limits
+
+
+def local_shortage(edge: Edge, exc: LocalResourceError) -> Rejection:
+    """A connect failed for want of the proxy's own resources: count and log it (once per burst),
+    and answer 503 with Retry-After. The backend's health is not touched."""
+    if edge.capacity is not None:
+        return edge.capacity.shortage(exc.resource, exc.reason)
+    return shortage_rejection(exc.resource, exc.reason)
 
 
 @dataclass(slots=True)
@@ -109,6 +132,8 @@ async def admit(
     client_ip: str,
 ) -> Admitted | Rejection:
     """Route rules, caps and auth, cheapest first; a Rejection says what the client gets."""
+    if edge.capacity is not None and (shed := edge.capacity.shed()) is not None:
+        return shed  # the proxy's descriptors are within their reserve: refuse before using more
     counts = edge.admission.counts
     rules = route_rules(listener, upgrade.host, upgrade.path)
     if rules is None:

@@ -37,12 +37,12 @@ from wsproxy.protocol.handshake import ClientUpgrade, Rejection, phrase
 from wsproxy.protocol.relay import Relay
 from wsproxy.protocol.relay_inspect import InspectRelay
 from wsproxy.protocol.relay_passthrough import PassthroughRelay
-from wsproxy.runtime import gate
+from wsproxy.runtime import gate, tls_handshake
 from wsproxy.runtime.backend_tls import open_stream
 from wsproxy.runtime.credentials import Credentials
 from wsproxy.runtime.http_proxy import HttpConnection
 from wsproxy.runtime.streams import format_address
-from wsproxy.runtime.upstream import UpstreamAnswer, UpstreamError, request_upgrade
+from wsproxy.runtime.upstream import LocalResourceError, UpstreamAnswer, UpstreamError, request_upgrade
 
 if TYPE_CHECKING:
     from wsproxy.runtime.session import Session
@@ -85,8 +85,14 @@ class HandshakePhase:
         past its handshake; None: the client got another answer, or left."""
         cfg = self._session.snapshot.config
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.limits.max_header_bytes)
+        secured = False  # one deadline covers the TLS handshake and the request head (tls_handshake.py)
         with trio.move_on_after(cfg.timeouts.handshake) as waited:
-            got = await self._read_request(h)
+            secured = await self._finish_tls()
+            got = await self._read_request(h) if secured else None
+        if waited.cancelled_caught and not secured:
+            self._session.outcome.reason = f"TLS handshake not complete within {cfg.timeouts.handshake:g}s"
+            log.info("client %s: %s: closed", format_address(self._session.client_addr), self._session.outcome.reason)
+            return None
         if waited.cancelled_caught:
             await self._reject(Rejection(408, f"request headers not complete within {cfg.timeouts.handshake:g}s"))
             return None
@@ -136,6 +142,14 @@ class HandshakePhase:
         session = self._session
         session.origin = resolve_client(session.origin.peer, request.headers, session.listener.trusted_proxies)
         session.client_addr = (session.origin.client, session.client_addr[1])
+
+    async def _finish_tls(self) -> bool:
+        try:
+            await tls_handshake.finish(self._session.client_stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("client %s: TLS handshake failed: %s", format_address(self._session.client_addr), exc)
+            return False
+        return True
 
     async def _read_request(self, h: h11.Connection) -> h11.Request | Rejection | None:
         """The client's next request head (an Upgrade: the whole request), or why it is refused;
@@ -225,7 +239,11 @@ class HandshakePhase:
             lease: Lease | None = pool.acquire(backend)
             try:
                 began = trio.current_time()
-                result = await self._try_backend(backend, pool, upgrade, deadline)
+                try:
+                    result = await self._try_backend(backend, pool, upgrade, deadline)
+                except LocalResourceError as exc:  # the proxy's own shortage: 503, the backend not blamed
+                    await self._reject(gate.local_shortage(self._session.edge, exc))
+                    return None
                 if not isinstance(result, Rejection):  # connect + upgrade, to a 101 or another answer
                     self._session.metrics.backend_handshake(pool_name, backend.name, trio.current_time() - began)
                 if isinstance(result, Rejection):

@@ -31,7 +31,7 @@ from wsproxy.protocol import handshake
 from wsproxy.protocol.handshake import Rejection
 from wsproxy.protocol.relay import NORMAL
 from wsproxy.runtime.backend_tls import BackendContexts, ClientTLS, open_stream
-from wsproxy.runtime.upstream import UpstreamError, request_upgrade
+from wsproxy.runtime.upstream import LocalResourceError, UpstreamError, request_upgrade
 
 log = logging.getLogger("wsproxy.health")
 
@@ -43,7 +43,8 @@ Probe = Callable[[Address, ActiveHealth, ClientTLS | None], Awaitable[str | None
 
 async def probe(address: Address, check: ActiveHealth, tls: ClientTLS | None = None) -> str | None:
     """Run one check within `check.timeout` (over TLS when the backend's pool says so, with the
-    same settings as real sessions): None if it passed, else why it failed."""
+    same settings as real sessions): None if it passed, else why it failed. Raises
+    LocalResourceError when the proxy itself lacked the means to check (no verdict at all)."""
     with trio.move_on_after(check.timeout):
         try:
             return await PROBES[check.check](address, check, tls)
@@ -139,11 +140,13 @@ class HealthMonitor:
         self,
         *,
         on_down: Callable[[Backend, PoolConfig], None] | None = None,
+        on_shortage: Callable[[LocalResourceError], None] | None = None,
         rng: random.Random | None = None,
         tls: BackendContexts | None = None,
     ) -> None:
         self._on_down = on_down
         self._tls = tls if tls is not None else BackendContexts()  # the server's: checks speak TLS as sessions do
+        self._on_shortage = on_shortage  # a check the proxy could not run for want of its own resources
         self._rng = rng if rng is not None else random.Random()
         self._watches: dict[Backend, _Watch] = {}
         self._nursery: trio.Nursery | None = None
@@ -201,7 +204,13 @@ class HealthMonitor:
                 settings = watch.pool.health
                 if settings is None:
                     return
-                reason = await probe(backend.address, settings, self._tls.target(watch.pool, backend.config))
+                try:
+                    reason = await probe(backend.address, settings, self._tls.target(watch.pool, backend.config))
+                except LocalResourceError as exc:  # the proxy's shortage says nothing about the backend
+                    if self._on_shortage is not None:
+                        self._on_shortage(exc)
+                    await trio.sleep(jittered(settings.interval, self._rng.random()))
+                    continue
                 now = trio.current_time()
                 if reason is None:
                     change = backend.health.check_passed(now)

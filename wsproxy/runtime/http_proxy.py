@@ -41,7 +41,7 @@ from wsproxy.runtime import gate
 from wsproxy.runtime.backend_tls import BackendContexts, BackendStream, open_stream
 from wsproxy.runtime.http_pool import IdleConnections
 from wsproxy.runtime.streams import format_address
-from wsproxy.runtime.upstream import UpstreamError, response_head_size
+from wsproxy.runtime.upstream import LocalResourceError, UpstreamError, response_head_size
 
 log = logging.getLogger("wsproxy.http")
 
@@ -142,7 +142,7 @@ class HttpConnection:
                 return None  # idle past timeouts.http_idle, or the client closed
             if isinstance(got, h11.Request):
                 self._resolve(got)
-            limited = self.edge.admission.check_handshake(cfg, self.client_addr[0], trio.current_time())
+            limited = await gate.check_handshake(self.edge, cfg, self.client_addr[0], trio.current_time())
             if isinstance(got, Rejection) or limited is not None:
                 refusal = got if isinstance(got, Rejection) else limited
                 assert refusal is not None
@@ -284,6 +284,8 @@ class HttpConnection:
         connection goes on); raises BackendFailed while nothing was sent to the client."""
         try:
             stream, conn, reused = await self._connection(backend, pool)
+        except LocalResourceError as exc:  # the proxy's own shortage: 503, the backend not blamed
+            raise BackendFailed(gate.local_shortage(self.edge, exc), retry=False, counts=False) from None
         except UpstreamError as exc:
             status = 504 if exc.timeout else 502
             raise BackendFailed(Rejection(status, exc.reason), retry=http1.may_retry(request, 0)) from None

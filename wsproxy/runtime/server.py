@@ -43,6 +43,7 @@ from wsproxy.runtime import gate, telemetry
 from wsproxy.runtime.admin import serve_admin
 from wsproxy.runtime.admin_api import ControlApi, ControlCollector
 from wsproxy.runtime.backend_tls import BackendContexts
+from wsproxy.runtime.capacity import Capacity
 from wsproxy.runtime.control import Control
 from wsproxy.runtime.fleet_wiring import FleetWiring
 from wsproxy.runtime.gate import Edge, EdgeCollector
@@ -115,7 +116,11 @@ class Server:
         self.draining = False
         self.timers = Timers()
         self.reactor = Reactor(on_failure=self.metrics_relay_failure)  # every session's relay phase
-        self.health = HealthMonitor(on_down=self._backend_down, tls=self.backend_tls)  # sync() on start and reload
+        self.health = HealthMonitor(  # active checks; sync() on start and reload
+            on_down=self._backend_down,
+            on_shortage=lambda exc: self.capacity.record(exc.resource, exc.reason),
+            tls=self.backend_tls,
+        )
         self.idle = IdleConnections(self.timers)  # kept-alive backend connections of plain HTTP requests
         self.reloads = 0
         self.metrics = Metrics(
@@ -124,7 +129,8 @@ class Server:
             live=lambda: (t for s in self.sessions if (t := s.live_traffic()) is not None),
         )  # this server's own
         self.metrics.config_loaded(config)
-        self.edge = Edge()  # session caps, per-IP buckets, auth caches: shared by sessions, kept on reload
+        self.capacity = Capacity(self.metrics, sessions=self.sessions)  # the proxy's own descriptors
+        self.edge = Edge(capacity=self.capacity)  # caps, per-IP buckets, auth caches: shared, kept on reload
         self.edge.timers = self.timers  # credential expiry timers run on the one timer task
         self.metrics.registry.register(EdgeCollector(self.edge))
         self.admin_bound: tuple[str, int] | None = None  # the admin listener's actual address
@@ -259,8 +265,8 @@ class Server:
                 except OSError as exc:
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    log.error("accept on %s failed: %s; retrying in %gs", slot.config.address, exc, ACCEPT_PAUSE)
-                    await trio.sleep(ACCEPT_PAUSE)
+                    if not self.capacity.accept_failed(listening, exc):  # the spare descriptor: accept, close
+                        await trio.sleep(ACCEPT_PAUSE)
                     continue
                 tune_tcp(sock)
                 connections.start_soon(self._handle, sock, slot)
@@ -290,6 +296,7 @@ class Server:
                 ctx = server_ssl_context(lst, listener_label(config, lst)) if lst.tls is not None else None
                 self._listening[key] = _Listening(lst, await self._open_sockets(lst, config, key), ctx)
             self._refresh_bound()
+            self.capacity.start(self.snapshot.config)  # the spare descriptor; warns if RLIMIT_NOFILE is short
             if self.snapshot.config.admin is not None:  # in `connections`: it answers until the drain ends
                 self.admin_bound = await connections.start(self._serve_admin)
             with self._listen_scope:
@@ -305,6 +312,7 @@ class Server:
             if self.sessions:
                 await self._all_gone.wait()
             await self.fleet.leave()
+            self.capacity.stop()
             connections.cancel_scope.cancel()
 
     async def _serve_admin(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:

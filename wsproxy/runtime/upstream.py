@@ -17,6 +17,7 @@ import h11
 import trio
 
 from wsproxy.config import Address
+from wsproxy.policy import capacity
 from wsproxy.runtime.streams import FastSocketStream, Stream, close_socket, tune_tcp
 
 
@@ -27,6 +28,17 @@ class UpstreamError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.timeout = timeout
+
+
+class LocalResourceError(Exception):
+    """The connect failed for want of the proxy's OWN resources (descriptors, memory, buffers,
+    source ports: policy/capacity.py): never a verdict on the backend. Not an UpstreamError on
+    purpose, so no code that counts backend failures can count it by accident."""
+
+    def __init__(self, resource: str, reason: str) -> None:
+        super().__init__(reason)
+        self.resource = resource
+        self.reason = reason
 
 
 @dataclass(slots=True)
@@ -45,6 +57,9 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
 
     Backends are usually given by IP address: those skip name resolution. A name is resolved
     (trio's threaded getaddrinfo) and its addresses are tried in order within the same timeout.
+
+    Raises UpstreamError (the backend's failure) or LocalResourceError (the proxy's own shortage:
+    a socket or connect that failed for want of descriptors, memory, buffers or source ports).
     """
     family = _ip_family(address.host)
     last: OSError | None = None
@@ -61,6 +76,9 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
             try:
                 return FastSocketStream(await _connect_one(fam, sockaddr))
             except OSError as exc:
+                resource = capacity.local_resource(exc.errno)
+                if resource is not None:  # the proxy's own shortage: no other address would fare better
+                    raise LocalResourceError(resource, f"connect to {address} failed: {exc.strerror or exc}") from None
                 last = exc
     if scope.cancelled_caught:
         raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
