@@ -177,6 +177,12 @@ def _run(config: Config, args: argparse.Namespace) -> int:
 
 def _reload(args: argparse.Namespace) -> int:
     """Validate first (a bad file never reaches the running proxy), then SIGHUP it."""
+    return signal_proxy(args, signal.SIGHUP, "it logs whether the reload was applied")
+
+
+def signal_proxy(args: argparse.Namespace, sig: signal.Signals, outcome: str) -> int:
+    """`reload` and `upgrade`: validate the file (a bad one never reaches the running proxy),
+    then send `sig` to the process its pid file names."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -188,11 +194,11 @@ def _reload(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, sig)
     except (OSError, ValueError) as exc:
         print(f"cannot signal the proxy named by {pid_file}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"sent SIGHUP to wsproxy (pid {pid}); it logs whether the reload was applied")
+    print(f"sent {sig.name} to wsproxy (pid {pid}); {outcome}")
     return EXIT_OK
 
 

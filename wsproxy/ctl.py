@@ -107,27 +107,11 @@ def add_upgrade_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run_upgrade(args: argparse.Namespace) -> int:
     """Validate first (a bad file never reaches the running proxy), then SIGUSR2 it."""
-    import os
     import signal
-    from pathlib import Path
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    pid_file = Path(args.pid_file) if args.pid_file else config.pid_file
-    if pid_file is None:
-        print(f"{args.config}: pid_file: not set; give --pid-file or set pid_file in the config", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGUSR2)
-    except (OSError, ValueError) as exc:
-        print(f"cannot signal the proxy named by {pid_file}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"sent SIGUSR2 to wsproxy (pid {pid}); it logs whether the new process took over")
-    return EXIT_OK
+    from wsproxy.cli import signal_proxy
+
+    return signal_proxy(args, signal.SIGUSR2, "it logs whether the new process took over")
 
 
 class CtlError(Exception):
