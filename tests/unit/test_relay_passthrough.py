@@ -260,6 +260,10 @@ def test_backend_lost_gives_client_1011(relay_cls):
     assert rig.client.seen == [("close", 1011, "backend connection lost")]
     assert rig.both_done
     assert rig.relay.stats.backend_close == CloseRecord(1006, "connection lost")
+    # the client's 1011 is the proxy's close (an alert on proxy closes sees a crashed backend);
+    # the client only echoed it
+    assert rig.relay.stats.proxy_close == CloseRecord(1011, "backend connection lost")
+    assert rig.relay.stats.client_close == CloseRecord(1011, "backend connection lost")
 
 
 @pytest.mark.parametrize("relay_cls", BOTH)
@@ -270,6 +274,7 @@ def test_backend_lost_while_client_waits_for_close_answer_gets_its_code_back(rel
     rig.pump()
     assert rig.client.seen == [("close", 4001, "leaving")]
     assert rig.both_done
+    assert rig.relay.stats.proxy_close is None  # the client's own close went back: not the proxy's word
 
 
 @pytest.mark.parametrize("relay_cls", BOTH)

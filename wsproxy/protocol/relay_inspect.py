@@ -487,6 +487,10 @@ class InspectRelay:
         elif self.stats.backend_close is None and src is self._backend:
             self.stats.backend_close = CloseRecord(ABNORMAL, "connection lost")
             self.stats.closed_by(Side.BACKEND)
+            if self.stats.proxy_close is None and self.stats.client_close is None:
+                # The client's 1011 is the proxy's word, not the client's: an alert on the
+                # proxy's closes must see a backend that crashed.
+                self.stats.proxy_close = CloseRecord(INTERNAL_ERROR, "backend connection lost")
         if src is self._client:
             self._close_other(dst, GOING_AWAY, "client went away")
         else:
