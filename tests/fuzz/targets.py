@@ -535,7 +535,7 @@ def relay_frames(
     if tail and expect.stop == "none":
         # After well-formed traffic, garbage: refused with a code, or (if it looks like the start
         # of a frame) still waiting for the rest.
-        assert proxy_code in (None, 1002, 1007, 1009)
+        assert proxy_code in (None, 1002, 1007, 1009, 1011 if eof and not from_client else None)
         return
     if expect.stop == "error":
         assert proxy_code == expect.code, (proxy_code, expect)
@@ -549,7 +549,8 @@ def relay_frames(
         assert other_closes[-1:] == [expect.code if expect.code is not None else 1005]
         assert sender_frames == []  # the other peer has not answered yet
     else:
-        assert proxy_code is None, stats.proxy_close
+        # A backend that vanished is the proxy's 1011 (an alert on proxy closes sees it).
+        assert proxy_code == (1011 if eof and not from_client else None), stats.proxy_close
         assert sender_frames == []
         if eof:
             # The sender vanished: the other peer hears 1001/1011, unless a frame was cut in two.
