@@ -786,3 +786,53 @@ def test_inspect_relay_inflates_a_compression_bomb_only_as_fast_as_it_is_sent_on
     assert rounds > 10
     assert received >= 32 << 20
     assert relay.stats.messages_to_backend == 1
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+@pytest.mark.parametrize("seed", range(4))
+def test_the_client_allowance_holds_whole_messages_beyond_it_and_resumes_in_order(relay_cls, seed):
+    rig = Rig(relay_cls(), seed=seed)
+    relay = rig.relay
+    relay.limit_client(messages=2, nbytes=None)
+    rig.client_sends(*(TextMessage(f"m{i}") for i in range(5)), Ping(b"p"))
+    assert rig.backend.seen == [("text", "m0"), ("text", "m1")]
+    assert relay.client_allowance() == (0, None) and relay.held("client") > 0
+    assert not relay.backlog("client")  # nothing may go on until a new allowance
+    relay.limit_client(messages=2, nbytes=None)
+    assert relay.backlog("client")
+    relay.resume("client")
+    rig.pump()
+    assert [m for _, m, *_ in rig.backend.seen] == ["m0", "m1", "m2", "m3"]
+    relay.limit_client(messages=None, nbytes=None)
+    relay.resume("client")
+    rig.pump()
+    assert rig.backend.seen[4:] == [("text", "m4"), ("ping", b"p")]
+    assert relay.held("client") == 0 and relay.stats.messages_to_backend == 5
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_the_client_byte_allowance_stops_at_the_byte_and_goes_on_where_it_stopped(relay_cls):
+    rig = Rig(relay_cls())
+    relay = rig.relay
+    wire = b"".join(rig.client.conn.send(BytesMessage(bytes([i]) * 100)) for i in range(3))
+    relay.limit_client(messages=None, nbytes=150)
+    relay.feed_client(wire)
+    rig.pump()
+    assert relay.client_allowance() == (None, 0) and relay.held("client") == len(wire) - 150
+    relay.limit_client(messages=None, nbytes=len(wire))
+    relay.resume("client")
+    rig.pump()
+    assert relay.client_allowance() == (None, 150) and relay.held("client") == 0
+    assert [m for _, m in rig.backend.seen] == [bytes([i]) * 100 for i in range(3)]
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_a_client_lost_while_held_drops_what_was_held(relay_cls):
+    rig = Rig(relay_cls())
+    relay = rig.relay
+    relay.limit_client(messages=1, nbytes=None)
+    rig.client_sends(TextMessage("a"), TextMessage("b"))
+    relay.feed_client(b"")
+    rig.pump()
+    assert relay.held("client") == 0 and not relay.backlog("client")
+    assert rig.backend.seen == [("text", "a"), ("close", 1001, "client went away")]

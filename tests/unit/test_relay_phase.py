@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,32 +102,65 @@ def test_a_stall_timer_that_fires_after_the_bytes_left_does_nothing() -> None:
     assert not p.client.closed
 
 
-def test_a_client_over_its_byte_rate_is_paused_then_read_again_then_closed_with_1008() -> None:
+def test_a_client_over_its_byte_rate_is_held_then_read_again_then_closed_with_1008() -> None:
     flow = FlowLimiter(now=0.0, nbytes=(100.0, 100.0), close_after=2.0)
     p = phase(flow=flow)
-    frame = text(b"a" * 150)  # 156 bytes on the wire: 0.56 s of debt
+    frame = text(b"a" * 150)  # 158 bytes on the wire: 100 within the burst, 58 held
     got = taken(p.received("client", frame, now=0.0))
+    assert sends(got, "backend") == [frame[:100]]
     assert (rp.REPORT, rp.THROTTLED, "client", None) in got
     arm = next(a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER)
-    assert arm[3] > 0.0
-    taken(p.sent("backend", len(frame), now=0.0))
-    assert not p.may_read(p.client)  # paused by the budget, not by backpressure
-    taken(p.timer(rp.THROTTLE_TIMER, "client", now=arm[3] + 0.001))
+    assert arm[3] == pytest.approx(0.58)  # until the budget has room for what is held
+    taken(p.sent("backend", 100, now=0.0))
+    assert not p.may_read(p.client)  # held by the budget, not by backpressure
+    got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=arm[3]))
+    assert sends(got, "backend") == [frame[100:]]  # what was held goes on, nothing was lost
+    taken(p.sent("backend", 58, now=arm[3]))
     assert p.may_read(p.client)
-    # over the rate again and again: once it has been over for close_after, 1008
+    # over the rate again and again: once it has been held for close_after, 1008
     now = arm[3]
-    for _ in range(10):
+    for _ in range(20):
         got = taken(p.received("client", frame, now=now))
-        for a in got:
-            if a[0] == rp.SEND:
-                taken(p.sent(a[1], len(a[2]), now=now))
+        while True:
+            for a in got:
+                if a[0] == rp.SEND:
+                    got = taken(p.sent(a[1], len(a[2]), now=now))
+                    break
+            else:
+                break
+            if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
+                break
+        arm = next((a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER), None)
         if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
             break
-        now += 1.0
+        if arm is not None:
+            now = arm[3]
+            got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=now))
+            if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
+                break
+            for a in got:
+                if a[0] == rp.SEND:
+                    taken(p.sent(a[1], len(a[2]), now=now))
     else:
         raise AssertionError("never closed")
     (to_client,) = sends(got, "client")
     assert parse_close(to_client[2:])[0] == 1008
+
+
+def test_a_message_budget_holds_messages_beyond_it_until_tokens_arrive() -> None:
+    flow = FlowLimiter(now=0.0, messages=(10.0, 3.0), close_after=None)
+    p = phase(flow=flow)
+    frames = [text(f"m{i}".encode()) for i in range(8)]
+    got = taken(p.received("client", b"".join(frames), now=0.0))  # one read, eight messages
+    assert sends(got, "backend") == [b"".join(frames[:3])]  # the burst, whole messages
+    assert p.relay.held("client") == sum(map(len, frames[3:]))
+    arm = next(a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER)
+    assert arm[3] == pytest.approx(0.1)  # one token
+    taken(p.sent("backend", sum(map(len, frames[:3])), now=0.0))
+    assert not p.may_read(p.client)
+    got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=0.25))  # two and a half tokens by now
+    assert sends(got, "backend") == [b"".join(frames[3:5])]
+    assert p.relay.stats.messages_to_backend == 5 and not p.may_read(p.client)
 
 
 def test_a_close_from_the_client_arms_the_close_timer_which_ends_the_session() -> None:

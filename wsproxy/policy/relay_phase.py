@@ -11,8 +11,10 @@ takes events and returns actions, so they can be tested with plain values and no
   queues meanwhile waits behind it;
 - the slow consumer: a side that took nothing of its pending bytes for `slow_consumer_timeout`
   is dropped, and the other peer is told why;
-- rate-limit pauses: a client over its message/byte budget (FlowLimiter) is not read until the
-  budget allows, and is closed with 1008 once it has been over it for `close_after`;
+- rate-limit pauses: the relay acts on the client's input only as far as its message/byte
+  budget (FlowLimiter) allows, whole messages at a time; the rest of that read is held (in the
+  relay, one read at most) and the client is not read until the budget allows again; a client
+  held for `close_after` is closed with 1008;
 - the close timer: once a closing handshake started, the session ends at `close_timeout` at the
   latest;
 - heartbeat accounting: what each read carried (traffic from a peer, data frames, the proxy's own
@@ -34,6 +36,7 @@ from typing import Any
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.heartbeat import Schedule
 from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
+from wsproxy.protocol.sides import Side
 
 CLIENT, BACKEND = "client", "backend"
 SETTLE_ROUNDS = 16  # relay steps per event before the rest is asked for in a later round (LATER)
@@ -115,6 +118,10 @@ class RelayPhase:
         self.flow = flow
         self.schedule = schedule  # heartbeat.Schedule (None: nothing timed), told what each read carried
         self._may_backlog = getattr(relay, "may_backlog", True)  # passthrough never keeps a backlog
+        if flow is not None and flow.active:
+            self._may_backlog = True  # ... unless the rate limit holds some of the client's input
+        else:
+            self.flow = None
         self._throttled = False
         self._close_armed = False
         self._rounds = 0  # relay steps since the last event from outside (bounded by SETTLE_ROUNDS)
@@ -151,7 +158,10 @@ class RelayPhase:
         """The relay phase begins with what each peer sent past its handshake."""
         self._rounds = 0
         if client_trailing:
-            self._step(self.client.feed, client_trailing, now, CLIENT)
+            if self.flow is not None:
+                self._client_step(self.client.feed, client_trailing, now, fresh=True)
+            else:
+                self._step(self.client.feed, client_trailing, now, CLIENT)
         if backend_trailing:
             self._step(self.backend.feed, backend_trailing, now, BACKEND)
         self._settle(now)
@@ -169,16 +179,12 @@ class RelayPhase:
             self._settle(now)
             return self.actions
         relay = self.relay
-        flow = self.flow if s is self.client else None
-        sent_before = relay.stats.messages_to_backend
-        self._step(s.feed, data, now, name)
+        if self.flow is not None and s is self.client:
+            self._client_step(s.feed, data, now, fresh=True)
+        else:
+            self._step(s.feed, data, now, name)
         if self._may_backlog and relay.backlog(name):
             self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
-        if flow is not None and not relay.closing:
-            was_limited = flow.limited_since is not None
-            flow.charge(now, messages=relay.stats.messages_to_backend - sent_before, nbytes=len(data))
-            if flow.limited_since is not None:
-                self._hold_back(now, newly=not was_limited)
         self._settle(now)
         return self.actions
 
@@ -246,8 +252,8 @@ class RelayPhase:
                 s.stall_since = None
                 self._close(s)
                 self._settle(now)
-        elif kind == THROTTLE_TIMER:
-            self._hold_back(now, newly=False)
+        elif kind == THROTTLE_TIMER and self._throttled:
+            self._hold_back(now, newly=False, wanted=self.relay.held(Side.CLIENT))
             self._settle(now)
         return self.actions
 
@@ -293,6 +299,8 @@ class RelayPhase:
         for, and follow a closing handshake to its end."""
         relay = self.relay
         actions = self.actions
+        if self.flow is not None and relay.closing:
+            self._lift_limit()
         for s in (self.client, self.backend) if take else ():
             data = s.take()
             if not data or s.closed:
@@ -314,7 +322,10 @@ class RelayPhase:
                             actions.append((LATER,))
                         break
                     self._rounds += 1
-                    self._step(relay.resume, s.name, now)  # inflated input, as far as there is room
+                    if s is self.client and self.flow is not None:
+                        self._client_step(relay.resume, CLIENT, now, fresh=False)  # held by the budget
+                    else:
+                        self._step(relay.resume, s.name, now)  # inflated input, as far as there is room
                     self._settle(now)
                     return
         if relay.closing:  # (a side can only be done once a close or a failure started)
@@ -335,15 +346,50 @@ class RelayPhase:
         if self._slow_limit is not None:
             self.actions.append((CANCEL, STALL_TIMER, s.name))
 
-    def _hold_back(self, now: float, *, newly: bool) -> None:
-        """Over its message/byte budget: stop reading the client until the budget allows, or
-        close it once it has been over for close_after."""
+    def _client_step(self, step: Callable[[Any], None], arg: Any, now: float, *, fresh: bool) -> None:
+        """A relay step on the client's input under its budget: the relay acts on what the
+        budget allows now and holds the rest; what it used is charged, and a client whose input
+        is held is not read until the budget allows again (or is closed after close_after)."""
+        flow = self.flow
+        assert flow is not None
+        relay = self.relay
+        if relay.closing:
+            self._lift_limit()
+            self._step(step, arg, now, CLIENT if fresh else None)
+            return
+        messages, nbytes = flow.allowance(now)
+        relay.limit_client(messages=messages, nbytes=nbytes)
+        before = relay.stats.messages_to_backend
+        self._step(step, arg, now, CLIENT if fresh else None)
+        if relay.closing:
+            self._lift_limit()
+            return
+        left_messages, left_bytes = relay.client_allowance()
+        held = relay.held(Side.CLIENT)
+        limited = held > 0 and (left_messages == 0 or left_bytes == 0)
+        was_limited = flow.limited_since is not None
+        used = nbytes - left_bytes if nbytes is not None and left_bytes is not None else 0
+        flow.charge(now, messages=relay.stats.messages_to_backend - before, nbytes=used, held=limited, fresh=fresh)
+        if limited:
+            self._hold_back(now, newly=not was_limited, wanted=held)
+
+    def _lift_limit(self) -> None:
+        """A closing handshake started: what the client holds is read on (its close may be in
+        it); nothing more reaches the backend as data anyway."""
+        self.relay.limit_client(messages=None, nbytes=None)
+        if self._throttled:
+            self._throttled = False
+            self.actions.append((CANCEL, THROTTLE_TIMER, CLIENT))
+
+    def _hold_back(self, now: float, *, newly: bool, wanted: int) -> None:
+        """Over its message/byte budget with `wanted` bytes held: stop reading the client until
+        the budget allows some of them, or close it once it has been held for close_after."""
         flow = self.flow
         assert flow is not None
         self.actions.append((CANCEL, THROTTLE_TIMER, CLIENT))
         if newly:
             self.actions.append((REPORT, THROTTLED, CLIENT, None))
-        pause = flow.pause(now)
+        pause = flow.pause(now, wanted=wanted)
         if pause is not None and pause > 0:
             self._throttled = True
             self.actions.append((ARM, THROTTLE_TIMER, CLIENT, now + pause))
@@ -357,6 +403,10 @@ class RelayPhase:
                 backend_code=GOING_AWAY,
                 reason=f"client over its rate limit for {over:g}s",
             )
+            self._lift_limit()
+        else:  # the budget allows some of what is held now: a fresh allowance lets it through
+            messages, nbytes = flow.allowance(now)
+            self.relay.limit_client(messages=messages, nbytes=nbytes)
 
     def _close(self, s: SideState) -> None:
         if s.closed:

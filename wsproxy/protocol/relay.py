@@ -26,6 +26,10 @@ INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 ABNORMAL = 1006  # never sent: recorded when a peer vanished without a close frame
 
+# "No message limit" for a relay's client allowance (`Relay.limit_client`): a count never reached,
+# so the check at a message's end is one comparison whether or not a limit is set.
+NO_MESSAGE_LIMIT = 1 << 62
+
 
 @dataclass(slots=True)
 class CloseRecord:
@@ -86,6 +90,18 @@ class Relay(Protocol):
 
     def resume(self, side: Side) -> None:
         """Process more of `side`'s backlog, as far as the output queue has room."""
+
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """From here on, act on at most `messages` more complete data messages and `nbytes` more
+        bytes of the client's stream (None: no limit; the rate limit's budget). What a read
+        brings beyond them is held unprocessed (at a message's end, or at the byte), and shows as
+        `backlog(CLIENT)` once a new allowance lets some of it through; `resume(CLIENT)` goes on."""
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        """(messages, bytes) of the current allowance still unused (None: no limit)."""
+
+    def held(self, side: Side) -> int:
+        """Bytes of `side`'s stream read but not yet acted on (a backlog, or held by the limit)."""
 
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         """Start a closing handshake the proxy originates (shutdown, timeouts, limits)."""

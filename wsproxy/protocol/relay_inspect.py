@@ -47,7 +47,16 @@ from wsproxy.protocol.frames import (
     remask,
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
-from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, INVALID_DATA, TOO_BIG, CloseRecord, RelayStats
+from wsproxy.protocol.relay import (
+    ABNORMAL,
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    INVALID_DATA,
+    NO_MESSAGE_LIMIT,
+    TOO_BIG,
+    CloseRecord,
+    RelayStats,
+)
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per side (the schedule keeps one in flight)
@@ -114,7 +123,19 @@ class InspectRelay:
     source if not given).
     """
 
-    __slots__ = ("_backend", "_buffer", "_client", "_keys", "_marker", "_max_message", "_pongs", "may_backlog", "stats")
+    __slots__ = (
+        "_backend",
+        "_buffer",
+        "_byte_left",
+        "_client",
+        "_keys",
+        "_marker",
+        "_max_message",
+        "_msg_stop",
+        "_pongs",
+        "may_backlog",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -136,6 +157,10 @@ class InspectRelay:
         self.stats = RelayStats()
         # Only inflating compressed input can leave a backlog (relay.Relay.backlog).
         self.may_backlog = self._client.deflate is not None or self._backend.deflate is not None
+        # The client's allowance: the message count at which its stream is held, and the bytes it
+        # may still use (None: no limit); what is held waits in its inbox.
+        self._msg_stop = NO_MESSAGE_LIMIT
+        self._byte_left: int | None = None
 
     # --- the Relay contract ---------------------------------------------------------------
 
@@ -160,19 +185,67 @@ class InspectRelay:
 
     def feed_client(self, data: bytes) -> None:
         self.stats.client_bytes_in += len(data)
-        self._feed(self._client, self._backend, data)
+        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
+            self._feed(self._client, self._backend, data)
+        else:
+            self._feed_within(data)
+
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """The client's allowance from here on (relay.Relay.limit_client)."""
+        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
+        self._byte_left = nbytes
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        stop = self._msg_stop
+        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
+
+    def held(self, side: Side) -> int:
+        return len(self._client.inbox if side == Side.CLIENT else self._backend.inbox)
+
+    def _spent(self) -> bool:
+        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
+
+    def _feed_within(self, data: bytes) -> None:
+        """feed_client under an allowance: act on what it allows, hold the rest in the inbox."""
+        c = self._client
+        if not data or c.inbox or self._spent():
+            if data:
+                c.inbox += data  # (the phase reads no more while some is held: order is kept anyway)
+            else:
+                self._feed(c, self._backend, data)
+            return
+        left = self._byte_left
+        rest = b""
+        if left is not None and len(data) > left:
+            data, rest = data[:left], data[left:]
+        self._feed(c, self._backend, data)  # may hold what follows the last allowed message
+        if left is not None:
+            self._byte_left = left - (len(data) - len(c.inbox))
+        if rest and not c.failed and c.state == OPEN:
+            c.inbox += rest
 
     def feed_backend(self, data: bytes) -> None:
         self.stats.backend_bytes_in += len(data)
         self._feed(self._backend, self._client, data)
 
     def backlog(self, side: Side) -> bool:
-        src = self._client if side == Side.CLIENT else self._backend
+        if side == Side.CLIENT:
+            src = self._client
+            if self._spent():
+                return False  # held by the allowance until a new one comes
+        else:
+            src = self._backend
         return bool(src.inbox) and not src.failed and src.state != CLOSED
 
     def resume(self, side: Side) -> None:
         if side == Side.CLIENT:
-            self._drain(self._client, self._backend)
+            c = self._client
+            if (self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT) or not c.inbox:
+                self._drain(c, self._backend)
+            else:
+                data = bytes(c.inbox)
+                c.inbox.clear()
+                self._feed_within(data)
         else:
             self._drain(self._backend, self._client)
 
@@ -287,6 +360,10 @@ class InspectRelay:
                     src.inbox += memoryview(data)[done:]
                 return
             pos = end
+            if self.stats.messages_to_backend >= self._msg_stop and src is self._client:
+                # The client's allowance is used up (limit_client): the rest waits for the next.
+                src.inbox += memoryview(data)[pos:]
+                return
 
     def _drain(self, src: _SideState, dst: _SideState) -> None:
         """Parse the backlog, as far as the other peer's queue has room."""

@@ -37,7 +37,15 @@ from wsproxy.protocol.frames import (
     parse_close,
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
-from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, TOO_BIG, CloseRecord, RelayStats
+from wsproxy.protocol.relay import (
+    ABNORMAL,
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    NO_MESSAGE_LIMIT,
+    TOO_BIG,
+    CloseRecord,
+    RelayStats,
+)
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
@@ -105,8 +113,10 @@ class PassthroughRelay:
     proxy's own frames to the backend come from (one per process; a fresh source if not given).
     """
 
-    __slots__ = ("_backend", "_client", "_keys", "_marker", "_pongs", "stats")
-    may_backlog = False  # every read is forwarded at once: backlog() is always False
+    __slots__ = ("_backend", "_byte_left", "_client", "_held", "_keys", "_marker", "_msg_stop", "_pongs", "stats")
+    # Every read is forwarded at once: backlog() is False unless the client's allowance holds
+    # some of it back (limit_client), and the relay phase asks for a backlog only then.
+    may_backlog = False
 
     def __init__(
         self,
@@ -132,6 +142,11 @@ class PassthroughRelay:
         self._marker = ping_marker
         self._pongs: list[tuple[Side, bytes]] | None = None
         self.stats = RelayStats()
+        # The client's allowance (limit_client): the message count at which its stream is held,
+        # the bytes it may still use (None: no limit), and what was held back (one read at most).
+        self._msg_stop = NO_MESSAGE_LIMIT
+        self._byte_left: int | None = None
+        self._held = b""
 
     # --- the Relay contract ---------------------------------------------------------------
 
@@ -160,7 +175,45 @@ class PassthroughRelay:
     def feed_client(self, data: bytes) -> None:
         """Bytes read from the client (b"" when its stream ended)."""
         self.stats.client_bytes_in += len(data)
-        self._feed(self._client, self._backend, data)
+        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
+            self._feed(self._client, self._backend, data)
+        else:
+            self._feed_within(data)
+
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """The client's allowance from here on (relay.Relay.limit_client)."""
+        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
+        self._byte_left = nbytes
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        stop = self._msg_stop
+        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
+
+    def held(self, side: Side) -> int:
+        return len(self._held) if side == Side.CLIENT else 0
+
+    def _spent(self) -> bool:
+        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
+
+    def _feed_within(self, data: bytes) -> None:
+        """feed_client under an allowance: act on what it allows, hold the rest."""
+        c = self._client
+        if not data:
+            self._held = b""
+            self._feed(c, self._backend, data)
+            return
+        if self._held or self._spent():
+            self._held += data  # (the phase reads no more while it holds some: order is kept anyway)
+            return
+        left = self._byte_left
+        rest = b""
+        if left is not None and len(data) > left:
+            data, rest = data[:left], data[left:]
+        self._feed(c, self._backend, data)  # may hold the part after the last allowed message
+        if left is not None:
+            self._byte_left = left - (len(data) - len(self._held))
+        if rest and not c.failed:
+            self._held += rest
 
     def feed_backend(self, data: bytes) -> None:
         """Bytes read from the backend (b"" when its stream ended)."""
@@ -228,10 +281,13 @@ class PassthroughRelay:
         return pending is not None and any(f[0] & 0x0F == PING for f in pending)
 
     def backlog(self, side: Side) -> bool:
-        return False  # output never exceeds input: every read is forwarded at once
+        """Only the client's held input (limit_client), once the allowance lets some through."""
+        return side == Side.CLIENT and bool(self._held) and not self._client.failed and not self._spent()
 
     def resume(self, side: Side) -> None:
-        return None
+        if side == Side.CLIENT and self._held:
+            data, self._held = self._held, b""
+            self._feed_within(data)
 
     def take_pongs(self) -> list[tuple[Side, bytes]]:
         """(side, payload) of every pong that answered one of the proxy's pings since the last
@@ -344,17 +400,25 @@ class PassthroughRelay:
                 return
             if not p.remaining and src.fwd:
                 # A forwarded data frame just ended: count it, let waiting own frames out.
+                hold = False
                 if p.fin:
                     if to_client:
                         stats.messages_to_client += 1
                     else:
                         stats.messages_to_backend += 1
+                        hold = stats.messages_to_backend >= self._msg_stop  # the allowance is used up
                 if dst.pending:
                     if run >= 0:
                         out.append(mv[run:pos])
                         run = -1
                     out.extend(dst.pending)
                     dst.pending = None
+                if hold:
+                    if run >= 0:
+                        out.append(mv[run:pos])
+                    if pos < n:
+                        self._held = data[pos:]  # the rest waits for the next allowance
+                    return
         if run >= 0:
             out.append(data if run == 0 and pos == n else mv[run:pos])
 
@@ -453,6 +517,8 @@ class PassthroughRelay:
     def _stop(self, src: _SideState, dst: _SideState) -> bool:
         """Read nothing more from `src`, send it nothing more; True if its frame to dst was cut."""
         cut = src.fwd and src.parser.remaining > 0
+        if src is self._client:
+            self._held = b""
         src.failed = True
         src.ctl = None
         src.fwd = False
