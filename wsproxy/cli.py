@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _setup_logging(args.log_level)
         from wsproxy import demo
+
         return demo.main(
             args.config, certs_dir=args.certs, self_check_only=args.self_check_only, free_ports=args.free_ports
         )
@@ -114,6 +115,7 @@ def _check_files(config: Config) -> None:
 
 def _run(config: Config, args: argparse.Namespace) -> int:
     from wsproxy.runtime import supervisor
+
     pid_file = None if args.worker is not None else (Path(args.pid_file) if args.pid_file else config.pid_file)
     # Until the signal receiver is up, a SIGHUP (an early `wsproxy reload`, or one passed on to a
     # starting worker) must not kill the process: the config it is about to serve is already fresh.

@@ -36,7 +36,16 @@ from wsproxy.policy import routing
 from wsproxy.policy.admission import apply_rules, route_rules
 from wsproxy.policy.origin import origin_allowed
 from wsproxy.protocol.forwarding import Origin
-from wsproxy.protocol.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask, valid_wire_close_code
+from wsproxy.protocol.frames import (
+    ERROR,
+    HEADER,
+    NEED_DATA,
+    PAYLOAD,
+    FrameParser,
+    apply_mask,
+    build_close,
+    valid_wire_close_code,
+)
 from wsproxy.protocol.handshake import (
     ClientUpgrade,
     Rejection,
@@ -522,8 +531,15 @@ def relay_frames(
         pos += step
     if eof:
         feed(b"")
-    to_sender = relay.take_for_client() if from_client else relay.take_for_backend()
     to_other = relay.take_for_backend() if from_client else relay.take_for_client()
+    if relay.stats.proxy_close is not None and relay.stats.proxy_close.code in (1002, 1007, 1009):
+        # The other peer answers the close it got: only then does the sender get its own (the
+        # other's replies in flight reach it first).
+        if from_client:
+            relay.feed_backend(build_close(1001, "", mask=False))
+        else:
+            relay.feed_client(build_close(1011, "", mask=True))
+    to_sender = relay.take_for_client() if from_client else relay.take_for_backend()
     # Whatever happened, both outputs are valid frame streams for their receivers.
     sender_frames = parse_frames(to_sender, masked=not from_client)
     other_frames = parse_frames(to_other, masked=from_client)

@@ -659,18 +659,37 @@ def test_proxy_close_waits_for_the_frame_in_flight():
     assert events[-1] == CloseConnection(1001, "idle")
 
 
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_a_protocol_error_lets_the_other_peers_replies_through_before_its_close(relay_cls):
+    """Replies in flight: the backend hears first (1001); what it still sends reaches the client,
+    and the client's 1002 follows the backend's close."""
+    rig = Rig(relay_cls(), auto=False)
+    rig.client_sends(TextMessage("q1"), TextMessage("q2"))
+    rig.client_raw(b"\x83\x80abcd")  # a reserved opcode from the client
+    assert rig.backend.seen == [("text", "q1"), ("text", "q2"), ("close", 1001, "client protocol error")]
+    assert rig.client.seen == [] and not rig.relay.client_done
+    rig.client_raw(rig.client.conn.send(TextMessage("ignored")))  # nothing more is read from it
+    replies = Connection(ConnectionType.SERVER)  # the backend's replies, sent before it read the close
+    rig.backend_raw(replies.send(TextMessage("a1")) + replies.send(TextMessage("a2")))
+    assert rig.client.seen == [("text", "a1"), ("text", "a2")]
+    rig.backend_raw(b"\x88\x02\x03\xe9")  # then its answer to the 1001
+    assert rig.client.seen[2:] == [("close", 1002, rig.relay.stats.proxy_close.reason.split(": ", 1)[1])]
+    assert rig.relay.client_done and rig.relay.backend_done
+    assert rig.backend.seen[3:] == []
+
+
 def test_protocol_error_close_to_sender_waits_for_the_frame_towards_it():
     relay = PassthroughRelay()
     frame = Connection(ConnectionType.SERVER).send(BytesMessage(b"z" * 10_000))
     relay.feed_backend(frame[:5000])
     relay.feed_client(b"\x83\x80abcd")  # reserved opcode from the client
     assert relay.take_for_client() == frame[:5000]
-    assert not relay.client_done  # its 1002 is still waiting behind the backend's frame
-    relay.feed_backend(frame[5000:] + frame)  # the second frame must not follow
+    assert not relay.client_done  # its 1002 waits for the backend's replies and close
+    relay.feed_backend(frame[5000:] + frame + b"\x88\x02\x03\xe9")  # a reply in flight, then its close
     client = Connection(ConnectionType.CLIENT)
     client.receive_data(frame[:5000] + relay.take_for_client())
     events = list(client.events())
-    assert len(events) == 2 and events[1].code == 1002
+    assert len(events) == 3 and events[2].code == 1002
     assert relay.client_done
 
 

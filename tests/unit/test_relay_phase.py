@@ -79,17 +79,57 @@ def test_a_write_that_took_nothing_is_retried_with_the_same_buffer_and_new_bytes
     assert got == [(rp.SEND, "client", build_frame(0x9, PING_MARKER + b"1", mask=False))]
 
 
-def test_the_slow_consumer_is_dropped_and_the_other_peer_is_told_why() -> None:
+def test_the_slow_consumer_gets_1008_after_its_frame_in_flight_and_lingers() -> None:
     p = phase(slow_consumer_timeout=2.0)
     frame = text(b"z" * 50, from_client=False)
     taken(p.received("backend", frame, now=0.0))
     taken(p.sent("client", 10, now=0.0))
     got = taken(p.timer(rp.STALL_TIMER, "client", now=2.0))
     assert (rp.REPORT, rp.SLOW_CONSUMER, "client", 2.0) in got
-    assert (rp.CLOSE, "client") in got
+    assert (rp.CLOSE, "client") not in got
     (close,) = sends(got, "backend")
     assert close[0] == 0x88  # a close frame, masked toward the backend, code 1001 with the reason
-    assert p.client.out == b""
+    assert p.relay.stats.proxy_close.code == 1008
+    # the rest of the frame in flight, then the 1008, once the client reads again
+    got = taken(p.sent("client", len(frame) - 10, now=2.5))
+    (to_client,) = sends(got, "client")
+    assert parse_close(to_client[2:]) == (1008, "client too slow: nothing accepted for 2s")
+    got = taken(p.sent("client", len(to_client), now=2.5))
+    assert got == [(rp.SHUT, "client")]  # a FIN after the close; reading and discarding goes on
+    assert p.wants(p.client) == (True, False)
+    taken(p.received("client", build_close(1008, "", mask=True), now=2.6))  # its answer, discarded
+    assert not p.client.closed
+    got = taken(p.received("client", b"", now=2.7))
+    assert (rp.CLOSE, "client") in got
+
+
+def test_a_slow_consumer_whose_frame_cannot_be_finished_is_dropped_without_a_close() -> None:
+    p = phase(slow_consumer_timeout=2.0, finish_limit=100)
+    head = build_frame(0x2, b"q" * 1000, mask=False)[:300]  # a frame of 1000, 700 still unread
+    taken(p.received("backend", head, now=0.0))
+    taken(p.sent("client", 10, now=0.0))
+    got = taken(p.timer(rp.STALL_TIMER, "client", now=2.0))
+    assert (rp.CLOSE, "client") in got and p.client.out == b""
+    (close,) = sends(got, "backend")
+    assert close[0] == 0x88
+
+
+def test_a_side_closed_on_a_protocol_error_lingers_until_it_ends() -> None:
+    p = phase()
+    bad = build_frame(0x1, b"x", mask=False)  # unmasked from a client: 1002
+    got = taken(p.received("client", bad, now=0.0))
+    (to_backend,) = sends(got, "backend")  # the backend hears first (1001) ...
+    assert sends(got, "client") == []
+    taken(p.sent("backend", len(to_backend), now=0.0))
+    got = taken(p.received("backend", build_close(1001, "", mask=False), now=0.0))  # ... and answers
+    assert (rp.CLOSE, "backend") in got
+    (to_client,) = sends(got, "client")
+    assert parse_close(to_client[2:])[0] == 1002
+    got = taken(p.sent("client", len(to_client), now=0.0))
+    assert (rp.SHUT, "client") in got and (rp.CLOSE, "client") not in got
+    assert p.may_read(p.client)  # its input is read and discarded: no reset swallows the 1002
+    assert taken(p.received("client", text(b"more"), now=0.1)) == []
+    assert (rp.CLOSE, "client") in taken(p.received("client", b"", now=0.2))
 
 
 def test_a_stall_timer_that_fires_after_the_bytes_left_does_nothing() -> None:

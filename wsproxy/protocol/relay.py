@@ -110,6 +110,16 @@ class Relay(Protocol):
         """Give up on `side` (dead or stuck peer): nothing more goes to or comes from it; the
         other peer gets a close with `other_code`."""
 
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing (a slow consumer): nothing more is relayed to it but the rest of
+        the frame in flight, then a close with `code`; the other peer gets `other_code`. False
+        if that frame cannot be finished from at most `finish_limit` more bytes of the other
+        peer: `side` is abandoned instead (no close frame can follow a cut frame)."""
+
+    def close_received(self, side: Side) -> bool:
+        """Did `side`'s close frame arrive? (A side done without it may still be sending: the
+        shell reads and discards its input before closing, so the close it was sent is read.)"""
+
     def send_ping(self, side: Side, payload: bytes) -> bool:
         """Queue the proxy's own ping to `side` (at a frame boundary); False if that side can no
         longer take one."""

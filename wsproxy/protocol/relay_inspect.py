@@ -73,7 +73,7 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 class _SideState:
     """One side's peer: the parser of what it sends, its message in progress, what is queued for it."""
 
-    __slots__ = ("deflate", "failed", "mask_out", "out", "own_pings", "side", "state")  # the connection
+    __slots__ = ("deflate", "failed", "mask_out", "out", "owed", "own_pings", "side", "state")  # the connection
     __slots__ += ("compressed", "ctl", "inbox", "inflated", "out_op", "parser", "utf8")  # its stream, part way
 
     def __init__(self, side: Side, *, negotiated: PerMessageDeflate | None) -> None:
@@ -81,6 +81,9 @@ class _SideState:
         self.side = side
         self.state = OPEN
         self.failed = False  # stream ended, protocol error or abandoned: read nothing more from it
+        # Its protocol error's close (code, reason), owed until the other peer's close arrives:
+        # meanwhile nothing is read from it, and what the other peer still sends reaches it.
+        self.owed: tuple[int, str] | None = None
         self.out: list[bytes] = []  # whole frames ready for this peer, in order
         self.own_pings: list[bytes] = []  # payloads of the proxy's pings to this peer, unanswered
         self.mask_out = not client  # frames to a backend are masked (we are its client)
@@ -255,9 +258,9 @@ class InspectRelay:
             self.stats.closed_by("proxy")
             if self.stats.proxy_close is None:
                 self.stats.proxy_close = CloseRecord(client_code, reason)
-        if c.state == OPEN:
+        if c.state == OPEN and not self._pay_owed(c):
             self._send_close(c, client_code, reason)
-        if b.state == OPEN:
+        if b.state == OPEN and not self._pay_owed(b):
             self._send_close(b, backend_code, reason)
 
     def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
@@ -270,6 +273,23 @@ class InspectRelay:
         self.stats.closed_by("proxy")
         self.stats.proxy_close = CloseRecord(other_code, reason)
         self._close_other(dst, other_code, reason)
+
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing: close it after what is queued (every frame queued is whole)."""
+        dst, src = (self._client, self._backend) if side == Side.CLIENT else (self._backend, self._client)
+        if dst.done:
+            return False
+        if dst.state != OPEN:
+            self.abandon(side, other_code=other_code, reason=reason)
+            return False
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(code, reason)
+        self._send_close(dst, code, reason)
+        self._close_other(src, other_code, reason)
+        return True
+
+    def close_received(self, side: Side) -> bool:
+        return (self._client if side == Side.CLIENT else self._backend).state in (REMOTE_CLOSING, CLOSED)
 
     def send_ping(self, side: Side, payload: bytes) -> bool:
         dst = self._client if side == Side.CLIENT else self._backend
@@ -295,7 +315,9 @@ class InspectRelay:
 
     def _feed(self, src: _SideState, dst: _SideState, data: bytes) -> None:
         """The next bytes of src's stream (b"": it ended)."""
-        if src.failed or src.state == CLOSED:
+        if src.failed or src.state == CLOSED or src.owed is not None:
+            if not data:  # its stream ended: it hears why now (it may still read)
+                self._pay_owed(src)
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
             self._peer_lost(src, dst)
@@ -522,6 +544,8 @@ class InspectRelay:
 
     def _peer_close(self, src: _SideState, dst: _SideState, code: int | None, reason: str) -> None:
         self.stats.peer_closed(src.side, code, reason)
+        if self._pay_owed(dst):
+            return  # the other peer's replies are all through: now it hears of its error
         if src.state == REMOTE_CLOSING:
             # The peer started closing: pass it on; its answer comes back when the other side
             # answers. If the other side cannot answer any more, answer the peer ourselves.
@@ -534,21 +558,39 @@ class InspectRelay:
             self._send_close(dst, code, reason)
 
     def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
-        """Fail src with `code` (1009: over the size limit, a limit rather than a fault); dst hears why."""
-        self._send_close(src, code, reason)
-        src.failed = True
+        """Fail src with `code` (1009: over the size limit, a limit rather than a fault); dst hears why.
+
+        dst hears first: what it still sends (replies to src's valid messages, already on their
+        way) reaches src until dst's close arrives; then src gets its close (`owed`). The close
+        timeout bounds the wait."""
         src.stop()
         self.stats.closed_by("proxy")
         if code == TOO_BIG:
-            why = f"{src.side} sent a {reason}"
+            other_code, why = GOING_AWAY, f"{src.side} sent a {reason}"
             self.stats.proxy_close = CloseRecord(code, why)
-            self._close_other(dst, GOING_AWAY, why)
-            return
-        self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
-        if src is self._client:
-            self._close_other(dst, GOING_AWAY, "client protocol error")
         else:
-            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
+            self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
+            if src is self._client:
+                other_code, why = GOING_AWAY, "client protocol error"
+            else:
+                other_code, why = INTERNAL_ERROR, "backend protocol error"
+        if src.state == OPEN and dst.state == OPEN and not dst.failed:
+            src.owed = (code, reason)
+            self._send_close(dst, other_code, why)
+            return
+        self._send_close(src, code, reason)
+        src.failed = True
+        self._close_other(dst, other_code, why)
+
+    def _pay_owed(self, hop: _SideState) -> bool:
+        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
+        owed = hop.owed
+        if owed is None:
+            return False
+        hop.owed = None
+        self._send_close(hop, owed[0], owed[1])
+        hop.failed = True
+        return True
 
     def _too_big(self, src: _SideState, dst: _SideState) -> None:
         self._protocol_error(src, dst, TOO_BIG, f"message over {self._max_message} bytes")
@@ -574,6 +616,8 @@ class InspectRelay:
             self._close_other(dst, INTERNAL_ERROR, "backend connection lost")
 
     def _close_other(self, dst: _SideState, code: int, reason: str) -> None:
+        if self._pay_owed(dst):
+            return
         if dst.state == OPEN:
             self._send_close(dst, code, reason)
         elif dst.state == REMOTE_CLOSING:

@@ -60,6 +60,7 @@ class _SideState:
         "fwd",
         "mask_out",
         "out",
+        "owed",
         "own_pings",
         "parser",
         "pending",
@@ -80,6 +81,9 @@ class _SideState:
         self.sent_close = False  # a close to this peer is queued (out or pending)
         self.recv_close = False  # this peer's valid close arrived
         self.failed = False  # stream ended or protocol error: read nothing more from it
+        # Its protocol error's close (code, reason), owed until the other peer's close arrives:
+        # meanwhile nothing is read from it, and what the other peer still sends reaches it.
+        self.owed: tuple[int, str] | None = None
 
     @property
     def open(self) -> bool:
@@ -227,9 +231,9 @@ class PassthroughRelay:
             self.stats.closed_by("proxy")
             if self.stats.proxy_close is None:
                 self.stats.proxy_close = CloseRecord(client_code, reason)
-        if c.open:
+        if c.open and not self._pay_owed(c):
             self._send_close(c, client_code, reason)
-        if b.open:
+        if b.open and not self._pay_owed(b):
             self._send_close(b, backend_code, reason)
 
     def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
@@ -251,6 +255,24 @@ class PassthroughRelay:
             dst.pending = None
             return
         self._close_other(dst, other_code, reason)
+
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing: finish the frame in flight to it, then close it (relay.Relay)."""
+        dst = self._state(side)
+        src = self._backend if dst is self._client else self._client
+        if dst.done:
+            return False
+        if not dst.open or (src.fwd and src.parser.remaining > finish_limit):
+            self.abandon(side, other_code=other_code, reason=reason)
+            return False
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(code, reason)
+        self._send_close(dst, code, reason)  # waits for the end of the frame in flight, if any
+        self._close_other(src, other_code, reason)
+        return True
+
+    def close_received(self, side: Side) -> bool:
+        return self._state(side).recv_close
 
     def send_ping(self, side: Side, payload: bytes) -> bool:
         """Queue the proxy's own ping to `side`; False if that peer is closing.
@@ -326,7 +348,9 @@ class PassthroughRelay:
         hop.sent_close = True
 
     def _feed(self, src: _SideState, dst: _SideState, data: bytes) -> None:
-        if src.failed or (src.sent_close and src.recv_close):
+        if src.failed or src.owed is not None or (src.sent_close and src.recv_close):
+            if not data:  # its stream ended: it hears why now (it may still read)
+                self._pay_owed(src)
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
             self._peer_lost(src, dst)
@@ -457,6 +481,8 @@ class PassthroughRelay:
     def _peer_close(self, src: _SideState, dst: _SideState, code: int | None, reason: str, frame: bytes) -> None:
         self.stats.peer_closed(src.side, code, reason)
         src.recv_close = True
+        if self._pay_owed(dst):
+            return  # the other peer's replies are all through: now it hears of its error
         if not src.sent_close:
             # The peer started closing: pass its close on verbatim; its answer comes back when
             # the other side answers. If the other side cannot answer any more, answer it here.
@@ -471,24 +497,42 @@ class PassthroughRelay:
             dst.sent_close = True
 
     def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
-        """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src."""
-        self._send_close(src, code, reason)
-        src.failed = True
+        """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src.
+
+        The other peer hears first: what it still sends (replies to src's valid messages,
+        already on their way) reaches src until its close arrives; then src gets its close
+        (`owed`). The close timeout bounds the wait."""
         src.ctl = None
         src.fwd = False
         self.stats.closed_by("proxy")
         if code == TOO_BIG:
             # A limit, not a fault of either implementation: the other side is going away
             # either way (as InspectRelay says it).
-            why = f"{src.side} sent a {reason}"
+            other_code, why = GOING_AWAY, f"{src.side} sent a {reason}"
             self.stats.proxy_close = CloseRecord(code, why)
-            self._close_other(dst, GOING_AWAY, why)
-            return
-        self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
-        if src is self._client:
-            self._close_other(dst, GOING_AWAY, "client protocol error")
         else:
-            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
+            self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
+            if src is self._client:
+                other_code, why = GOING_AWAY, "client protocol error"
+            else:
+                other_code, why = INTERNAL_ERROR, "backend protocol error"
+        if src.open and dst.open:
+            src.owed = (code, reason)
+            self._send_close(dst, other_code, why)
+            return
+        self._send_close(src, code, reason)
+        src.failed = True
+        self._close_other(dst, other_code, why)
+
+    def _pay_owed(self, hop: _SideState) -> bool:
+        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
+        owed = hop.owed
+        if owed is None:
+            return False
+        hop.owed = None
+        self._send_close(hop, owed[0], owed[1])
+        hop.failed = True
+        return True
 
     def _peer_lost(self, src: _SideState, dst: _SideState) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""
@@ -528,7 +572,7 @@ class PassthroughRelay:
         return cut
 
     def _close_other(self, dst: _SideState, code: int, reason: str) -> None:
-        if dst.failed or dst.sent_close:
+        if self._pay_owed(dst) or dst.failed or dst.sent_close:
             return
         if not dst.recv_close:
             self._send_close(dst, code, reason)

@@ -60,6 +60,7 @@ log = logging.getLogger("wsproxy.server")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE = 0.1  # seconds before accepting again after one of those
 
+
 class ReloadError(Exception):
     """A valid config that still cannot be applied (a cert that does not load, a port in use)."""
 
