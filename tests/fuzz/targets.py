@@ -36,7 +36,16 @@ from wsproxy.policy import routing
 from wsproxy.policy.admission import apply_rules, route_rules
 from wsproxy.policy.origin import origin_allowed
 from wsproxy.protocol.forwarding import Origin
-from wsproxy.protocol.frames import ERROR, HEADER, NEED_DATA, PAYLOAD, FrameParser, apply_mask, valid_wire_close_code
+from wsproxy.protocol.frames import (
+    ERROR,
+    HEADER,
+    NEED_DATA,
+    PAYLOAD,
+    FrameParser,
+    apply_mask,
+    build_close,
+    valid_wire_close_code,
+)
 from wsproxy.protocol.handshake import (
     ClientUpgrade,
     Rejection,
@@ -522,8 +531,15 @@ def relay_frames(
         pos += step
     if eof:
         feed(b"")
-    to_sender = relay.take_for_client() if from_client else relay.take_for_backend()
     to_other = relay.take_for_backend() if from_client else relay.take_for_client()
+    if relay.stats.proxy_close is not None and relay.stats.proxy_close.code in (1002, 1007, 1009):
+        # The other peer answers the close it got: only then does the sender get its own (the
+        # other's replies in flight reach it first).
+        if from_client:
+            relay.feed_backend(build_close(1001, "", mask=False))
+        else:
+            relay.feed_client(build_close(1011, "", mask=True))
+    to_sender = relay.take_for_client() if from_client else relay.take_for_backend()
     # Whatever happened, both outputs are valid frame streams for their receivers.
     sender_frames = parse_frames(to_sender, masked=not from_client)
     other_frames = parse_frames(to_other, masked=from_client)
@@ -535,7 +551,7 @@ def relay_frames(
     if tail and expect.stop == "none":
         # After well-formed traffic, garbage: refused with a code, or (if it looks like the start
         # of a frame) still waiting for the rest.
-        assert proxy_code in (None, 1002, 1007, 1009)
+        assert proxy_code in (None, 1002, 1007, 1009, 1011 if eof and not from_client else None)
         return
     if expect.stop == "error":
         assert proxy_code == expect.code, (proxy_code, expect)
@@ -549,7 +565,8 @@ def relay_frames(
         assert other_closes[-1:] == [expect.code if expect.code is not None else 1005]
         assert sender_frames == []  # the other peer has not answered yet
     else:
-        assert proxy_code is None, stats.proxy_close
+        # A backend that vanished is the proxy's 1011 (an alert on proxy closes sees it).
+        assert proxy_code == (1011 if eof and not from_client else None), stats.proxy_close
         assert sender_frames == []
         if eof:
             # The sender vanished: the other peer hears 1001/1011, unless a frame was cut in two.

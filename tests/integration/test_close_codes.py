@@ -613,3 +613,45 @@ async def test_backend_vanishing_during_client_close_still_answers_client_prompt
     assert [f.close_code for f in backend.closes()] == [4100]
     assert got.code in (4100, 1011), got
     await wait_sessions_gone(proxy, PROMPTLY)
+
+
+@pytest.mark.parametrize("bad", ["reserved-opcode", "rsv2", "unmasked-frame"])
+async def test_replies_in_flight_reach_the_client_before_its_protocol_error_close(nursery, relay_mode, bad) -> None:
+    """The backend's answers to the client's valid messages were on their way when the client
+    broke the protocol: the backend hears first (1001), its replies still reach the client,
+    then the client gets its RFC code once the backend's close arrived."""
+
+    async def answer_late(stream: trio.SocketStream, reader: FrameReader, backend: RawBackend) -> bool:
+        for _ in range(2):
+            f = await reader.read_frame()
+            assert f is not None
+            backend.frames.append(f)
+        await trio.sleep(0.3)  # the replies leave after the client's bad frame reached the proxy
+        for f in list(backend.frames):
+            await stream.send_all(frame(0x1, b"re:" + f.payload, mask=False))
+        while (f := await reader.read_frame()) is not None:
+            backend.frames.append(f)
+            if f.opcode == 0x8:
+                await stream.send_all(frame(0x8, f.payload[:2], mask=False))
+                return False
+        return False
+
+    backend = await start_raw_backend(nursery, answer_late)
+    proxy = await start_proxy(nursery, relay_yaml([backend.port], relay_mode, timeouts=TIMEOUTS))
+    client = await RawClient.connect(proxy.port())
+    raw = {
+        "reserved-opcode": frame(0x3, b""),
+        "rsv2": frame(0x2, b"hello", rsv=2),
+        "unmasked-frame": frame(0x1, b"hello", mask=False),
+    }[bad]
+    with trio.fail_after(5):
+        await client.send(TextMessage(data="q1"))
+        await client.send(TextMessage(data="q2"))
+        await client.stream.send_all(raw)
+        assert await client.receive_message() == "re:q1"
+        assert await client.receive_message() == "re:q2"
+        got = await receive_close(client)
+    assert got.code == 1002
+    assert [f.close_code for f in backend.closes()] == [1001]
+    await client.stream.aclose()
+    await wait_sessions_gone(proxy, PROMPTLY)

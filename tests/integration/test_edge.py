@@ -8,10 +8,12 @@ then drop"). Other client addresses come from 127.0.0.2 (all of 127/8 is loopbac
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
 import h11
+import pytest
 import trio
 from wsproto.events import CloseConnection, TextMessage
 
@@ -219,6 +221,49 @@ async def test_a_sender_over_its_rate_for_close_after_gets_1008_and_the_backend_
     await wait_for(lambda: closes == [1001])
     assert limited(proxy, adm.RATE_CLOSED) == 1
     assert await echoes(bystander)
+
+
+@pytest.mark.parametrize("relay", ["inspect", "passthrough"])
+@pytest.mark.parametrize(
+    ("limit", "cost"),
+    [("messages: {rate: 10/s, burst: 10}", lambda frame: 1), ("bytes: {rate: 400/s, burst: 400}", len)],
+    ids=["messages", "bytes"],
+)
+async def test_a_burst_in_one_read_reaches_the_backend_only_as_fast_as_the_budget(
+    nursery, backends, relay, limit, cost
+) -> None:
+    """200 small messages sent at once (one read at the proxy): the backend receives at most
+    burst + rate x elapsed of them (+1), then the sender gets 1008 at close_after."""
+    arrivals: list[float] = []
+    closes: list[int | None] = []
+
+    def counting(conn) -> None:  # type: ignore[no-untyped-def]
+        try:
+            for _ in conn:
+                arrivals.append(time.monotonic())
+        finally:
+            closes.append(conn.close_code)
+
+    backends.append(start_backend(counting))
+    rates = f"rate_limits: {{{limit}, close_after: 1s}}\n"
+    proxy = await start_proxy(
+        nursery, proxy_yaml([backends[0].port], extra=FAST + rates, listener_extra=f"relay: {relay}")
+    )
+    client = await RawClient.connect(proxy.port())
+    frames = [build_frame(0x1, f"m{i:03}".encode(), mask=True) for i in range(200)]
+    start = time.monotonic()
+    await client.stream.send_all(b"".join(frames))
+    with trio.fail_after(5):
+        while not isinstance(event := await client.next_event(), CloseConnection):
+            pass
+    assert event.code == 1008 and "rate limit" in event.reason
+    await wait_for(lambda: bool(closes))
+    assert closes == [1001]
+    rate, burst = (10, 10) if cost(frames[0]) == 1 else (400 / len(frames[0]), 400 / len(frames[0]))
+    assert len(arrivals) < 200
+    for n, at in enumerate(arrivals, 1):
+        assert n <= burst + rate * (at - start) + 1, (n, at - start)
+    assert len(arrivals) >= burst  # the budget itself went through
 
 
 # --- origins and subprotocols -------------------------------------------------------------------

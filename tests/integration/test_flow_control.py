@@ -743,3 +743,67 @@ async def test_a_client_that_reads_steadily_is_not_a_slow_consumer(nursery, rela
             await trio.sleep(0.05)
     assert got > MiB
     assert backend.wires["/flood"][0].close is None
+
+
+async def test_a_slow_consumer_that_reads_again_within_the_close_timeout_gets_1008_not_a_reset(nursery, relay) -> None:
+    backend = await RawBackend({"/flood": endless_flood}).start(nursery)
+    extra = "limits: {slow_consumer_timeout: 1s}\ntimeouts: {close: 4s}\nheartbeat: {interval: off}\n"
+    proxy = await start_proxy(nursery, proxy_yaml([backend.port], listener_extra=f"relay: {relay}", extra=extra))
+    slow = await connect_client(proxy.port(), "/flood", rcvbuf=4096)  # reads nothing for now
+    with trio.fail_after(2):
+        while not backend.wires.get("/flood"):
+            await trio.sleep(0.01)
+    flood_wire = backend.wires["/flood"][0]
+    with trio.fail_after(6):
+        while flood_wire.close is None:
+            await trio.sleep(0.01)
+    assert flood_wire.close.code == 1001  # dropped as slow: the backend was told
+    await trio.sleep(0.5)  # a moment later, the client reads again
+    with trio.fail_after(3):
+        got = await slow.wait_close()  # the rest of its frame in flight, then the proxy's close
+    assert got.code == 1008 and "too slow" in got.reason, got
+    with trio.fail_after(3):
+        await slow.until_eof()
+    with trio.fail_after(5):
+        while proxy.server.sessions:
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("shape", ["unmasked", "rsv2"])
+async def test_a_protocol_error_delivers_replies_in_flight_and_the_close_not_a_reset(nursery, relay, shape) -> None:
+    """The client has 1 MiB of echo still to read when it breaks the protocol and goes on
+    sending: the proxy reads and discards that input (lingering close) instead of closing a
+    socket with unread input, which would reset the connection and lose the reply and the close."""
+    backend = await RawBackend({"/echo": echo}).start(nursery)
+    extra = "timeouts: {close: 4s}\nheartbeat: {interval: off}\n"
+    proxy = await start_proxy(nursery, proxy_yaml([backend.port], listener_extra=f"relay: {relay}", extra=extra))
+    client = await connect_client(proxy.port(), "/echo", rcvbuf=4096)
+    big = os.urandom(MiB)
+    await client.send(BINARY, big)
+    await trio.sleep(0.3)  # the echo is on its way back, most of it waiting at the proxy
+    bad = (
+        build_frame(BINARY, b"bad", mask=False) if shape == "unmasked" else build_frame(BINARY | 0x20, b"b", mask=True)
+    )
+    garbage = build_frame(BINARY, b"g" * 4000, mask=True)
+    done = trio.Event()
+
+    async def keep_sending() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await client.send_raw(bad)
+            with trio.move_on_after(3):
+                while not done.is_set():
+                    await client.send_raw(garbage)
+                    await trio.sleep(0.001)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(keep_sending)
+        await trio.sleep(0.3)
+        with trio.fail_after(5):
+            assert await client.message() == big  # the reply already on its way
+            got = await client.message()
+        done.set()
+    assert isinstance(got, Close) and got.code == 1002, got
+    await client.stream.aclose()
+    with trio.fail_after(5):
+        while proxy.server.sessions:
+            await trio.sleep(0.05)

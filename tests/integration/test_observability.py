@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.server import ServerConnection
 from wsproto.events import CloseConnection, TextMessage
 
+from tests.integration.test_close_codes import after_first_frame, closes_tcp, resets_tcp, start_raw_backend
 from tests.integration.test_flow_control import BINARY, BLOCK, RawBackend, Wire, connect_client, endless_flood
 from tests.integration.test_liveness import MARKER, TrioBackend, open_pair
 from tests.integration.test_relay import ProxyProcess
@@ -522,7 +523,8 @@ async def test_slow_consumer_drop_and_stalled_sends_are_counted(nursery) -> None
         while len(proxy.server.sessions) > 1:  # and the backend finished its closing handshake
             await trio.sleep(0.05)
     m = await scrape(admin)
-    assert m.value("wsproxy_close_codes_total", side="proxy", code="1001") == 1  # the backend was told why
+    # the proxy's close: 1008 to the slow client (after its frame in flight); the backend got 1001
+    assert m.value("wsproxy_close_codes_total", side="proxy", code="1008") == 1
     assert m.value("wsproxy_sessions_closed_total", first_closer="proxy") == 1
 
 
@@ -561,3 +563,32 @@ def test_run_with_json_log_writes_json_lines_and_a_session_line(tmp_path: Path, 
     [session] = [r for r in records if r.get("event") == "session"]
     assert (session["path"], session["status"], session["messages_to_backend"]) == ("/json-log", 101, 1)
     assert session["client_close"]["code"] == 1000 and session["first_closer"] == "client"
+
+
+# --------------------------------------------------------------------------------------------
+# a backend that crashes is the proxy's close
+
+
+@pytest.mark.parametrize("relay", ["inspect", "passthrough"])
+@pytest.mark.parametrize("how", [closes_tcp, resets_tcp], ids=["fin", "rst"])
+async def test_backend_crash_is_logged_and_counted_as_the_proxys_1011(nursery, session_log, relay, how) -> None:
+    backend = await start_raw_backend(nursery, after_first_frame(how))  # drops without a close frame
+    yaml = proxy_yaml(
+        [backend.port],
+        extra="admin: {address: 127.0.0.1:0}\nheartbeat: {interval: off}\n",
+        listener_extra=f"relay: {relay}",
+    )
+    proxy = await start_proxy(nursery, yaml)
+    admin = proxy.server.admin_bound[1]
+    client = await RawClient.connect(proxy.port())
+    with trio.fail_after(5):
+        await client.send(TextMessage(data="crash"))
+        got = await client.wait_close()
+        assert got.code == 1011
+        while proxy.server.sessions:
+            await trio.sleep(0.05)
+    (line,) = session_log.sessions()
+    assert line["proxy_close"] == {"code": 1011, "reason": "backend connection lost"}
+    assert line["backend_close"]["code"] == 1006 and line["first_closer"] == "backend"
+    m = await scrape(admin)
+    assert m.value("wsproxy_close_codes_total", side="proxy", code="1011") == 1

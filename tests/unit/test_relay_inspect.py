@@ -143,6 +143,15 @@ def closes(data: bytes, *, masked: bool) -> list[tuple[int, str]]:
 # --- split reads, streaming, re-framing ---------------------------------------------------------
 
 
+def other_answers(relay: InspectRelay, *, client_at_fault: bool) -> None:
+    """The other peer answers the close the proxy sent it on a protocol error: only then does
+    the erring peer get its own close (the other's replies in flight reach it first)."""
+    if client_at_fault:
+        relay.feed_backend(frame(8, struct.pack("!H", 1001), key=None))
+    else:
+        relay.feed_client(frame(8, struct.pack("!H", 1011)))
+
+
 def test_header_and_payload_split_anywhere_and_many_frames_per_read():
     stream = (
         frame(2, b"a" * 70_000)
@@ -349,6 +358,7 @@ def test_invalid_utf8_in_text_gets_1007_and_the_other_side_1001_or_1011(parts, f
     key = b"abcd" if from_client else None
     wire = b"".join(frame(0 if i else 1, p, fin=i == len(parts) - 1, key=key) for i, p in enumerate(parts))
     (relay.feed_client if from_client else relay.feed_backend)(wire)
+    other_answers(relay, client_at_fault=from_client)
     to_sender = relay.take_for_client() if from_client else relay.take_for_backend()
     to_other = relay.take_for_backend() if from_client else relay.take_for_client()
     assert [c for c, _ in closes(to_sender, masked=not from_client)] == [1007]
@@ -401,6 +411,8 @@ def test_a_bad_client_stream_gets_the_close_wsproto_gives(bad):
     assert want and want[0].code in (1002, 1007)
     relay = InspectRelay()
     relay.feed_client(frame(2, b"before") + bad)
+    assert relay.take_for_client() == b""  # the backend hears first; its replies may still come
+    other_answers(relay, client_at_fault=True)
     assert closes(relay.take_for_client(), masked=False) == [(int(want[0].code), want[0].reason)]
     to_backend = relay.take_for_backend()
     assert messages(wire_frames(to_backend, masked=True))[0] == (2, b"before")
@@ -412,6 +424,7 @@ def test_a_bad_client_stream_gets_the_close_wsproto_gives(bad):
 def test_a_masked_backend_frame_gets_1002_and_the_client_1011():
     relay = InspectRelay()
     relay.feed_backend(frame(2, b"x"))
+    other_answers(relay, client_at_fault=False)
     assert closes(relay.take_for_backend(), masked=True) == [(1002, "client received unexpected masked frame")]
     assert closes(relay.take_for_client(), masked=False) == [(1011, "backend protocol error")]
 
@@ -528,6 +541,7 @@ def test_rsv1_on_a_hop_without_deflate_is_a_protocol_error():
     _, client_hop = deflate_pair()
     relay = InspectRelay(client_extensions=[client_hop])  # the backend hop has none
     relay.feed_backend(frame(1, b"x", rsv=0x40, key=None))
+    other_answers(relay, client_at_fault=False)
     assert closes(relay.take_for_backend(), masked=True) == [(1002, "Reserved bit set unexpectedly")]
     assert closes(relay.take_for_client(), masked=False) == [(1011, "backend protocol error")]
 
@@ -537,6 +551,7 @@ def test_rsv1_on_a_continuation_or_control_frame_is_a_protocol_error_with_deflat
         _, client_hop = deflate_pair()
         relay = InspectRelay(client_extensions=[client_hop])
         relay.feed_client(bad)
+        other_answers(relay, client_at_fault=True)
         assert closes(relay.take_for_client(), masked=False) == [(1002, "error in extension")]
 
 
@@ -544,6 +559,7 @@ def test_corrupt_compressed_data_gets_1007():
     _, client_hop = deflate_pair()
     relay = InspectRelay(client_extensions=[client_hop])
     relay.feed_client(frame(2, b"\xff\xff\xff\xff not deflate", rsv=0x40))
+    other_answers(relay, client_at_fault=True)
     assert closes(relay.take_for_client(), masked=False) == [(1007, "error in extension")]
     assert closes(relay.take_for_backend(), masked=True) == [(1001, "client protocol error")]
 
@@ -568,6 +584,7 @@ def test_size_limit_counts_the_inflated_message():
     wire = client.send(BytesMessage(bytes(10_001)))
     assert len(wire) < 100
     relay.feed_client(wire)
+    other_answers(relay, client_at_fault=True)
     assert closes(relay.take_for_client(), masked=False) == [(1009, "message over 10000 bytes")]
     assert closes(relay.take_for_backend(), masked=True) == [(1001, "client sent a message over 10000 bytes")]
 
@@ -587,6 +604,7 @@ def test_an_uncompressed_frame_over_the_limit_is_refused_before_any_of_it_goes_o
     assert [(op, body) for op, _, _, _, body in got] == [
         (8, struct.pack("!H", 1001) + f"{name} sent a message over 1000 bytes".encode())
     ]
+    other_answers(relay, client_at_fault=from_client)
     assert closes(to_sender(), masked=not from_client) == [(1009, "message over 1000 bytes")]
     assert relay.stats.proxy_close == CloseRecord(1009, f"{name} sent a message over 1000 bytes")
 

@@ -260,6 +260,10 @@ def test_backend_lost_gives_client_1011(relay_cls):
     assert rig.client.seen == [("close", 1011, "backend connection lost")]
     assert rig.both_done
     assert rig.relay.stats.backend_close == CloseRecord(1006, "connection lost")
+    # the client's 1011 is the proxy's close (an alert on proxy closes sees a crashed backend);
+    # the client only echoed it
+    assert rig.relay.stats.proxy_close == CloseRecord(1011, "backend connection lost")
+    assert rig.relay.stats.client_close == CloseRecord(1011, "backend connection lost")
 
 
 @pytest.mark.parametrize("relay_cls", BOTH)
@@ -270,6 +274,7 @@ def test_backend_lost_while_client_waits_for_close_answer_gets_its_code_back(rel
     rig.pump()
     assert rig.client.seen == [("close", 4001, "leaving")]
     assert rig.both_done
+    assert rig.relay.stats.proxy_close is None  # the client's own close went back: not the proxy's word
 
 
 @pytest.mark.parametrize("relay_cls", BOTH)
@@ -654,18 +659,37 @@ def test_proxy_close_waits_for_the_frame_in_flight():
     assert events[-1] == CloseConnection(1001, "idle")
 
 
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_a_protocol_error_lets_the_other_peers_replies_through_before_its_close(relay_cls):
+    """Replies in flight: the backend hears first (1001); what it still sends reaches the client,
+    and the client's 1002 follows the backend's close."""
+    rig = Rig(relay_cls(), auto=False)
+    rig.client_sends(TextMessage("q1"), TextMessage("q2"))
+    rig.client_raw(b"\x83\x80abcd")  # a reserved opcode from the client
+    assert rig.backend.seen == [("text", "q1"), ("text", "q2"), ("close", 1001, "client protocol error")]
+    assert rig.client.seen == [] and not rig.relay.client_done
+    rig.client_raw(rig.client.conn.send(TextMessage("ignored")))  # nothing more is read from it
+    replies = Connection(ConnectionType.SERVER)  # the backend's replies, sent before it read the close
+    rig.backend_raw(replies.send(TextMessage("a1")) + replies.send(TextMessage("a2")))
+    assert rig.client.seen == [("text", "a1"), ("text", "a2")]
+    rig.backend_raw(b"\x88\x02\x03\xe9")  # then its answer to the 1001
+    assert rig.client.seen[2:] == [("close", 1002, rig.relay.stats.proxy_close.reason.split(": ", 1)[1])]
+    assert rig.relay.client_done and rig.relay.backend_done
+    assert rig.backend.seen[3:] == []
+
+
 def test_protocol_error_close_to_sender_waits_for_the_frame_towards_it():
     relay = PassthroughRelay()
     frame = Connection(ConnectionType.SERVER).send(BytesMessage(b"z" * 10_000))
     relay.feed_backend(frame[:5000])
     relay.feed_client(b"\x83\x80abcd")  # reserved opcode from the client
     assert relay.take_for_client() == frame[:5000]
-    assert not relay.client_done  # its 1002 is still waiting behind the backend's frame
-    relay.feed_backend(frame[5000:] + frame)  # the second frame must not follow
+    assert not relay.client_done  # its 1002 waits for the backend's replies and close
+    relay.feed_backend(frame[5000:] + frame + b"\x88\x02\x03\xe9")  # a reply in flight, then its close
     client = Connection(ConnectionType.CLIENT)
     client.receive_data(frame[:5000] + relay.take_for_client())
     events = list(client.events())
-    assert len(events) == 2 and events[1].code == 1002
+    assert len(events) == 3 and events[2].code == 1002
     assert relay.client_done
 
 
@@ -781,3 +805,53 @@ def test_inspect_relay_inflates_a_compression_bomb_only_as_fast_as_it_is_sent_on
     assert rounds > 10
     assert received >= 32 << 20
     assert relay.stats.messages_to_backend == 1
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+@pytest.mark.parametrize("seed", range(4))
+def test_the_client_allowance_holds_whole_messages_beyond_it_and_resumes_in_order(relay_cls, seed):
+    rig = Rig(relay_cls(), seed=seed)
+    relay = rig.relay
+    relay.limit_client(messages=2, nbytes=None)
+    rig.client_sends(*(TextMessage(f"m{i}") for i in range(5)), Ping(b"p"))
+    assert rig.backend.seen == [("text", "m0"), ("text", "m1")]
+    assert relay.client_allowance() == (0, None) and relay.held("client") > 0
+    assert not relay.backlog("client")  # nothing may go on until a new allowance
+    relay.limit_client(messages=2, nbytes=None)
+    assert relay.backlog("client")
+    relay.resume("client")
+    rig.pump()
+    assert [m for _, m, *_ in rig.backend.seen] == ["m0", "m1", "m2", "m3"]
+    relay.limit_client(messages=None, nbytes=None)
+    relay.resume("client")
+    rig.pump()
+    assert rig.backend.seen[4:] == [("text", "m4"), ("ping", b"p")]
+    assert relay.held("client") == 0 and relay.stats.messages_to_backend == 5
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_the_client_byte_allowance_stops_at_the_byte_and_goes_on_where_it_stopped(relay_cls):
+    rig = Rig(relay_cls())
+    relay = rig.relay
+    wire = b"".join(rig.client.conn.send(BytesMessage(bytes([i]) * 100)) for i in range(3))
+    relay.limit_client(messages=None, nbytes=150)
+    relay.feed_client(wire)
+    rig.pump()
+    assert relay.client_allowance() == (None, 0) and relay.held("client") == len(wire) - 150
+    relay.limit_client(messages=None, nbytes=len(wire))
+    relay.resume("client")
+    rig.pump()
+    assert relay.client_allowance() == (None, 150) and relay.held("client") == 0
+    assert [m for _, m in rig.backend.seen] == [bytes([i]) * 100 for i in range(3)]
+
+
+@pytest.mark.parametrize("relay_cls", BOTH)
+def test_a_client_lost_while_held_drops_what_was_held(relay_cls):
+    rig = Rig(relay_cls())
+    relay = rig.relay
+    relay.limit_client(messages=1, nbytes=None)
+    rig.client_sends(TextMessage("a"), TextMessage("b"))
+    relay.feed_client(b"")
+    rig.pump()
+    assert relay.held("client") == 0 and not relay.backlog("client")
+    assert rig.backend.seen == [("text", "a"), ("close", 1001, "client went away")]

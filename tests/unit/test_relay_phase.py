@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,17 +80,57 @@ def test_a_write_that_took_nothing_is_retried_with_the_same_buffer_and_new_bytes
     assert got == [(rp.SEND, "client", build_frame(0x9, PING_MARKER + b"1", mask=False))]
 
 
-def test_the_slow_consumer_is_dropped_and_the_other_peer_is_told_why() -> None:
+def test_the_slow_consumer_gets_1008_after_its_frame_in_flight_and_lingers() -> None:
     p = phase(slow_consumer_timeout=2.0)
     frame = text(b"z" * 50, from_client=False)
     taken(p.received("backend", frame, now=0.0))
     taken(p.sent("client", 10, now=0.0))
     got = taken(p.timer(rp.STALL_TIMER, "client", now=2.0))
     assert (rp.REPORT, rp.SLOW_CONSUMER, "client", 2.0) in got
-    assert (rp.CLOSE, "client") in got
+    assert (rp.CLOSE, "client") not in got
     (close,) = sends(got, "backend")
     assert close[0] == 0x88  # a close frame, masked toward the backend, code 1001 with the reason
-    assert p.client.out == b""
+    assert p.relay.stats.proxy_close.code == 1008
+    # the rest of the frame in flight, then the 1008, once the client reads again
+    got = taken(p.sent("client", len(frame) - 10, now=2.5))
+    (to_client,) = sends(got, "client")
+    assert parse_close(to_client[2:]) == (1008, "client too slow: nothing accepted for 2s")
+    got = taken(p.sent("client", len(to_client), now=2.5))
+    assert got == [(rp.SHUT, "client")]  # a FIN after the close; reading and discarding goes on
+    assert p.wants(p.client) == (True, False)
+    taken(p.received("client", build_close(1008, "", mask=True), now=2.6))  # its answer, discarded
+    assert not p.client.closed
+    got = taken(p.received("client", b"", now=2.7))
+    assert (rp.CLOSE, "client") in got
+
+
+def test_a_slow_consumer_whose_frame_cannot_be_finished_is_dropped_without_a_close() -> None:
+    p = phase(slow_consumer_timeout=2.0, finish_limit=100)
+    head = build_frame(0x2, b"q" * 1000, mask=False)[:300]  # a frame of 1000, 700 still unread
+    taken(p.received("backend", head, now=0.0))
+    taken(p.sent("client", 10, now=0.0))
+    got = taken(p.timer(rp.STALL_TIMER, "client", now=2.0))
+    assert (rp.CLOSE, "client") in got and p.client.out == b""
+    (close,) = sends(got, "backend")
+    assert close[0] == 0x88
+
+
+def test_a_side_closed_on_a_protocol_error_lingers_until_it_ends() -> None:
+    p = phase()
+    bad = build_frame(0x1, b"x", mask=False)  # unmasked from a client: 1002
+    got = taken(p.received("client", bad, now=0.0))
+    (to_backend,) = sends(got, "backend")  # the backend hears first (1001) ...
+    assert sends(got, "client") == []
+    taken(p.sent("backend", len(to_backend), now=0.0))
+    got = taken(p.received("backend", build_close(1001, "", mask=False), now=0.0))  # ... and answers
+    assert (rp.CLOSE, "backend") in got
+    (to_client,) = sends(got, "client")
+    assert parse_close(to_client[2:])[0] == 1002
+    got = taken(p.sent("client", len(to_client), now=0.0))
+    assert (rp.SHUT, "client") in got and (rp.CLOSE, "client") not in got
+    assert p.may_read(p.client)  # its input is read and discarded: no reset swallows the 1002
+    assert taken(p.received("client", text(b"more"), now=0.1)) == []
+    assert (rp.CLOSE, "client") in taken(p.received("client", b"", now=0.2))
 
 
 def test_a_stall_timer_that_fires_after_the_bytes_left_does_nothing() -> None:
@@ -102,32 +143,65 @@ def test_a_stall_timer_that_fires_after_the_bytes_left_does_nothing() -> None:
     assert not p.client.closed
 
 
-def test_a_client_over_its_byte_rate_is_paused_then_read_again_then_closed_with_1008() -> None:
+def test_a_client_over_its_byte_rate_is_held_then_read_again_then_closed_with_1008() -> None:
     flow = FlowLimiter(now=0.0, nbytes=(100.0, 100.0), close_after=2.0)
     p = phase(flow=flow)
-    frame = text(b"a" * 150)  # 156 bytes on the wire: 0.56 s of debt
+    frame = text(b"a" * 150)  # 158 bytes on the wire: 100 within the burst, 58 held
     got = taken(p.received("client", frame, now=0.0))
+    assert sends(got, "backend") == [frame[:100]]
     assert (rp.REPORT, rp.THROTTLED, "client", None) in got
     arm = next(a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER)
-    assert arm[3] > 0.0
-    taken(p.sent("backend", len(frame), now=0.0))
-    assert not p.may_read(p.client)  # paused by the budget, not by backpressure
-    taken(p.timer(rp.THROTTLE_TIMER, "client", now=arm[3] + 0.001))
+    assert arm[3] == pytest.approx(0.58)  # until the budget has room for what is held
+    taken(p.sent("backend", 100, now=0.0))
+    assert not p.may_read(p.client)  # held by the budget, not by backpressure
+    got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=arm[3]))
+    assert sends(got, "backend") == [frame[100:]]  # what was held goes on, nothing was lost
+    taken(p.sent("backend", 58, now=arm[3]))
     assert p.may_read(p.client)
-    # over the rate again and again: once it has been over for close_after, 1008
+    # over the rate again and again: once it has been held for close_after, 1008
     now = arm[3]
-    for _ in range(10):
+    for _ in range(20):
         got = taken(p.received("client", frame, now=now))
-        for a in got:
-            if a[0] == rp.SEND:
-                taken(p.sent(a[1], len(a[2]), now=now))
+        while True:
+            for a in got:
+                if a[0] == rp.SEND:
+                    got = taken(p.sent(a[1], len(a[2]), now=now))
+                    break
+            else:
+                break
+            if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
+                break
+        arm = next((a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER), None)
         if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
             break
-        now += 1.0
+        if arm is not None:
+            now = arm[3]
+            got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=now))
+            if any(a[:2] == (rp.REPORT, rp.RATE_CLOSED) for a in got):
+                break
+            for a in got:
+                if a[0] == rp.SEND:
+                    taken(p.sent(a[1], len(a[2]), now=now))
     else:
         raise AssertionError("never closed")
     (to_client,) = sends(got, "client")
     assert parse_close(to_client[2:])[0] == 1008
+
+
+def test_a_message_budget_holds_messages_beyond_it_until_tokens_arrive() -> None:
+    flow = FlowLimiter(now=0.0, messages=(10.0, 3.0), close_after=None)
+    p = phase(flow=flow)
+    frames = [text(f"m{i}".encode()) for i in range(8)]
+    got = taken(p.received("client", b"".join(frames), now=0.0))  # one read, eight messages
+    assert sends(got, "backend") == [b"".join(frames[:3])]  # the burst, whole messages
+    assert p.relay.held("client") == sum(map(len, frames[3:]))
+    arm = next(a for a in got if a[0] == rp.ARM and a[1] == rp.THROTTLE_TIMER)
+    assert arm[3] == pytest.approx(0.1)  # one token
+    taken(p.sent("backend", sum(map(len, frames[:3])), now=0.0))
+    assert not p.may_read(p.client)
+    got = taken(p.timer(rp.THROTTLE_TIMER, "client", now=0.25))  # two and a half tokens by now
+    assert sends(got, "backend") == [b"".join(frames[3:5])]
+    assert p.relay.stats.messages_to_backend == 5 and not p.may_read(p.client)
 
 
 def test_a_close_from_the_client_arms_the_close_timer_which_ends_the_session() -> None:

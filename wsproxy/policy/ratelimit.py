@@ -2,9 +2,10 @@
 
 Three users: the per-IP handshake rate (a bounded table of buckets, one per client address,
 where an empty bucket means 429), and a session's message and byte rates (`FlowLimiter`), where
-going over the rate is not refused but charged as a debt that the session repays by not
-reading for a while (TCP backpressure); a sender that stays in debt for `close_after` seconds
-is closed. Buckets start full, refill continuously at `rate` per second up to `burst`.
+going over the rate is not refused but held: the relay acts on what the budget allows (whole
+messages, bytes), holds the rest of the read, and the session reads no more until the budget
+allows again (TCP backpressure); a sender that stays held for `close_after` seconds is closed.
+Buckets start full, refill continuously at `rate` per second up to `burst`.
 """
 
 from __future__ import annotations
@@ -49,10 +50,15 @@ class TokenBucket:
         self.tokens -= cost
         return self.wait(now)
 
-    def wait(self, now: float) -> float:
-        """Seconds until the bucket is out of debt (0.0 if it is not in debt)."""
+    def wait(self, now: float, need: float = 0.0) -> float:
+        """Seconds until the bucket holds `need` tokens (by default: until it is out of debt)."""
         self._refill(now)
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
+
+    def whole(self, now: float) -> int:
+        """The whole tokens there are now (0 in debt); a token short by a rounding error counts."""
+        self._refill(now)
+        return max(0, math.floor(self.tokens + 1e-9))
 
     def full(self, now: float) -> bool:
         """A full bucket is the same as a fresh one: its entry may be forgotten."""
@@ -94,10 +100,12 @@ class KeyedBuckets:
 class FlowLimiter:
     """One session's message and byte budget in one direction (client to backend).
 
-    `charge` records what a read carried; `pause` says how long the reader must now wait (0.0:
-    read on) or None when the sender has been over its rate for `close_after` seconds without
-    a break and must be closed. "Without a break" means every read that carried something went
-    into debt: a sender that is over its rate only in bursts gets slowed, never closed.
+    `allowance` is what the relay may act on now (whole messages, bytes); `charge` records what
+    it did, and whether it had to hold the rest of the input back; `pause` says how long the
+    reader must now wait (0.0: read on) or None when the sender has been over its rate for
+    `close_after` seconds without a break and must be closed. "Without a break" means the input
+    stayed held back, or every new read that carried something went over: a sender that is over
+    its rate only in bursts gets slowed, never closed.
     """
 
     __slots__ = ("_buckets", "close_after", "limited_since")
@@ -122,8 +130,20 @@ class FlowLimiter:
     def active(self) -> bool:
         return bool(self._buckets)
 
-    def charge(self, now: float, *, messages: int, nbytes: int) -> None:
-        """A read carried `nbytes` bytes and completed `messages` messages."""
+    def allowance(self, now: float) -> tuple[int | None, int | None]:
+        """(messages, bytes) the relay may act on now: the whole tokens (None: no such limit)."""
+        messages = nbytes = None
+        for kind, bucket in self._buckets:
+            if kind == "messages":
+                messages = bucket.whole(now)
+            else:
+                nbytes = bucket.whole(now)
+        return messages, nbytes
+
+    def charge(self, now: float, *, messages: int, nbytes: int, held: bool = False, fresh: bool = True) -> None:
+        """The relay acted on `nbytes` bytes and completed `messages` messages; `held`: it held
+        the rest of the input back (over the budget); `fresh`: that was a new read (not held
+        input resumed), which may end a run of limiting."""
         charged = False
         in_debt = False
         for kind, bucket in self._buckets:
@@ -133,15 +153,22 @@ class FlowLimiter:
                 in_debt = bucket.charge(now, cost) > 0 or in_debt
             else:
                 in_debt = bucket.wait(now) > 0 or in_debt
-        if in_debt:
+        if in_debt or held:
             if self.limited_since is None:
                 self.limited_since = now
-        elif charged:
+        elif charged and fresh:
             self.limited_since = None  # this read fitted in the budget: the run of limiting ends
 
-    def pause(self, now: float) -> float | None:
-        """Seconds to stop reading before the next read (0.0: none), or None: close the sender."""
-        wait = max((b.wait(now) for _, b in self._buckets), default=0.0)
+    def pause(self, now: float, *, wanted: int = 0) -> float | None:
+        """Seconds to stop reading before the next read (0.0: none), or None: close the sender.
+        `wanted`: bytes held back: wait until each spent bucket allows one message, or
+        min(burst, wanted) bytes; else until no bucket is in debt."""
+        wait = 0.0
+        for kind, bucket in self._buckets:
+            need = 0.0
+            if wanted and bucket.whole(now) == 0:
+                need = 1.0 if kind == "messages" else min(bucket.burst, float(wanted))
+            wait = max(wait, bucket.wait(now, need))
         if wait <= 0:
             return 0.0
         if self.close_after is None or self.limited_since is None:

@@ -10,9 +10,15 @@ takes events and returns actions, so they can be tested with plain values and no
   answered with want-read/want-write must be retried with the same buffer); what the relay
   queues meanwhile waits behind it;
 - the slow consumer: a side that took nothing of its pending bytes for `slow_consumer_timeout`
-  is dropped, and the other peer is told why;
-- rate-limit pauses: a client over its message/byte budget (FlowLimiter) is not read until the
-  budget allows, and is closed with 1008 once it has been over it for `close_after`;
+  is closed with 1008 after the frame in flight (what was pending goes first, nothing more is
+  relayed to it), and the other peer is told why (1001);
+- the lingering close: a side the proxy ends on an error (or drops as slow) before its close
+  arrived has its write side shut once the close frame is out, and is read and discarded until
+  it ends or the close timer fires, so its peer reads the close instead of a reset;
+- rate-limit pauses: the relay acts on the client's input only as far as its message/byte
+  budget (FlowLimiter) allows, whole messages at a time; the rest of that read is held (in the
+  relay, one read at most) and the client is not read until the budget allows again; a client
+  held for `close_after` is closed with 1008;
 - the close timer: once a closing handshake started, the session ends at `close_timeout` at the
   latest;
 - heartbeat accounting: what each read carried (traffic from a peer, data frames, the proxy's own
@@ -31,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from wsproxy.config import defaults
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.heartbeat import Schedule
 from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
@@ -42,6 +49,7 @@ SETTLE_ROUNDS = 16  # relay steps per event before the rest is asked for in a la
 # Actions: (tag, ...) tuples, carried out in order.
 SEND = "send"  # (SEND, side, data): write data to side's socket, then report `sent` or `send_failed`
 CLOSE = "close"  # (CLOSE, side): close that side's socket now (its pending bytes are out or dropped)
+SHUT = "shut"  # (SHUT, side): shut that socket's write side (all sent); keep reading it (and discarding)
 ARM = "arm"  # (ARM, timer, side, when): call `timer(timer, side, now)` at `when` (replaces one armed)
 CANCEL = "cancel"  # (CANCEL, timer, side): forget that timer
 REPORT = "report"  # (REPORT, what, side, value): for metrics and logs; changes nothing here
@@ -65,7 +73,7 @@ PONG_RTT = "pong_rtt"  # leg, seconds: a round trip of the proxy's own ping
 class SideState:
     """What the relay phase knows about one peer (read by the driver, changed only here)."""
 
-    __slots__ = ("closed", "eof", "feed", "more", "name", "out", "stall_since", "take")
+    __slots__ = ("closed", "eof", "feed", "finishing", "lingering", "more", "name", "out", "stall_since", "take")
 
     def __init__(self, name: Side, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
         self.name = name
@@ -77,6 +85,8 @@ class SideState:
         self.eof = False  # the peer's stream ended (or broke): nothing more to read
         self.closed = False  # the socket is closed (CLOSE was asked): nothing more to send
         self.stall_since: float | None = None  # when a send first left bytes pending
+        self.finishing = False  # dropped as a slow consumer: what is pending, then its 1008, goes out
+        self.lingering = False  # write side shut after the proxy's close: read and discarded till it ends
 
 
 class RelayPhase:
@@ -84,6 +94,7 @@ class RelayPhase:
 
     __slots__ = (
         "_close_armed",
+        "_finish_limit",
         "_later",
         "_may_backlog",
         "_rounds",
@@ -107,8 +118,10 @@ class RelayPhase:
         slow_consumer_timeout: float | None = None,
         flow: FlowLimiter | None = None,
         schedule: Schedule | None = None,
+        finish_limit: int = defaults.BUFFER_BYTES,
     ) -> None:
         self.relay = relay
+        self._finish_limit = finish_limit  # bytes a slow consumer's frame in flight may still need
         self.client = SideState(CLIENT, relay.feed_client, relay.take_for_client)
         self.backend = SideState(BACKEND, relay.feed_backend, relay.take_for_backend)
         self.close_timeout = close_timeout
@@ -116,6 +129,10 @@ class RelayPhase:
         self.flow = flow
         self.schedule = schedule  # heartbeat.Schedule (None: nothing timed), told what each read carried
         self._may_backlog = getattr(relay, "may_backlog", True)  # passthrough never keeps a backlog
+        if flow is not None and flow.active:
+            self._may_backlog = True  # ... unless the rate limit holds some of the client's input
+        else:
+            self.flow = None
         self._throttled = False
         self._close_armed = False
         self._rounds = 0  # relay steps since the last event from outside (bounded by SETTLE_ROUNDS)
@@ -134,7 +151,10 @@ class RelayPhase:
         over its rate (the client)."""
         if s.eof or s.closed or self.done:
             return False
-        if (self.backend if s is self.client else self.client).out:
+        if s.lingering:
+            return True  # read and discarded until it ends
+        other = self.backend if s is self.client else self.client
+        if other.out and not other.finishing:  # (a slow consumer's frame can only grow by its rest)
             return False
         if self._may_backlog and self.relay.backlog(s.name):
             return False  # inflated input waits until the other peer took some
@@ -152,7 +172,10 @@ class RelayPhase:
         """The relay phase begins with what each peer sent past its handshake."""
         self._rounds = 0
         if client_trailing:
-            self._step(self.client.feed, client_trailing, now, CLIENT)
+            if self.flow is not None:
+                self._client_step(self.client.feed, client_trailing, now, fresh=True)
+            else:
+                self._step(self.client.feed, client_trailing, now, CLIENT)
         if backend_trailing:
             self._step(self.backend.feed, backend_trailing, now, BACKEND)
         self._settle(now)
@@ -164,22 +187,27 @@ class RelayPhase:
         if self.done or s.eof:
             return self.actions
         self._rounds = 0
+        if s.lingering:
+            if data:
+                s.feed(data)  # (the relay only records what it means: nothing goes anywhere now)
+                return self.actions
+            s.eof = True  # it ended: now the socket may close without a reset
+            self._close(s)
+            if self.client.closed and self.backend.closed:
+                self._end()
+            return self.actions
         if not data:
             s.eof = True
             s.feed(b"")
             self._settle(now)
             return self.actions
         relay = self.relay
-        flow = self.flow if s is self.client else None
-        sent_before = relay.stats.messages_to_backend
-        self._step(s.feed, data, now, name)
+        if self.flow is not None and s is self.client:
+            self._client_step(s.feed, data, now, fresh=True)
+        else:
+            self._step(s.feed, data, now, name)
         if self._may_backlog and relay.backlog(name):
             self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
-        if flow is not None and not relay.closing:
-            was_limited = flow.limited_since is not None
-            flow.charge(now, messages=relay.stats.messages_to_backend - sent_before, nbytes=len(data))
-            if flow.limited_since is not None:
-                self._hold_back(now, newly=not was_limited)
         self._settle(now)
         return self.actions
 
@@ -235,20 +263,29 @@ class RelayPhase:
         elif kind == STALL_TIMER:
             assert name is not None
             s = self.client if name == CLIENT else self.backend
-            if s.out and not s.closed:
-                # The peer took nothing for the limit while data waited. Its socket is mid-frame,
-                # so no close frame can follow: drop it, and tell the other peer why.
+            if s.out and not s.closed and not s.finishing:
+                # The peer took nothing for the limit while data waited: nothing more is relayed
+                # to it but the rest of the frame in flight and a 1008 (if it reads within the
+                # close timeout, it learns why); the other peer is told why.
                 limit = self._slow_limit or 0.0
                 self.actions.append((REPORT, SLOW_CONSUMER, name, limit))
                 reason = f"{name} too slow: nothing accepted for {limit:g}s"
-                self.relay.abandon(name, other_code=GOING_AWAY, reason=reason)
-                s.out = b""
-                s.more = None
                 s.stall_since = None
-                self._close(s)
+                if self.relay.close_slow(
+                    Side(name),
+                    code=POLICY_VIOLATION,
+                    other_code=GOING_AWAY,
+                    reason=reason,
+                    finish_limit=self._finish_limit,
+                ):
+                    s.finishing = True
+                else:  # its frame in flight cannot be finished: no close frame can follow, drop it
+                    s.out = b""
+                    s.more = None
+                    self._close(s)
                 self._settle(now)
-        elif kind == THROTTLE_TIMER:
-            self._hold_back(now, newly=False)
+        elif kind == THROTTLE_TIMER and self._throttled:
+            self._hold_back(now, newly=False, wanted=self.relay.held(Side.CLIENT))
             self._settle(now)
         return self.actions
 
@@ -294,6 +331,8 @@ class RelayPhase:
         for, and follow a closing handshake to its end."""
         relay = self.relay
         actions = self.actions
+        if self.flow is not None and relay.closing:
+            self._lift_limit()
         for s in (self.client, self.backend) if take else ():
             data = s.take()
             if not data or s.closed:
@@ -315,17 +354,26 @@ class RelayPhase:
                             actions.append((LATER,))
                         break
                     self._rounds += 1
-                    self._step(relay.resume, s.name, now)  # inflated input, as far as there is room
+                    if s is self.client and self.flow is not None:
+                        self._client_step(relay.resume, CLIENT, now, fresh=False)  # held by the budget
+                    else:
+                        self._step(relay.resume, s.name, now)  # inflated input, as far as there is room
                     self._settle(now)
                     return
         if relay.closing:  # (a side can only be done once a close or a failure started)
             if not self._close_armed:
                 self._close_armed = True
                 actions.append((ARM, CLOSE_TIMER, None, now + self.close_timeout))
-            if relay.client_done and not self.client.out:
-                self._close(self.client)
-            if relay.backend_done and not self.backend.out:
-                self._close(self.backend)
+            for s in (self.client, self.backend):
+                if s.out or s.closed or s.lingering:
+                    continue
+                if relay.client_done if s is self.client else relay.backend_done:
+                    if s.eof or relay.close_received(Side(s.name)):
+                        self._close(s)
+                    else:  # closed on an error, its close not read yet: linger
+                        self._linger(s)
+                elif s.finishing:  # the slow consumer's 1008 is out: wait for its answer, lingering
+                    self._linger(s)
             if self.client.closed and self.backend.closed:
                 self._end()
 
@@ -336,15 +384,50 @@ class RelayPhase:
         if self._slow_limit is not None:
             self.actions.append((CANCEL, STALL_TIMER, s.name))
 
-    def _hold_back(self, now: float, *, newly: bool) -> None:
-        """Over its message/byte budget: stop reading the client until the budget allows, or
-        close it once it has been over for close_after."""
+    def _client_step(self, step: Callable[[Any], None], arg: Any, now: float, *, fresh: bool) -> None:
+        """A relay step on the client's input under its budget: the relay acts on what the
+        budget allows now and holds the rest; what it used is charged, and a client whose input
+        is held is not read until the budget allows again (or is closed after close_after)."""
+        flow = self.flow
+        assert flow is not None
+        relay = self.relay
+        if relay.closing:
+            self._lift_limit()
+            self._step(step, arg, now, CLIENT if fresh else None)
+            return
+        messages, nbytes = flow.allowance(now)
+        relay.limit_client(messages=messages, nbytes=nbytes)
+        before = relay.stats.messages_to_backend
+        self._step(step, arg, now, CLIENT if fresh else None)
+        if relay.closing:
+            self._lift_limit()
+            return
+        left_messages, left_bytes = relay.client_allowance()
+        held = relay.held(Side.CLIENT)
+        limited = held > 0 and (left_messages == 0 or left_bytes == 0)
+        was_limited = flow.limited_since is not None
+        used = nbytes - left_bytes if nbytes is not None and left_bytes is not None else 0
+        flow.charge(now, messages=relay.stats.messages_to_backend - before, nbytes=used, held=limited, fresh=fresh)
+        if limited:
+            self._hold_back(now, newly=not was_limited, wanted=held)
+
+    def _lift_limit(self) -> None:
+        """A closing handshake started: what the client holds is read on (its close may be in
+        it); nothing more reaches the backend as data anyway."""
+        self.relay.limit_client(messages=None, nbytes=None)
+        if self._throttled:
+            self._throttled = False
+            self.actions.append((CANCEL, THROTTLE_TIMER, CLIENT))
+
+    def _hold_back(self, now: float, *, newly: bool, wanted: int) -> None:
+        """Over its message/byte budget with `wanted` bytes held: stop reading the client until
+        the budget allows some of them, or close it once it has been held for close_after."""
         flow = self.flow
         assert flow is not None
         self.actions.append((CANCEL, THROTTLE_TIMER, CLIENT))
         if newly:
             self.actions.append((REPORT, THROTTLED, CLIENT, None))
-        pause = flow.pause(now)
+        pause = flow.pause(now, wanted=wanted)
         if pause is not None and pause > 0:
             self._throttled = True
             self.actions.append((ARM, THROTTLE_TIMER, CLIENT, now + pause))
@@ -358,6 +441,20 @@ class RelayPhase:
                 backend_code=GOING_AWAY,
                 reason=f"client over its rate limit for {over:g}s",
             )
+            self._lift_limit()
+        else:  # the budget allows some of what is held now: a fresh allowance lets it through
+            messages, nbytes = flow.allowance(now)
+            self.relay.limit_client(messages=messages, nbytes=nbytes)
+
+    def _linger(self, s: SideState) -> None:
+        """Everything for `s` is out, the proxy's close last: shut the write side, then read and
+        discard until the peer ends (or the close timer ends the session), so the peer reads
+        that close rather than a reset caused by input the proxy left unread."""
+        s.lingering = True
+        self.actions.append((SHUT, s.name))
+        if s.stall_since is not None and self._slow_limit is not None:
+            self.actions.append((CANCEL, STALL_TIMER, s.name))
+        s.stall_since = None
 
     def _close(self, s: SideState) -> None:
         if s.closed:

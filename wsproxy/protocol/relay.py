@@ -26,6 +26,10 @@ INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 ABNORMAL = 1006  # never sent: recorded when a peer vanished without a close frame
 
+# "No message limit" for a relay's client allowance (`Relay.limit_client`): a count never reached,
+# so the check at a message's end is one comparison whether or not a limit is set.
+NO_MESSAGE_LIMIT = 1 << 62
+
 
 @dataclass(slots=True)
 class CloseRecord:
@@ -87,12 +91,34 @@ class Relay(Protocol):
     def resume(self, side: Side) -> None:
         """Process more of `side`'s backlog, as far as the output queue has room."""
 
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """From here on, act on at most `messages` more complete data messages and `nbytes` more
+        bytes of the client's stream (None: no limit; the rate limit's budget). What a read
+        brings beyond them is held unprocessed (at a message's end, or at the byte), and shows as
+        `backlog(CLIENT)` once a new allowance lets some of it through; `resume(CLIENT)` goes on."""
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        """(messages, bytes) of the current allowance still unused (None: no limit)."""
+
+    def held(self, side: Side) -> int:
+        """Bytes of `side`'s stream read but not yet acted on (a backlog, or held by the limit)."""
+
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         """Start a closing handshake the proxy originates (shutdown, timeouts, limits)."""
 
     def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
         """Give up on `side` (dead or stuck peer): nothing more goes to or comes from it; the
         other peer gets a close with `other_code`."""
+
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing (a slow consumer): nothing more is relayed to it but the rest of
+        the frame in flight, then a close with `code`; the other peer gets `other_code`. False
+        if that frame cannot be finished from at most `finish_limit` more bytes of the other
+        peer: `side` is abandoned instead (no close frame can follow a cut frame)."""
+
+    def close_received(self, side: Side) -> bool:
+        """Did `side`'s close frame arrive? (A side done without it may still be sending: the
+        shell reads and discards its input before closing, so the close it was sent is read.)"""
 
     def send_ping(self, side: Side, payload: bytes) -> bool:
         """Queue the proxy's own ping to `side` (at a frame boundary); False if that side can no

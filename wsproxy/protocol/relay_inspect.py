@@ -47,7 +47,16 @@ from wsproxy.protocol.frames import (
     remask,
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
-from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, INVALID_DATA, TOO_BIG, CloseRecord, RelayStats
+from wsproxy.protocol.relay import (
+    ABNORMAL,
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    INVALID_DATA,
+    NO_MESSAGE_LIMIT,
+    TOO_BIG,
+    CloseRecord,
+    RelayStats,
+)
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per side (the schedule keeps one in flight)
@@ -65,7 +74,7 @@ class _SideState:
     """One side's peer: the parser of what it sends, its message in progress, what is queued for it."""
 
     __slots__ = (
-        *("deflate", "failed", "mask_out", "out", "own_pings", "side", "state"),  # the connection
+        *("deflate", "failed", "mask_out", "out", "owed", "own_pings", "side", "state"),  # the connection
         *("compressed", "ctl", "inbox", "inflated", "out_op", "parser", "utf8"),  # its stream, part way
     )
 
@@ -74,6 +83,9 @@ class _SideState:
         self.side = side
         self.state = OPEN
         self.failed = False  # stream ended, protocol error or abandoned: read nothing more from it
+        # Its protocol error's close (code, reason), owed until the other peer's close arrives:
+        # meanwhile nothing is read from it, and what the other peer still sends reaches it.
+        self.owed: tuple[int, str] | None = None
         self.out: list[bytes] = []  # whole frames ready for this peer, in order
         self.own_pings: list[bytes] = []  # payloads of the proxy's pings to this peer, unanswered
         self.mask_out = not client  # frames to a backend are masked (we are its client)
@@ -116,7 +128,19 @@ class InspectRelay:
     source if not given).
     """
 
-    __slots__ = ("_backend", "_buffer", "_client", "_keys", "_marker", "_max_message", "_pongs", "may_backlog", "stats")
+    __slots__ = (
+        "_backend",
+        "_buffer",
+        "_byte_left",
+        "_client",
+        "_keys",
+        "_marker",
+        "_max_message",
+        "_msg_stop",
+        "_pongs",
+        "may_backlog",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -138,6 +162,10 @@ class InspectRelay:
         self.stats = RelayStats()
         # Only inflating compressed input can leave a backlog (relay.Relay.backlog).
         self.may_backlog = self._client.deflate is not None or self._backend.deflate is not None
+        # The client's allowance: the message count at which its stream is held, and the bytes it
+        # may still use (None: no limit); what is held waits in its inbox.
+        self._msg_stop = NO_MESSAGE_LIMIT
+        self._byte_left: int | None = None
 
     # --- the Relay contract ---------------------------------------------------------------
 
@@ -162,19 +190,67 @@ class InspectRelay:
 
     def feed_client(self, data: bytes) -> None:
         self.stats.client_bytes_in += len(data)
-        self._feed(self._client, self._backend, data)
+        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
+            self._feed(self._client, self._backend, data)
+        else:
+            self._feed_within(data)
+
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """The client's allowance from here on (relay.Relay.limit_client)."""
+        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
+        self._byte_left = nbytes
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        stop = self._msg_stop
+        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
+
+    def held(self, side: Side) -> int:
+        return len(self._client.inbox if side == Side.CLIENT else self._backend.inbox)
+
+    def _spent(self) -> bool:
+        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
+
+    def _feed_within(self, data: bytes) -> None:
+        """feed_client under an allowance: act on what it allows, hold the rest in the inbox."""
+        c = self._client
+        if not data or c.inbox or self._spent():
+            if data:
+                c.inbox += data  # (the phase reads no more while some is held: order is kept anyway)
+            else:
+                self._feed(c, self._backend, data)
+            return
+        left = self._byte_left
+        rest = b""
+        if left is not None and len(data) > left:
+            data, rest = data[:left], data[left:]
+        self._feed(c, self._backend, data)  # may hold what follows the last allowed message
+        if left is not None:
+            self._byte_left = left - (len(data) - len(c.inbox))
+        if rest and not c.failed and c.state == OPEN:
+            c.inbox += rest
 
     def feed_backend(self, data: bytes) -> None:
         self.stats.backend_bytes_in += len(data)
         self._feed(self._backend, self._client, data)
 
     def backlog(self, side: Side) -> bool:
-        src = self._client if side == Side.CLIENT else self._backend
+        if side == Side.CLIENT:
+            src = self._client
+            if self._spent():
+                return False  # held by the allowance until a new one comes
+        else:
+            src = self._backend
         return bool(src.inbox) and not src.failed and src.state != CLOSED
 
     def resume(self, side: Side) -> None:
         if side == Side.CLIENT:
-            self._drain(self._client, self._backend)
+            c = self._client
+            if (self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT) or not c.inbox:
+                self._drain(c, self._backend)
+            else:
+                data = bytes(c.inbox)
+                c.inbox.clear()
+                self._feed_within(data)
         else:
             self._drain(self._backend, self._client)
 
@@ -184,9 +260,9 @@ class InspectRelay:
             self.stats.closed_by("proxy")
             if self.stats.proxy_close is None:
                 self.stats.proxy_close = CloseRecord(client_code, reason)
-        if c.state == OPEN:
+        if c.state == OPEN and not self._pay_owed(c):
             self._send_close(c, client_code, reason)
-        if b.state == OPEN:
+        if b.state == OPEN and not self._pay_owed(b):
             self._send_close(b, backend_code, reason)
 
     def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
@@ -199,6 +275,23 @@ class InspectRelay:
         self.stats.closed_by("proxy")
         self.stats.proxy_close = CloseRecord(other_code, reason)
         self._close_other(dst, other_code, reason)
+
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing: close it after what is queued (every frame queued is whole)."""
+        dst, src = (self._client, self._backend) if side == Side.CLIENT else (self._backend, self._client)
+        if dst.done:
+            return False
+        if dst.state != OPEN:
+            self.abandon(side, other_code=other_code, reason=reason)
+            return False
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(code, reason)
+        self._send_close(dst, code, reason)
+        self._close_other(src, other_code, reason)
+        return True
+
+    def close_received(self, side: Side) -> bool:
+        return (self._client if side == Side.CLIENT else self._backend).state in (REMOTE_CLOSING, CLOSED)
 
     def send_ping(self, side: Side, payload: bytes) -> bool:
         dst = self._client if side == Side.CLIENT else self._backend
@@ -224,7 +317,9 @@ class InspectRelay:
 
     def _feed(self, src: _SideState, dst: _SideState, data: bytes) -> None:
         """The next bytes of src's stream (b"": it ended)."""
-        if src.failed or src.state == CLOSED:
+        if src.failed or src.state == CLOSED or src.owed is not None:
+            if not data:  # its stream ended: it hears why now (it may still read)
+                self._pay_owed(src)
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
             self._peer_lost(src, dst)
@@ -289,6 +384,10 @@ class InspectRelay:
                     src.inbox += memoryview(data)[done:]
                 return
             pos = end
+            if self.stats.messages_to_backend >= self._msg_stop and src is self._client:
+                # The client's allowance is used up (limit_client): the rest waits for the next.
+                src.inbox += memoryview(data)[pos:]
+                return
 
     def _drain(self, src: _SideState, dst: _SideState) -> None:
         """Parse the backlog, as far as the other peer's queue has room."""
@@ -447,6 +546,8 @@ class InspectRelay:
 
     def _peer_close(self, src: _SideState, dst: _SideState, code: int | None, reason: str) -> None:
         self.stats.peer_closed(src.side, code, reason)
+        if self._pay_owed(dst):
+            return  # the other peer's replies are all through: now it hears of its error
         if src.state == REMOTE_CLOSING:
             # The peer started closing: pass it on; its answer comes back when the other side
             # answers. If the other side cannot answer any more, answer the peer ourselves.
@@ -459,21 +560,39 @@ class InspectRelay:
             self._send_close(dst, code, reason)
 
     def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
-        """Fail src with `code` (1009: over the size limit, a limit rather than a fault); dst hears why."""
-        self._send_close(src, code, reason)
-        src.failed = True
+        """Fail src with `code` (1009: over the size limit, a limit rather than a fault); dst hears why.
+
+        dst hears first: what it still sends (replies to src's valid messages, already on their
+        way) reaches src until dst's close arrives; then src gets its close (`owed`). The close
+        timeout bounds the wait."""
         src.stop()
         self.stats.closed_by("proxy")
         if code == TOO_BIG:
-            why = f"{src.side} sent a {reason}"
+            other_code, why = GOING_AWAY, f"{src.side} sent a {reason}"
             self.stats.proxy_close = CloseRecord(code, why)
-            self._close_other(dst, GOING_AWAY, why)
-            return
-        self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
-        if src is self._client:
-            self._close_other(dst, GOING_AWAY, "client protocol error")
         else:
-            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
+            self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
+            if src is self._client:
+                other_code, why = GOING_AWAY, "client protocol error"
+            else:
+                other_code, why = INTERNAL_ERROR, "backend protocol error"
+        if src.state == OPEN and dst.state == OPEN and not dst.failed:
+            src.owed = (code, reason)
+            self._send_close(dst, other_code, why)
+            return
+        self._send_close(src, code, reason)
+        src.failed = True
+        self._close_other(dst, other_code, why)
+
+    def _pay_owed(self, hop: _SideState) -> bool:
+        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
+        owed = hop.owed
+        if owed is None:
+            return False
+        hop.owed = None
+        self._send_close(hop, owed[0], owed[1])
+        hop.failed = True
+        return True
 
     def _too_big(self, src: _SideState, dst: _SideState) -> None:
         self._protocol_error(src, dst, TOO_BIG, f"message over {self._max_message} bytes")
@@ -489,12 +608,18 @@ class InspectRelay:
         elif self.stats.backend_close is None and src is self._backend:
             self.stats.backend_close = CloseRecord(ABNORMAL, "connection lost")
             self.stats.closed_by(Side.BACKEND)
+            if self.stats.proxy_close is None and self.stats.client_close is None:
+                # The client's 1011 is the proxy's word, not the client's: an alert on the
+                # proxy's closes must see a backend that crashed.
+                self.stats.proxy_close = CloseRecord(INTERNAL_ERROR, "backend connection lost")
         if src is self._client:
             self._close_other(dst, GOING_AWAY, "client went away")
         else:
             self._close_other(dst, INTERNAL_ERROR, "backend connection lost")
 
     def _close_other(self, dst: _SideState, code: int, reason: str) -> None:
+        if self._pay_owed(dst):
+            return
         if dst.state == OPEN:
             self._send_close(dst, code, reason)
         elif dst.state == REMOTE_CLOSING:

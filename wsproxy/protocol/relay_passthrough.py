@@ -37,7 +37,15 @@ from wsproxy.protocol.frames import (
     parse_close,
 )
 from wsproxy.protocol.heartbeat import PING_MARKER
-from wsproxy.protocol.relay import ABNORMAL, GOING_AWAY, INTERNAL_ERROR, TOO_BIG, CloseRecord, RelayStats
+from wsproxy.protocol.relay import (
+    ABNORMAL,
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    NO_MESSAGE_LIMIT,
+    TOO_BIG,
+    CloseRecord,
+    RelayStats,
+)
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
@@ -52,6 +60,7 @@ class _SideState:
         "fwd",
         "mask_out",
         "out",
+        "owed",
         "own_pings",
         "parser",
         "pending",
@@ -72,6 +81,9 @@ class _SideState:
         self.sent_close = False  # a close to this peer is queued (out or pending)
         self.recv_close = False  # this peer's valid close arrived
         self.failed = False  # stream ended or protocol error: read nothing more from it
+        # Its protocol error's close (code, reason), owed until the other peer's close arrives:
+        # meanwhile nothing is read from it, and what the other peer still sends reaches it.
+        self.owed: tuple[int, str] | None = None
 
     @property
     def open(self) -> bool:
@@ -105,8 +117,10 @@ class PassthroughRelay:
     proxy's own frames to the backend come from (one per process; a fresh source if not given).
     """
 
-    __slots__ = ("_backend", "_client", "_keys", "_marker", "_pongs", "stats")
-    may_backlog = False  # every read is forwarded at once: backlog() is always False
+    __slots__ = ("_backend", "_byte_left", "_client", "_held", "_keys", "_marker", "_msg_stop", "_pongs", "stats")
+    # Every read is forwarded at once: backlog() is False unless the client's allowance holds
+    # some of it back (limit_client), and the relay phase asks for a backlog only then.
+    may_backlog = False
 
     def __init__(
         self,
@@ -132,6 +146,11 @@ class PassthroughRelay:
         self._marker = ping_marker
         self._pongs: list[tuple[Side, bytes]] | None = None
         self.stats = RelayStats()
+        # The client's allowance (limit_client): the message count at which its stream is held,
+        # the bytes it may still use (None: no limit), and what was held back (one read at most).
+        self._msg_stop = NO_MESSAGE_LIMIT
+        self._byte_left: int | None = None
+        self._held = b""
 
     # --- the Relay contract ---------------------------------------------------------------
 
@@ -160,7 +179,45 @@ class PassthroughRelay:
     def feed_client(self, data: bytes) -> None:
         """Bytes read from the client (b"" when its stream ended)."""
         self.stats.client_bytes_in += len(data)
-        self._feed(self._client, self._backend, data)
+        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
+            self._feed(self._client, self._backend, data)
+        else:
+            self._feed_within(data)
+
+    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
+        """The client's allowance from here on (relay.Relay.limit_client)."""
+        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
+        self._byte_left = nbytes
+
+    def client_allowance(self) -> tuple[int | None, int | None]:
+        stop = self._msg_stop
+        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
+
+    def held(self, side: Side) -> int:
+        return len(self._held) if side == Side.CLIENT else 0
+
+    def _spent(self) -> bool:
+        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
+
+    def _feed_within(self, data: bytes) -> None:
+        """feed_client under an allowance: act on what it allows, hold the rest."""
+        c = self._client
+        if not data:
+            self._held = b""
+            self._feed(c, self._backend, data)
+            return
+        if self._held or self._spent():
+            self._held += data  # (the phase reads no more while it holds some: order is kept anyway)
+            return
+        left = self._byte_left
+        rest = b""
+        if left is not None and len(data) > left:
+            data, rest = data[:left], data[left:]
+        self._feed(c, self._backend, data)  # may hold the part after the last allowed message
+        if left is not None:
+            self._byte_left = left - (len(data) - len(self._held))
+        if rest and not c.failed:
+            self._held += rest
 
     def feed_backend(self, data: bytes) -> None:
         """Bytes read from the backend (b"" when its stream ended)."""
@@ -174,9 +231,9 @@ class PassthroughRelay:
             self.stats.closed_by("proxy")
             if self.stats.proxy_close is None:
                 self.stats.proxy_close = CloseRecord(client_code, reason)
-        if c.open:
+        if c.open and not self._pay_owed(c):
             self._send_close(c, client_code, reason)
-        if b.open:
+        if b.open and not self._pay_owed(b):
             self._send_close(b, backend_code, reason)
 
     def abandon(self, side: Side, *, other_code: int, reason: str) -> None:
@@ -198,6 +255,24 @@ class PassthroughRelay:
             dst.pending = None
             return
         self._close_other(dst, other_code, reason)
+
+    def close_slow(self, side: Side, *, code: int, other_code: int, reason: str, finish_limit: int) -> bool:
+        """`side` takes nothing: finish the frame in flight to it, then close it (relay.Relay)."""
+        dst = self._state(side)
+        src = self._backend if dst is self._client else self._client
+        if dst.done:
+            return False
+        if not dst.open or (src.fwd and src.parser.remaining > finish_limit):
+            self.abandon(side, other_code=other_code, reason=reason)
+            return False
+        self.stats.closed_by("proxy")
+        self.stats.proxy_close = CloseRecord(code, reason)
+        self._send_close(dst, code, reason)  # waits for the end of the frame in flight, if any
+        self._close_other(src, other_code, reason)
+        return True
+
+    def close_received(self, side: Side) -> bool:
+        return self._state(side).recv_close
 
     def send_ping(self, side: Side, payload: bytes) -> bool:
         """Queue the proxy's own ping to `side`; False if that peer is closing.
@@ -228,10 +303,13 @@ class PassthroughRelay:
         return pending is not None and any(f[0] & 0x0F == PING for f in pending)
 
     def backlog(self, side: Side) -> bool:
-        return False  # output never exceeds input: every read is forwarded at once
+        """Only the client's held input (limit_client), once the allowance lets some through."""
+        return side == Side.CLIENT and bool(self._held) and not self._client.failed and not self._spent()
 
     def resume(self, side: Side) -> None:
-        return None
+        if side == Side.CLIENT and self._held:
+            data, self._held = self._held, b""
+            self._feed_within(data)
 
     def take_pongs(self) -> list[tuple[Side, bytes]]:
         """(side, payload) of every pong that answered one of the proxy's pings since the last
@@ -270,7 +348,9 @@ class PassthroughRelay:
         hop.sent_close = True
 
     def _feed(self, src: _SideState, dst: _SideState, data: bytes) -> None:
-        if src.failed or (src.sent_close and src.recv_close):
+        if src.failed or src.owed is not None or (src.sent_close and src.recv_close):
+            if not data:  # its stream ended: it hears why now (it may still read)
+                self._pay_owed(src)
             return  # after a close or a failure, nothing more from this peer is acted on
         if not data:
             self._peer_lost(src, dst)
@@ -344,17 +424,25 @@ class PassthroughRelay:
                 return
             if not p.remaining and src.fwd:
                 # A forwarded data frame just ended: count it, let waiting own frames out.
+                hold = False
                 if p.fin:
                     if to_client:
                         stats.messages_to_client += 1
                     else:
                         stats.messages_to_backend += 1
+                        hold = stats.messages_to_backend >= self._msg_stop  # the allowance is used up
                 if dst.pending:
                     if run >= 0:
                         out.append(mv[run:pos])
                         run = -1
                     out.extend(dst.pending)
                     dst.pending = None
+                if hold:
+                    if run >= 0:
+                        out.append(mv[run:pos])
+                    if pos < n:
+                        self._held = data[pos:]  # the rest waits for the next allowance
+                    return
         if run >= 0:
             out.append(data if run == 0 and pos == n else mv[run:pos])
 
@@ -393,6 +481,8 @@ class PassthroughRelay:
     def _peer_close(self, src: _SideState, dst: _SideState, code: int | None, reason: str, frame: bytes) -> None:
         self.stats.peer_closed(src.side, code, reason)
         src.recv_close = True
+        if self._pay_owed(dst):
+            return  # the other peer's replies are all through: now it hears of its error
         if not src.sent_close:
             # The peer started closing: pass its close on verbatim; its answer comes back when
             # the other side answers. If the other side cannot answer any more, answer it here.
@@ -407,24 +497,42 @@ class PassthroughRelay:
             dst.sent_close = True
 
     def _protocol_error(self, src: _SideState, dst: _SideState, code: int, reason: str) -> None:
-        """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src."""
-        self._send_close(src, code, reason)
-        src.failed = True
+        """Fail `src` with `code`; the other peer hears why. Always at a frame boundary of src.
+
+        The other peer hears first: what it still sends (replies to src's valid messages,
+        already on their way) reaches src until its close arrives; then src gets its close
+        (`owed`). The close timeout bounds the wait."""
         src.ctl = None
         src.fwd = False
         self.stats.closed_by("proxy")
         if code == TOO_BIG:
             # A limit, not a fault of either implementation: the other side is going away
             # either way (as InspectRelay says it).
-            why = f"{src.side} sent a {reason}"
+            other_code, why = GOING_AWAY, f"{src.side} sent a {reason}"
             self.stats.proxy_close = CloseRecord(code, why)
-            self._close_other(dst, GOING_AWAY, why)
-            return
-        self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
-        if src is self._client:
-            self._close_other(dst, GOING_AWAY, "client protocol error")
         else:
-            self._close_other(dst, INTERNAL_ERROR, "backend protocol error")
+            self.stats.proxy_close = CloseRecord(code, f"{src.side} protocol error: {reason}")
+            if src is self._client:
+                other_code, why = GOING_AWAY, "client protocol error"
+            else:
+                other_code, why = INTERNAL_ERROR, "backend protocol error"
+        if src.open and dst.open:
+            src.owed = (code, reason)
+            self._send_close(dst, other_code, why)
+            return
+        self._send_close(src, code, reason)
+        src.failed = True
+        self._close_other(dst, other_code, why)
+
+    def _pay_owed(self, hop: _SideState) -> bool:
+        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
+        owed = hop.owed
+        if owed is None:
+            return False
+        hop.owed = None
+        self._send_close(hop, owed[0], owed[1])
+        hop.failed = True
+        return True
 
     def _peer_lost(self, src: _SideState, dst: _SideState) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""
@@ -435,6 +543,10 @@ class PassthroughRelay:
         elif self.stats.backend_close is None and src is self._backend:
             self.stats.backend_close = CloseRecord(ABNORMAL, "connection lost")
             self.stats.closed_by(Side.BACKEND)
+            if self.stats.proxy_close is None and self.stats.client_close is None:
+                # The client's 1011 is the proxy's word, not the client's: an alert on the
+                # proxy's closes must see a backend that crashed.
+                self.stats.proxy_close = CloseRecord(INTERNAL_ERROR, "backend connection lost")
         if cut:
             # dst holds the start of a frame that can never be completed: no valid frame can
             # follow it on that stream, so dst cannot get a close; drop the connection.
@@ -449,6 +561,8 @@ class PassthroughRelay:
     def _stop(self, src: _SideState, dst: _SideState) -> bool:
         """Read nothing more from `src`, send it nothing more; True if its frame to dst was cut."""
         cut = src.fwd and src.parser.remaining > 0
+        if src is self._client:
+            self._held = b""
         src.failed = True
         src.ctl = None
         src.fwd = False
@@ -458,7 +572,7 @@ class PassthroughRelay:
         return cut
 
     def _close_other(self, dst: _SideState, code: int, reason: str) -> None:
-        if dst.failed or dst.sent_close:
+        if self._pay_owed(dst) or dst.failed or dst.sent_close:
             return
         if not dst.recv_close:
             self._send_close(dst, code, reason)

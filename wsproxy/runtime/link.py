@@ -141,6 +141,7 @@ class Link:
             slow_consumer_timeout=slow_consumer_timeout,
             flow=flow,
             schedule=schedule,
+            finish_limit=receive_size,
         )
         self.client = PeerSocket(client, self.phase.client)
         self.backend = PeerSocket(backend, self.phase.backend)
@@ -270,6 +271,8 @@ class Link:
                         self._send(s, action[2], now)
                 elif tag is rp.CLOSE:
                     self._close(self.client if action[1] is rp.CLIENT else self.backend)
+                elif tag is rp.SHUT:
+                    self._shut(self.client if action[1] is rp.CLIENT else self.backend)
                 elif tag is rp.ARM:
                     self._arm(action[1], action[2], action[3])
                 elif tag is rp.CANCEL:
@@ -347,6 +350,14 @@ class Link:
     def _read_again(self, s: PeerSocket) -> None:
         s.again = False
         self.on_event(s.fd, READ)
+
+    def _shut(self, s: PeerSocket) -> None:
+        """Shut the write side (a FIN after the proxy's close frame); reading goes on. TLS sends no
+        close_notify here: the close frame already said it, and the socket is closed later."""
+        if s.closed:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            socket.socket.shutdown(s.sock, socket.SHUT_WR)
 
     def _close(self, s: PeerSocket) -> None:
         if s.closed:
