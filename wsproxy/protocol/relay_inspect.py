@@ -57,6 +57,7 @@ from wsproxy.protocol.relay import (
     CloseRecord,
     RelayStats,
 )
+from wsproxy.protocol.relay_base import RelayBase
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per side (the schedule keeps one in flight)
@@ -121,7 +122,7 @@ class _SideState:
         return data
 
 
-class InspectRelay:
+class InspectRelay(RelayBase):
     """Parse, check and re-frame both sides; see the module docstring for the rules.
 
     `mask_keys`: where the keys of the frames to the backend come from (one per process; a fresh
@@ -131,16 +132,16 @@ class InspectRelay:
     __slots__ = (
         "_backend",
         "_buffer",
-        "_byte_left",
         "_client",
         "_keys",
         "_marker",
         "_max_message",
-        "_msg_stop",
         "_pongs",
         "may_backlog",
         "stats",
     )
+    _client: _SideState
+    _backend: _SideState
 
     def __init__(
         self,
@@ -170,45 +171,12 @@ class InspectRelay:
     # --- the Relay contract ---------------------------------------------------------------
 
     @property
-    def client_done(self) -> bool:
-        return self._client.done
-
-    @property
-    def backend_done(self) -> bool:
-        return self._backend.done
-
-    @property
     def closing(self) -> bool:
         c, b = self._client, self._backend
         return c.state != OPEN or b.state != OPEN or c.failed or b.failed
 
-    def take_for_client(self) -> bytes:
-        return self._client.take()
-
-    def take_for_backend(self) -> bytes:
-        return self._backend.take()
-
-    def feed_client(self, data: bytes) -> None:
-        self.stats.client_bytes_in += len(data)
-        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
-            self._feed(self._client, self._backend, data)
-        else:
-            self._feed_within(data)
-
-    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
-        """The client's allowance from here on (relay.Relay.limit_client)."""
-        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
-        self._byte_left = nbytes
-
-    def client_allowance(self) -> tuple[int | None, int | None]:
-        stop = self._msg_stop
-        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
-
     def held(self, side: Side) -> int:
         return len(self._client.inbox if side == Side.CLIENT else self._backend.inbox)
-
-    def _spent(self) -> bool:
-        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
 
     def _feed_within(self, data: bytes) -> None:
         """feed_client under an allowance: act on what it allows, hold the rest in the inbox."""
@@ -228,10 +196,6 @@ class InspectRelay:
             self._byte_left = left - (len(data) - len(c.inbox))
         if rest and not c.failed and c.state == OPEN:
             c.inbox += rest
-
-    def feed_backend(self, data: bytes) -> None:
-        self.stats.backend_bytes_in += len(data)
-        self._feed(self._backend, self._client, data)
 
     def backlog(self, side: Side) -> bool:
         if side == Side.CLIENT:

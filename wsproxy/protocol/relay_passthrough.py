@@ -46,6 +46,7 @@ from wsproxy.protocol.relay import (
     CloseRecord,
     RelayStats,
 )
+from wsproxy.protocol.relay_base import RelayBase
 from wsproxy.protocol.sides import Side
 
 MAX_OWN_PINGS = 4  # unanswered proxy pings remembered per hop (the schedule keeps one in flight)
@@ -106,7 +107,7 @@ class _SideState:
         return data
 
 
-class PassthroughRelay:
+class PassthroughRelay(RelayBase):
     """Forward frames verbatim between client and backend; see the module docstring.
 
     `deflate`: the backend accepted the client's permessage-deflate offer, so RSV1 is legal on
@@ -117,7 +118,9 @@ class PassthroughRelay:
     proxy's own frames to the backend come from (one per process; a fresh source if not given).
     """
 
-    __slots__ = ("_backend", "_byte_left", "_client", "_held", "_keys", "_marker", "_msg_stop", "_pongs", "stats")
+    __slots__ = ("_backend", "_client", "_held", "_keys", "_marker", "_pongs", "stats")
+    _client: _SideState
+    _backend: _SideState
     # Every read is forwarded at once: backlog() is False unless the client's allowance holds
     # some of it back (limit_client), and the relay phase asks for a backlog only then.
     may_backlog = False
@@ -155,49 +158,13 @@ class PassthroughRelay:
     # --- the Relay contract ---------------------------------------------------------------
 
     @property
-    def client_done(self) -> bool:
-        """Nothing more to or from the client, and no own frame still waits for it."""
-        return self._client.done
-
-    @property
-    def backend_done(self) -> bool:
-        """Nothing more to or from the backend, and no own frame still waits for it."""
-        return self._backend.done
-
-    @property
     def closing(self) -> bool:
         """A closing handshake started (or a hop failed): the session's close timeout runs."""
         c, b = self._client, self._backend
         return c.sent_close or c.recv_close or c.failed or b.sent_close or b.recv_close or b.failed
 
-    def take_for_client(self) -> bytes:
-        return self._client.take()
-
-    def take_for_backend(self) -> bytes:
-        return self._backend.take()
-
-    def feed_client(self, data: bytes) -> None:
-        """Bytes read from the client (b"" when its stream ended)."""
-        self.stats.client_bytes_in += len(data)
-        if self._byte_left is None and self._msg_stop == NO_MESSAGE_LIMIT:
-            self._feed(self._client, self._backend, data)
-        else:
-            self._feed_within(data)
-
-    def limit_client(self, *, messages: int | None, nbytes: int | None) -> None:
-        """The client's allowance from here on (relay.Relay.limit_client)."""
-        self._msg_stop = NO_MESSAGE_LIMIT if messages is None else self.stats.messages_to_backend + messages
-        self._byte_left = nbytes
-
-    def client_allowance(self) -> tuple[int | None, int | None]:
-        stop = self._msg_stop
-        return (None if stop == NO_MESSAGE_LIMIT else stop - self.stats.messages_to_backend), self._byte_left
-
     def held(self, side: Side) -> int:
         return len(self._held) if side == Side.CLIENT else 0
-
-    def _spent(self) -> bool:
-        return self._byte_left == 0 or self.stats.messages_to_backend >= self._msg_stop
 
     def _feed_within(self, data: bytes) -> None:
         """feed_client under an allowance: act on what it allows, hold the rest."""
@@ -218,11 +185,6 @@ class PassthroughRelay:
             self._byte_left = left - (len(data) - len(self._held))
         if rest and not c.failed:
             self._held += rest
-
-    def feed_backend(self, data: bytes) -> None:
-        """Bytes read from the backend (b"" when its stream ended)."""
-        self.stats.backend_bytes_in += len(data)
-        self._feed(self._backend, self._client, data)
 
     def close(self, *, client_code: int, backend_code: int, reason: str) -> None:
         """The proxy's own close to each peer still open (at its next frame boundary)."""
