@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from wsproxy.config import BackendConfig, PassiveHealth, PoolConfig, Sticky, parse_address
 from wsproxy.policy import sticky
 from wsproxy.policy.balancing import build_pool
@@ -47,6 +49,19 @@ def test_cookie_of_an_ejected_backend_or_unknown_value_pins_nothing() -> None:
     assert sticky.pinned(SECRET, "p", pool.backends, value, 1.0) == (None, True)
     assert sticky.pinned(SECRET, "p", pool.backends, b"forged-value-xxxxxxx", 1.0) == (None, False)
     assert sticky.pinned(SECRET, "p", pool.backends, None, 1.0) == (None, False)
+
+
+@pytest.mark.parametrize("state", ["drain", "maint"])
+def test_cookie_of_a_backend_set_to_drain_or_maint_pins_nothing(state: str) -> None:
+    """An operator's drain/maint takes the backend out of new sessions, cookie or not: otherwise
+    maint's 1012 closes would send every client straight back to it."""
+    pool = _pool()
+    target = pool.backends[0]
+    value = sticky.backend_id(SECRET, "p", target)
+    target.admin.set(state, 0.0)
+    assert sticky.pinned(SECRET, "p", pool.backends, value, 1.0) == (None, True)
+    target.admin.set("ready", 2.0)
+    assert sticky.pinned(SECRET, "p", pool.backends, value, 3.0) == (target, True)
 
 
 def test_set_cookie_attributes() -> None:

@@ -39,13 +39,13 @@ def pinned(
     secret: bytes, pool: str, backends: Sequence[Backend], value: bytes | None, now: float
 ) -> tuple[Backend | None, bool]:
     """(the backend the cookie pins if it may take this request, whether the cookie named a
-    backend of this pool at all). A pinned backend that is down, ejected or full gives
+    backend of this pool at all). A pinned backend that is down, ejected, full or set to drain/maint gives
     (None, True): the request is balanced afresh and the cookie rewritten."""
     if not value:
         return None, False
     for backend in backends:
         if hmac.compare_digest(backend_id(secret, pool, backend), value):
-            usable = backend.health.available(now) and not backend.full
+            usable = backend.health.available(now) and not backend.full and backend.admin.accepting
             return (backend if usable else None), True
     return None, False
 

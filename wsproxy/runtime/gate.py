@@ -142,7 +142,7 @@ async def admit(
     if isinstance(checked, Rejection):
         counts[adm.ORIGIN if checked.status == 403 else adm.SUBPROTOCOL] += 1
         return checked
-    shielded = storm_check(edge, config, rules.pool)
+    shielded = storm_check(edge, config, rules.pool) if upgrade.websocket else None  # a budget of new upgrades
     if shielded is not None:
         return shielded
     pool = pools.get(rules.pool)

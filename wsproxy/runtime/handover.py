@@ -79,6 +79,7 @@ async def send_listeners(
     path: str,
     successor: list[str] | None,
     timeout: float = defaults.UPGRADE_READY_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> trio.Process | bool:
     """The old process's half. Listen on `path`, start `successor` (a command, or None when
     someone else starts it), send it the descriptors, wait for "ready". Returns the successor
@@ -93,7 +94,7 @@ async def send_listeners(
         server.listen(1)
         if successor is not None:
             proc = await trio.lowlevel.open_process(
-                [*successor, "--inherit", path], stdin=subprocess.DEVNULL, start_new_session=True
+                [*successor, "--inherit", path], stdin=subprocess.DEVNULL, start_new_session=True, env=env
             )
             log.info("upgrade: started the successor (pid %d); handing over over %s", proc.pid, path)
         with trio.move_on_after(timeout) as waited:

@@ -312,7 +312,8 @@ class HttpConnection:
             rec.status = response.status_code
             await self._send(self.h.send(http1.client_response(response, set_cookie=cookie)))
             await self._relay_response(stream, conn, rec, backend)
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            reusable = pool.config.send_proxy_protocol is None  # a PROXY header named this client
+            if reusable and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
                 conn.start_next_cycle()
                 self.idle.put(backend, stream, conn, pool.config.http_pool)
                 kept = True
@@ -476,7 +477,10 @@ class HttpConnection:
         no body, or all of it was read; `close`: it may not)."""
         rec.status = rejection.status
         rec.error = rejection.reason
-        log.warning("client %s: %d %s (%s %s)", self._client, rejection.status, rejection.reason, rec.method, rec.path)
+        level = logging.DEBUG if rejection.quiet else logging.WARNING  # (the storm/shortage line speaks for them)
+        log.log(
+            level, "client %s: %d %s (%s %s)", self._client, rejection.status, rejection.reason, rec.method, rec.path
+        )
         if self.h.our_state is not h11.SEND_RESPONSE:
             raise ClientGone(f"{rejection.status} after the response started: {rejection.reason}")
         return await self._send_refusal(rejection, close=close or not self._bodyless())

@@ -375,6 +375,7 @@ class Server:
         config = carry_membership(self.snapshot.config, config)
         plan = plan_reload(self.snapshot.config, config)
         self.backend_tls.replace(backend_tls)  # (a plain assignment: nothing here fails)
+        self.idle.close_all()  # kept connections were made with the old TLS and PROXY settings
         doomed = await self._apply(config, plan, "backend removed by reload", contexts=contexts, opened=opened)
         self.fleet.reloaded(config)
         log.info(

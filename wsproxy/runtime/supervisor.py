@@ -120,7 +120,8 @@ async def _upgrade(
     try:
         listeners, admin = server.listening_fds()
         path = handover.handover_path(os.getpid())
-        done = await handover.send_listeners(listeners, admin, path=path, successor=successor)
+        env = {**os.environ, SECRET_ENV: server.snapshot.secret.hex()}  # its cookies stay valid in the successor
+        done = await handover.send_listeners(listeners, admin, path=path, successor=successor, env=env)
     finally:
         state.upgrading = False
     if done is False or state.draining:
@@ -241,7 +242,7 @@ class Supervisor:
             return
         old.send_signal(signal.SIGUSR2)  # it waits for its successor at handover_path(its pid)
         cmd = [*self.cmd, "--worker", str(index), "--inherit", handover.handover_path(old.pid)]
-        new = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        new = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env)
         log.info("worker %d: successor started (pid %d) to take over from pid %d", index, new.pid, old.pid)
         self.procs[index] = new
         await new.wait()
