@@ -83,13 +83,17 @@ class BackendContexts:
         self._contexts = other._contexts
 
     def target(self, pool: PoolConfig, backend: BackendConfig) -> ClientTLS | None:
-        """The TLS settings for one backend of `pool`, or None for plain TCP."""
+        """The TLS settings for one backend of `pool`, or None for plain TCP. Raises UpstreamError
+        when a context built late (for a session of an older snapshot) cannot load its files."""
         spec = pool.backend_tls(backend)
         if spec is None:
             return None
         ctx = self._contexts.get(spec)
         if ctx is None:  # a session of an older snapshot, after a reload changed the setting
-            ctx = self._contexts[spec] = client_context(spec)
+            try:
+                ctx = self._contexts[spec] = client_context(spec)
+            except (OSError, ValueError) as exc:  # ssl.SSLError included: a CA or key file changed on disk
+                raise UpstreamError(f"TLS settings for {backend.address} cannot be loaded: {exc}") from None
         return ClientTLS(ctx, spec.server_name or backend.address.host)
 
 

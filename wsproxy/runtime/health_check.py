@@ -206,6 +206,8 @@ class HealthMonitor:
                     return
                 try:
                     reason = await probe(backend.address, settings, self._tls.target(watch.pool, backend.config))
+                except UpstreamError as exc:  # its TLS settings do not load: sessions could not reach it either
+                    reason = exc.reason
                 except LocalResourceError as exc:  # the proxy's shortage says nothing about the backend
                     if self._on_shortage is not None:
                         self._on_shortage(exc)
