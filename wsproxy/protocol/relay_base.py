@@ -35,6 +35,22 @@ class RelayBase(ABC):
     def _feed_within(self, data: bytes) -> None:
         """feed_client under an allowance: each relay holds what is over it its own way."""
 
+    @abstractmethod
+    def _send_close(self, hop: Any, code: int | None, reason: str) -> None:
+        """Queue the proxy's close frame for `hop` (each relay frames it its own way)."""
+
+    def _pay_owed(self, hop: Any) -> bool:
+        """Send `hop` the close of its protocol error, if one is owed (then it is done): the
+        erring side hears its close only after the other side's close arrived (or its stream ended),
+        so replies already in flight reach it first."""
+        owed = hop.owed
+        if owed is None:
+            return False
+        hop.owed = None
+        self._send_close(hop, owed[0], owed[1])
+        hop.failed = True
+        return True
+
     @property
     def client_done(self) -> bool:
         """Nothing more to or from the client, and no own frame still waits for it."""

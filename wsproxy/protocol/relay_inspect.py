@@ -548,16 +548,6 @@ class InspectRelay(RelayBase):
         src.failed = True
         self._close_other(dst, other_code, why)
 
-    def _pay_owed(self, hop: _SideState) -> bool:
-        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
-        owed = hop.owed
-        if owed is None:
-            return False
-        hop.owed = None
-        self._send_close(hop, owed[0], owed[1])
-        hop.failed = True
-        return True
-
     def _too_big(self, src: _SideState, dst: _SideState) -> None:
         self._protocol_error(src, dst, TOO_BIG, f"message over {self._max_message} bytes")
 

@@ -486,16 +486,6 @@ class PassthroughRelay(RelayBase):
         src.failed = True
         self._close_other(dst, other_code, why)
 
-    def _pay_owed(self, hop: _SideState) -> bool:
-        """Send `hop` the close of its protocol error, if one is owed (then it is done)."""
-        owed = hop.owed
-        if owed is None:
-            return False
-        hop.owed = None
-        self._send_close(hop, owed[0], owed[1])
-        hop.failed = True
-        return True
-
     def _peer_lost(self, src: _SideState, dst: _SideState) -> None:
         """The peer's stream ended. Without a finished closing handshake, it vanished."""
         cut = self._stop(src, dst)

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from wsproxy.config import BackendConfig, Config, DnsDiscovery
 from wsproxy.policy.discovery import Record, membership, next_lookup
+from wsproxy.runtime.watch_host import WatchHost
 
 if TYPE_CHECKING:  # dns.asyncbackend re-exports it without marking it public; mypy --strict wants its home
     from dns._asyncbackend import Backend as DnsBackend
@@ -117,30 +118,15 @@ class _Watch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-class Discovery:
+class Discovery(WatchHost[str, _Watch, Config]):
     """The DNS watches of every pool with `discovery`; owned by the server."""
 
     def __init__(self, apply: Apply) -> None:
+        super().__init__()
         self._apply = apply
-        self._watches: dict[str, _Watch] = {}
-        self._nursery: trio.Nursery | None = None
-        self._pending: Config | None = None
         self.lookups: Counter[tuple[str, str]] = Counter()  # (pool, result)
         self.last_ok: dict[str, float] = {}  # pool: trio time of its last usable answer
         self.failing: set[str] = set()  # pools whose last lookup failed (one warning per streak)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the watch tasks until cancelled."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self._pending is not None:
-                    self.sync(self._pending)
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            self._watches.clear()
 
     async def first_answers(self, config: Config) -> None:
         """Ask once for every discovered pool before the listeners open (each bounded by its
@@ -150,19 +136,15 @@ class Discovery:
                 if pool.discovery is not None:
                     nursery.start_soon(self._once, name, pool.discovery)
 
-    def sync(self, config: Config) -> None:
+    def _resync(self, config: Config, nursery: trio.Nursery) -> None:
         """Watch exactly the discovered pools of `config` (a changed spec restarts its watch)."""
-        if self._nursery is None:
-            self._pending = config
-            return
-        self._pending = None
         wanted = {name: p.discovery for name, p in config.pools.items() if p.discovery is not None}
         for name in [n for n, w in self._watches.items() if wanted.get(n) != w.spec]:
             self._watches.pop(name).scope.cancel()
         for name, spec in wanted.items():
             if name not in self._watches:
                 watch = self._watches[name] = _Watch(spec)
-                self._nursery.start_soon(self._watch, name, watch, name=f"discovery {name} {spec.name}")
+                nursery.start_soon(self._watch, name, watch, name=f"discovery {name} {spec.name}")
 
     async def _watch(self, pool: str, watch: _Watch) -> None:
         with watch.scope:

@@ -32,6 +32,7 @@ from wsproxy.protocol.handshake import Rejection
 from wsproxy.protocol.relay import NORMAL
 from wsproxy.runtime.backend_tls import BackendContexts, ClientTLS, open_stream
 from wsproxy.runtime.upstream import LocalResourceError, UpstreamError, request_upgrade
+from wsproxy.runtime.watch_host import WatchHost
 
 log = logging.getLogger("wsproxy.health")
 
@@ -133,7 +134,7 @@ class _Watch:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-class HealthMonitor:
+class HealthMonitor(WatchHost[Backend, _Watch, Snapshot]):
     """The active checks of every backend in pools with `health`; owned by the server."""
 
     def __init__(
@@ -144,37 +145,18 @@ class HealthMonitor:
         rng: random.Random | None = None,
         tls: BackendContexts | None = None,
     ) -> None:
+        super().__init__()
         self._on_down = on_down
         self._tls = tls if tls is not None else BackendContexts()  # the server's: checks speak TLS as sessions do
         self._on_shortage = on_shortage  # a check the proxy could not run for want of its own resources
         self._rng = rng if rng is not None else random.Random()
-        self._watches: dict[Backend, _Watch] = {}
-        self._nursery: trio.Nursery | None = None
-        self._pending: Snapshot | None = None
 
     @property
     def watching(self) -> frozenset[Backend]:
         return frozenset(self._watches)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the checker tasks until cancelled."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self._pending is not None:
-                    self.sync(self._pending)
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            self._watches.clear()
-
-    def sync(self, snapshot: Snapshot) -> None:
+    def _resync(self, snapshot: Snapshot, nursery: trio.Nursery) -> None:
         """Watch exactly the backends of `snapshot`'s pools that have active checks."""
-        if self._nursery is None:
-            self._pending = snapshot  # run() applies it when it starts
-            return
-        self._pending = None
         wanted: dict[Backend, PoolConfig] = {}
         for pool in snapshot.pools.values():
             if pool.config.health is not None:
@@ -189,7 +171,7 @@ class HealthMonitor:
                 continue
             watch = self._watches[backend] = _Watch(backend, pool_config)
             name = f"health check {pool_config.name} {backend.name}"
-            self._nursery.start_soon(self._check_loop, watch, name=name)
+            nursery.start_soon(self._check_loop, watch, name=name)
 
     async def _check_loop(self, watch: _Watch) -> None:
         backend = watch.backend
