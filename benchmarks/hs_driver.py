@@ -142,9 +142,12 @@ def run_generators(
         if code != 0 or not out.strip():
             raise RuntimeError(f"hs_gen failed ({code}): {err.strip()[-400:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
-    reading = {str(pid): v for pid, v in cpu.result.items() if pid not in {str(p) for p in gen_pids}}
-    reading["self"] = round(sum(cpu.result.get(str(p), 0.0) for p in gen_pids), 3)
-    reading.pop(str(os.getpid()), None)
+    reading = {pid: v for pid, v in cpu.result.items() if pid not in {str(p) for p in gen_pids}}
+    if window is None:  # the generators have exited: their own CPU (getrusage) over the time since the start
+        elapsed = max(time.time() - start_at, 1e-3)
+        reading["self"] = round(sum(r.get("cpu_s", 0.0) for r in results) / elapsed, 3)
+    else:
+        reading["self"] = round(sum(cpu.result.get(str(p), 0.0) for p in gen_pids), 3)
     return results, {"cpu": reading, "cpu_busy": cpu.busy}, errs
 
 

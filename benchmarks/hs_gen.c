@@ -41,6 +41,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -598,6 +599,10 @@ int main(int argc, char **argv) {
     print_number("p50_us", pct_us(samples, nsamples, 0.5));
     printf(", ");
     print_number("p99_us", pct_us(samples, nsamples, 0.99));
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf(", \"cpu_s\": %.3f", (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                                   (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
     printf(", \"tls_full\": %ld, \"tls_resumed\": %ld, \"errors\": %ld, \"error_kinds\": {", full_n, resumed_n, errs);
     int first = 1;
     for (int k = 0; k < K_COUNT; k++) {
