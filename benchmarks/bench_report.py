@@ -1,4 +1,4 @@
-"""Repeats, medians, ratios, verdicts and tables for relay_bench.py.
+"""Repeats, medians, ratios, verdicts, tables and the py-spy summary for relay_bench.py.
 
 Identical runs of one cell differ by up to 30 % on shared machines, so relay_bench.py runs every
 cell several times with the targets interleaved (direct, A, B, ..., direct, A, B, ...). This
@@ -16,9 +16,11 @@ ratios passthrough / passthrough-no-hb (interleaved runs). Every repeat is kept 
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 
@@ -99,7 +101,8 @@ def summarise(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dic
                 "ratio": _median(ratios),
                 "ratio_min": round(min(ratios), 3) if ratios else None,
                 "ratio_max": round(max(ratios), 3) if ratios else None,
-                "flags": [f"{f} {n}/{len(good)}" for f, n in sorted(flags.items())],
+                "flags": [f"{f} {n}/{len(good)}" for f, n in sorted(flags.items())]
+                + ([f"failed {len(repeats) - len(good)}/{len(repeats)}"] if len(good) < len(repeats) else []),
                 "errors": sum(r.get("errors", 0) for r in repeats) + (len(repeats) - len(good)),
                 "repeats": repeats,
             }
@@ -233,4 +236,45 @@ def verdict_table(checks: list[dict]) -> str:
             got = "-" if c["measured"] is None else f"{c['measured']:.2f}"
         caveat = ", ".join(c.get("caveats", []))
         lines.append(f"| {c['target']} | {bound} | {got} | {'met' if c['met'] else 'NOT met'} | {caveat} |")
+    return "\n".join(lines)
+
+
+def summarise_speedscope(path: Path, top: int = 25) -> dict:
+    """Share of samples per function (lines of one function merged): self and inclusive."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+
+    def label(f: dict) -> str:
+        file = f.get("file") or ""
+        short = "/".join(Path(file).parts[-2:]) if file else "?"
+        return f"{f['name']} ({short})"
+
+    names = [label(f) for f in frames]
+    self_w: Counter[str] = Counter()
+    total_w: Counter[str] = Counter()
+    weight = 0.0
+    for prof in data["profiles"]:
+        weights = prof.get("weights") or [1] * len(prof["samples"])
+        for stack, w in zip(prof["samples"], weights, strict=True):
+            if not stack:
+                continue
+            weight += w
+            self_w[names[stack[-1]]] += w
+            for name in {names[i] for i in stack}:
+                total_w[name] += w
+
+    def ranked(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(name, round(w / weight, 4)) for name, w in c.most_common(top)]
+
+    return {"sampled": round(weight, 2), "self": ranked(self_w), "inclusive": ranked(total_w), "file": str(path)}
+
+
+def render_profile(summary: dict, default_cell: str) -> str:
+    if "error" in summary:
+        return f"profile: {summary['error']}"
+    where = f"{summary.get('target', 'passthrough')}, {summary.get('cell', default_cell)}"
+    lines = [f"py-spy, {summary['sampled']:g} s sampled ({where}); share of samples per function:"]
+    for title in ("self", "inclusive"):
+        lines.append(f"  {title}:")
+        lines += [f"    {share:6.1%}  {name}" for name, share in summary[title]]
     return "\n".join(lines)

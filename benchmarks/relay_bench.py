@@ -61,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -783,52 +782,11 @@ def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path, c
         target.stop()
     if not out.exists():
         return {"error": f"py-spy wrote nothing: {err.decode(errors='replace')[-500:]}"}
-    summary = summarise_speedscope(out)
+    summary = bench_report.summarise_speedscope(out)
     summary["cell_rate_under_profiler"] = r.get("value")
     summary["cell"], summary["target"] = cell.name, target.name
-    print("\n" + render_profile(summary), flush=True)
+    print("\n" + bench_report.render_profile(summary, KEY_CELL), flush=True)
     return summary
-
-
-def summarise_speedscope(path: Path, top: int = 25) -> dict:
-    """Share of samples per function (lines of one function merged): self and inclusive."""
-    data = json.loads(path.read_text())
-    frames = data["shared"]["frames"]
-
-    def label(f: dict) -> str:
-        file = f.get("file") or ""
-        short = "/".join(Path(file).parts[-2:]) if file else "?"
-        return f"{f['name']} ({short})"
-
-    names = [label(f) for f in frames]
-    self_w: Counter[str] = Counter()
-    total_w: Counter[str] = Counter()
-    weight = 0.0
-    for prof in data["profiles"]:
-        weights = prof.get("weights") or [1] * len(prof["samples"])
-        for stack, w in zip(prof["samples"], weights, strict=True):
-            if not stack:
-                continue
-            weight += w
-            self_w[names[stack[-1]]] += w
-            for name in {names[i] for i in stack}:
-                total_w[name] += w
-
-    def ranked(c: Counter[str]) -> list[tuple[str, float]]:
-        return [(name, round(w / weight, 4)) for name, w in c.most_common(top)]
-
-    return {"sampled": round(weight, 2), "self": ranked(self_w), "inclusive": ranked(total_w), "file": str(path)}
-
-
-def render_profile(summary: dict) -> str:
-    if "error" in summary:
-        return f"profile: {summary['error']}"
-    where = f"{summary.get('target', 'passthrough')}, {summary.get('cell', KEY_CELL)}"
-    lines = [f"py-spy, {summary['sampled']:g} s sampled ({where}); share of samples per function:"]
-    for title in ("self", "inclusive"):
-        lines.append(f"  {title}:")
-        lines += [f"    {share:6.1%}  {name}" for name, share in summary[title]]
-    return "\n".join(lines)
 
 
 def main() -> None:
