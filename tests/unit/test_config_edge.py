@@ -212,3 +212,16 @@ def test_every_edge_key_is_documented():
     edge = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
     for limit in ("handshakes_per_ip", "max_sessions_per_ip", "close_after", "allowed_origins", "max_tracked_ips"):
         assert limit in edge
+
+
+# --- listeners[].backlog -----------------------------------------------------------------------
+
+
+def test_listener_backlog_defaults_to_a_storm_sized_queue_and_takes_a_number() -> None:
+    text = "listeners:\n  - address: 127.0.0.1:0\n    pool: p\n{extra}pools:\n  p:\n    backends: [127.0.0.1:9001]\n"
+    assert parse_config(text.format(extra=""), source="t.yaml").listeners[0].backlog == 4096
+    assert parse_config(text.format(extra="    backlog: 64\n"), source="t.yaml").listeners[0].backlog == 64
+    for bad in ("0", "70000", "lots", "true"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(text.format(extra=f"    backlog: {bad}\n"), source="t.yaml")
+        assert "1..65535" in dict(info.value.problems)["listeners[0].backlog"]

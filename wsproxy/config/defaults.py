@@ -96,6 +96,11 @@ REACTOR_ROUND_BUDGET = 0.002  # seconds
 DEFLATE = True
 RELAY = "passthrough"
 HTTP_MODE = "proxy"  # requests that are not an Upgrade go to the pool (reject: 426)
+# connections the kernel queues for a listener before wsproxy accepts them: a reconnect storm
+# arrives faster than any accept loop, and a SYN the queue drops is retried by the client only after
+# 1, 3, 7, 15 s (the kernel caps this at net.core.somaxconn, 4096 on current Linux)
+LISTEN_BACKLOG = 4096
+ADMIN_LISTEN_BACKLOG = 128  # the admin API and status page: a few operators and scrapers
 TRUSTED_PROXIES = ()  # no peer's X-Forwarded-For / Forwarded / X-Real-IP is believed
 
 # shutdown (SIGTERM): sessions get 1001 spread over the drain window; at the deadline the rest are cut

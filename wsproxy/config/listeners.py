@@ -121,6 +121,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
             "auth",
             "http",
             "trusted_proxies",
+            "backlog",
         ),
     )
     if not isinstance(raw, dict):
@@ -157,6 +158,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
     relay = ck.get(m, "relay", path, parse_choice(RELAY_MODES), defaults.RELAY)
     proxy_protocol = ck.get(m, "proxy_protocol", path, parse_bool, False)
     trusted_proxies = ck.get(m, "trusted_proxies", path, parse_trusted_proxies, defaults.TRUSTED_PROXIES)
+    backlog = ck.get(m, "backlog", path, parse_bounded_int(1, 65535), defaults.LISTEN_BACKLOG)
     if address is None:
         return None
     return ListenerConfig(
@@ -172,6 +174,7 @@ def parse_listener(ck: Checker, path: str, raw: Any, pools: dict[str, Any]) -> L
         auth=rules.auth,
         http=http,
         trusted_proxies=trusted_proxies,
+        backlog=backlog,
     )
 
 

@@ -125,6 +125,7 @@ class ListenerConfig:
     http: str = defaults.HTTP_MODE  # proxy: plain HTTP requests go to the pool; reject: 426
     # peers whose forwarding headers are kept and believed (docs/security.md)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = defaults.TRUSTED_PROXIES
+    backlog: int = defaults.LISTEN_BACKLOG  # the kernel's accept queue (listen(2)); capped by somaxconn
 
     @property
     def scheme(self) -> str:

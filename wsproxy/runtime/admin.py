@@ -226,7 +226,9 @@ async def serve_admin(
         sockets = list(inherited)
     else:
         address = Address(config.address.host, port)
-        sockets = await open_sockets(address, label=f"admin.address {config.address}", reuse_port=False)
+        sockets = await open_sockets(
+            address, label=f"admin.address {config.address}", reuse_port=False, backlog=defaults.ADMIN_LISTEN_BACKLOG
+        )
     server.admin_sockets = sockets  # stdlib sockets: what an upgrade hands over (handover.py)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
     sockname = listeners[0].socket.getsockname()

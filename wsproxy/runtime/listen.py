@@ -20,8 +20,6 @@ import trio
 from wsproxy.config import Address, CertKey, Config, ListenerConfig
 from wsproxy.runtime import backend_tls, listener_tls
 
-BACKLOG = 1024
-
 
 class ListenError(OSError):
     """A listener that cannot be opened: `where` (listener and address) and `detail` (file, why)."""
@@ -106,14 +104,14 @@ def tls_problems(config: Config) -> list[tuple[str, str]]:
     return problems
 
 
-async def open_sockets(address: Address, *, label: str, reuse_port: bool) -> list[socket.socket]:
+async def open_sockets(address: Address, *, label: str, reuse_port: bool, backlog: int) -> list[socket.socket]:
     """Listening stdlib sockets (non-blocking), one per address the host resolves to, so the
     server owns every connection's socket from accept on; ListenError names the listener when one
-    cannot be bound (and closes those already open)."""
+    cannot be bound (and closes those already open). `backlog`: the kernel's accept queue."""
     try:
         if reuse_port:
             family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            return [_listening_socket(family, (address.host, address.port), reuse_port=True)]
+            return [_listening_socket(family, (address.host, address.port), reuse_port=True, backlog=backlog)]
         host = address.host or None
         infos = await trio.socket.getaddrinfo(host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
@@ -121,7 +119,7 @@ async def open_sockets(address: Address, *, label: str, reuse_port: bool) -> lis
     opened: list[socket.socket] = []
     try:
         for family, _, _, _, sockaddr in dict.fromkeys((i[0], i[1], i[2], i[3], i[4]) for i in infos):
-            opened.append(_listening_socket(family, sockaddr, reuse_port=False))
+            opened.append(_listening_socket(family, sockaddr, reuse_port=False, backlog=backlog))
     except OSError as exc:
         for sock in opened:
             sock.close()
@@ -130,7 +128,15 @@ async def open_sockets(address: Address, *, label: str, reuse_port: bool) -> lis
     return opened
 
 
-def _listening_socket(family: int, sockaddr: tuple[Any, ...], *, reuse_port: bool) -> socket.socket:
+def set_backlog(sockets: list[socket.socket], backlog: int) -> None:
+    """Apply a listener's `backlog` to sockets already listening (kept across a reload, or passed
+    on by the previous process in a binary upgrade): listen(2) again resizes the queue in place,
+    without a moment in which connects are refused."""
+    for sock in sockets:
+        sock.listen(backlog)
+
+
+def _listening_socket(family: int, sockaddr: tuple[Any, ...], *, reuse_port: bool, backlog: int) -> socket.socket:
     """A non-blocking listening socket; with `reuse_port`, one that other workers bind too
     (SO_REUSEPORT: the kernel spreads connects)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -141,7 +147,7 @@ def _listening_socket(family: int, sockaddr: tuple[Any, ...], *, reuse_port: boo
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()

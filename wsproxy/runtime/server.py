@@ -50,7 +50,7 @@ from wsproxy.runtime.gate import Edge, EdgeCollector
 from wsproxy.runtime.handover import Inherited
 from wsproxy.runtime.health_check import HealthMonitor
 from wsproxy.runtime.http_pool import IdleConnections
-from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context
+from wsproxy.runtime.listen import ListenError, listener_label, open_sockets, server_ssl_context, set_backlog
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.session import Session
 from wsproxy.runtime.streams import (
@@ -235,9 +235,12 @@ class Server:
         if self._inherited is not None:
             socks = self._inherited.take(listener_key_name(key))
             if socks:
+                set_backlog(socks, listener.backlog)  # the new config's, not the previous process's
                 return socks
         label = listener_label(config, listener)
-        return await open_sockets(listener.address, label=label, reuse_port=config.workers > 1)
+        return await open_sockets(
+            listener.address, label=label, reuse_port=config.workers > 1, backlog=listener.backlog
+        )
 
     def _refresh_bound(self) -> None:
         self.bound = [(slot.config, _sockname(sock)) for slot in self._listening.values() for sock in slot.sockets]
@@ -414,6 +417,8 @@ class Server:
             slot = self._listening.get(key)
             if slot is None:  # not listening yet (the first DNS answers come before the listeners)
                 continue
+            if lst.backlog != slot.config.backlog:
+                set_backlog(slot.sockets, lst.backlog)
             slot.config = lst
             if contexts is not None:
                 slot.ssl_ctx = contexts.get(lst.address)
