@@ -137,10 +137,11 @@ def backend_request(
     return h11.Request(method=request.method, target=request.target, headers=headers)
 
 
-def client_response(response: h11.Response, *, set_cookie: bytes | None = None) -> h11.Response:
+def client_response(response: h11.Response, *, set_cookie: bytes | None = None, close: bool = False) -> h11.Response:
     """The backend's response as the client gets it: hop-by-hop headers dropped (h11 frames the
-    body for this hop), the affinity cookie added when the proxy sets one."""
-    headers = passthrough_response_headers(response, close=False)
+    body for this hop), the affinity cookie added when the proxy sets one; `close`: the client
+    connection ends after it (Connection: close, a drain)."""
+    headers = passthrough_response_headers(response, close=close)
     if set_cookie is not None:
         headers.append((b"Set-Cookie", set_cookie))
     return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
