@@ -23,6 +23,7 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     port: int  # the proxy's source port: one per backend connection
+    header_lines: list[tuple[str, str]] = field(default_factory=list)  # as sent, repeats included
 
 
 @dataclass
@@ -73,7 +74,8 @@ def start_http_backend(name: str, *, ssl_context: ssl.SSLContext | None = None) 
         def _answer(self) -> None:
             body = _read_body(self)
             url = urlsplit(self.path)
-            seen.append(Seen(self.command, self.path, dict(self.headers.items()), body, self.client_address[1]))
+            items = list(self.headers.items())
+            seen.append(Seen(self.command, self.path, dict(items), body, self.client_address[1], items))
             if url.path == "/chunked":
                 self.send_response(200)
                 self.send_header("Transfer-Encoding", "chunked")
@@ -100,7 +102,7 @@ def start_http_backend(name: str, *, ssl_context: ssl.SSLContext | None = None) 
             if self.command != "HEAD":
                 self.wfile.write(out)
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _answer
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _answer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

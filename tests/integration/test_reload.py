@@ -354,8 +354,11 @@ async def test_sighup_under_1000_sessions_closes_none_and_refuses_no_connect(nur
                 raise AssertionError(f"held session got {ev!r}")
             assert peek.cancelled_caught
         assert "0 session(s) on removed backends" in "".join(proc.lines)
+        for c in clients:  # gone before the stop, which would otherwise drain them with 1001 until it kills
+            await c.stream.aclose()
     finally:
         proc.stop()
+    assert proc.proc.returncode == 0  # exited by itself, not killed after the stop's wait
 
 
 @pytest.mark.expect_errors(r"ERROR wsproxy: reload rejected, keeping the running config: .*pools\.q")
@@ -375,9 +378,13 @@ async def test_broken_file_on_sighup_is_logged_and_the_process_keeps_serving(nur
         assert any("pools.q" in ln for ln in proc.lines)
         assert proc.proc.poll() is None
         assert await whoami(client) == "b0"
-        assert await whoami(await RawClient.connect(port)) == "b0"
+        other = await RawClient.connect(port)
+        assert await whoami(other) == "b0"
+        for open_client in (client, other):  # else the stop below waits on their drain (SIGTERM, 1001)
+            assert (await open_client.close()).code == 1000
     finally:
         proc.stop()
+    assert proc.proc.returncode == 0  # drained and exited in time, not killed
 
 
 async def test_reload_command_validates_then_signals_the_running_proxy(nursery, tmp_path) -> None:
@@ -398,7 +405,9 @@ async def test_reload_command_validates_then_signals_the_running_proxy(nursery, 
         ok = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
         assert ok.returncode == 0, ok.stderr
         await wait_for(lambda: any("reloaded" in ln for ln in proc.lines))
-        assert await whoami(await RawClient.connect(port)) == "b1"
+        client = await RawClient.connect(port)
+        assert await whoami(client) == "b1"
+        assert (await client.close()).code == 1000  # else the stop below drains it
     finally:
         proc.stop()
     assert not pid_file.exists()

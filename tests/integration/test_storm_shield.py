@@ -17,7 +17,7 @@ from tests.support import free_port, proxy_yaml, raw_http, status_of
 
 RATE = 40
 STORM = 4000  # attempts in the storm
-SPREAD = 10
+SPREAD = 5  # seconds: long enough for several once-a-second reports between the burst and the end
 BACKEND = (
     "import functools, sys, trio; from wsproxy.demo import demo_backend; "
     "trio.run(functools.partial(demo_backend, '127.0.0.1', int(sys.argv[1]), 'b0'))"

@@ -139,8 +139,8 @@ async def test_upgrade_under_load_refuses_no_connect_and_drains_old_sessions_spr
         assert times[-1] - times[0] >= DRAIN / 4, times  # spread over the drain window, not at once
         assert any("upgrade: the successor accepts on every listener" in ln for ln in proc.lines)
     finally:
+        _stop(successor)  # first: it inherited the old process's stderr, whose reader waits for its end
         proc.stop()
-        _stop(successor)
 
 
 @pytest.mark.expect_errors(r"upgrade failed: the successor did not take over \(it exited with 2\)")

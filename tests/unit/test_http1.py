@@ -25,6 +25,21 @@ def test_plain_request_with_a_target_that_cannot_be_normalised_is_400() -> None:
         assert isinstance(got, Rejection) and got.status == 400, target
 
 
+def _request(method: bytes, target: bytes) -> ClientUpgrade | Rejection:
+    return http1.plain_request(h11.Request(method=method, target=target, headers=[(b"Host", b"app.test:443")]))
+
+
+def test_options_asterisk_is_kept_as_asterisk_and_sent_on_so() -> None:
+    got = _request(b"OPTIONS", b"*")
+    assert isinstance(got, ClientUpgrade) and got.target == b"*" and got.path == "*"
+    assert http1.backend_request(got, origin=Origin.direct("10.0.0.1"), scheme="http").target == b"*"
+
+
+def test_connect_is_501() -> None:
+    got = _request(b"CONNECT", b"app.test:443")
+    assert isinstance(got, Rejection) and got.status == 501
+
+
 def test_backend_request_replaces_an_untrusted_peers_forwarding_headers() -> None:
     got = _plain(b"/x", (b"X-Forwarded-For", b"6.6.6.6"), (b"X-Real-IP", b"6.6.6.6"))
     assert isinstance(got, ClientUpgrade)

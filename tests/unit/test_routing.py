@@ -142,6 +142,17 @@ def test_first_matching_route_wins() -> None:
     assert select_pool(lst, b"example.org", "/chat") == "dflt"
 
 
+def test_options_asterisk_takes_the_first_route_of_its_host_else_the_default() -> None:
+    lst = listener(
+        route("api", path_prefix="/api"),
+        route("chat", host="a.example.com", path_prefix="/chat"),
+        route("dflt"),
+    )
+    assert select_pool(lst, b"A.example.com:8080", "*") == "chat"  # the host's route, whatever its path
+    assert select_pool(lst, b"b.example.com", "*") == "dflt"  # a path-only route is not about the server
+    assert select_pool(listener(route("api", path_prefix="/api")), b"b.example.com", "*") is None
+
+
 def test_default_route_before_others_shadows_them() -> None:
     lst = listener(route("dflt"), route("chat", path_prefix="/chat"))
     assert select_pool(lst, b"h", "/chat") == "dflt"

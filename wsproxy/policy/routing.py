@@ -14,6 +14,9 @@ from urllib.parse import parse_qsl
 
 from wsproxy.config import HashKey, ListenerConfig, RouteMatch
 from wsproxy.protocol.handshake import ClientUpgrade
+from wsproxy.protocol.target import ASTERISK as ASTERISK_TARGET
+
+ASTERISK = ASTERISK_TARGET.decode()  # the path of `OPTIONS *` (http1.asterisk_form)
 
 
 def host_name(host: bytes) -> str:
@@ -57,9 +60,15 @@ def path_matches(prefix: str, path: str) -> bool:
 
 
 def route_matches(match: RouteMatch | None, name: str, path: str) -> bool:
-    """A route with no match is a default route; otherwise every given condition must hold."""
+    """A route with no match is a default route; otherwise every given condition must hold.
+
+    `OPTIONS *` (path ASTERISK) asks about the server behind a host, no path of it: it takes
+    the first route for its host whatever that route's path prefix, else the default route
+    (a route for a path under any host is not about the server as a whole)."""
     if match is None:
         return True
+    if path == ASTERISK:
+        return match.host is not None and host_matches(match.host, name)
     if match.host is not None and not host_matches(match.host, name):
         return False
     return match.path_prefix is None or path_matches(match.path_prefix, path)

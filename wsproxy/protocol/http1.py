@@ -9,6 +9,8 @@ Upgrade, by target.py, forwarding.py and handshake.py's one builder; hop-by-hop 
 the body framed for this hop), the response the client gets (the proxy's own 5xx without detail),
 and which requests may be retried on another backend. Identical repeated Content-Length values
 are one value (RFC 9112 section 6.3, as h11 reads them) and reach the backend as one header.
+Of the target forms (RFC 9112 section 3.2) origin-form and absolute-form are normalised by
+target.py, asterisk-form is kept for `OPTIONS *`, authority-form (CONNECT) gets 501.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from wsproxy.protocol.handshake import (
     passthrough_response_headers,
     phrase,
 )
-from wsproxy.protocol.target import BadTarget, normalize_target
+from wsproxy.protocol.target import ASTERISK, BadTarget, normalize_target
 
 # RFC 9110 section 9.2.2: a retry cannot change what the first attempt did.
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -58,8 +60,10 @@ def plain_request(req: h11.Request) -> ClientUpgrade | Rejection:
     expects = [v.strip().lower() for v in _all(headers, b"expect")]
     if any(e != b"100-continue" for e in expects):
         return Rejection(417, "only Expect: 100-continue is supported")
+    if req.method == b"CONNECT":  # authority-form: a tunnel, which this proxy never opens
+        return Rejection(501, "CONNECT is not supported (no tunnels)")
     try:  # the same normal form as an Upgrade's: routes cannot be bypassed by spelling (target.py)
-        target = normalize_target(req.target, host=hosts[0].strip())
+        target = asterisk_form(req) or normalize_target(req.target, host=hosts[0].strip())
     except BadTarget as exc:
         return Rejection(400, f"request target {exc}")
     return ClientUpgrade(
@@ -72,6 +76,16 @@ def plain_request(req: h11.Request) -> ClientUpgrade | Rejection:
         method=bytes(req.method),
         websocket=False,
     )
+
+
+def asterisk_form(req: h11.Request) -> bytes | None:
+    """`*` for `OPTIONS *` (RFC 9112 section 3.2.4: the server as a whole), routed by its Host
+    alone (routing.route_matches) and sent on as it is; None for any other target."""
+    if req.target != ASTERISK:
+        return None
+    if req.method != b"OPTIONS":
+        raise BadTarget("* is only for OPTIONS")
+    return ASTERISK
 
 
 def declared_length(request: ClientUpgrade) -> int | None:
@@ -123,10 +137,11 @@ def backend_request(
     return h11.Request(method=request.method, target=request.target, headers=headers)
 
 
-def client_response(response: h11.Response, *, set_cookie: bytes | None = None) -> h11.Response:
+def client_response(response: h11.Response, *, set_cookie: bytes | None = None, close: bool = False) -> h11.Response:
     """The backend's response as the client gets it: hop-by-hop headers dropped (h11 frames the
-    body for this hop), the affinity cookie added when the proxy sets one."""
-    headers = passthrough_response_headers(response, close=False)
+    body for this hop), the affinity cookie added when the proxy sets one; `close`: the client
+    connection ends after it (Connection: close, a drain)."""
+    headers = passthrough_response_headers(response, close=close)
     if set_cookie is not None:
         headers.append((b"Set-Cookie", set_cookie))
     return h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)

@@ -27,6 +27,7 @@ UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 HEXDIGITS = frozenset("0123456789abcdefABCDEF")
 # Decoded, these would change where the path's segments are, or end it early in some backends.
 _REFUSED_ESCAPES = {0x2F: "an encoded / (%2F)", 0x5C: "an encoded \\ (%5C)", 0x00: "an encoded NUL (%00)"}
+ASTERISK = b"*"  # asterisk-form: only `OPTIONS *` of a plain request takes it (http1.py), never normalised
 ABSOLUTE_SCHEMES = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 _ABSOLUTE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<rest>.*)", re.DOTALL)
 

@@ -378,9 +378,11 @@ class HandshakePhase:
             read_request=self._read_request,
             current=session.current_snapshot,
         )
+        session.http = http  # a drain lets its request in flight finish (Session.go_away)
         try:
             return await http.serve(request)
         finally:
+            session.http = None
             session.outcome.http_requests = http.requests
 
     def _pinned(self, pool: Pool, upgrade: ClientUpgrade) -> Backend | None:

@@ -5,17 +5,18 @@ after the previous response ended), each routed, checked and balanced exactly as
 client behind `trusted_proxies` resolved per request by forwarding.py, since a trusted proxy may
 send several clients' requests over one connection; routing, origins, auth and the per-IP rules
 through gate.admit; the pool's candidates with the affinity cookie first; the same forwarding
-headers), sent over a kept-alive backend connection
-from the idle pool (http_pool.py) or a new one (TLS when the pool says so), and the bodies
-streamed both ways one read at a time, so a slow reader stops the reads on the other side.
+headers), sent over a kept-alive backend connection from the idle pool (http_pool.py) or a new
+one (TLS when the pool says so), and the bodies streamed both ways one read at a time, so a slow
+reader stops the reads on the other side.
 
 Failures map as for Upgrades: a backend that cannot be reached counts against its health and
 another is tried only for an idempotent request whose body has not started; otherwise the client
 gets 502 (no answer, a broken answer) or 504 (no answer within `timeouts.http_response`). Each
-request ends with one `http` log line (its query shown as `log.query` says) and its own metrics
-(observe/http_log.py). The proxy's own 5xx answers carry the status only (handshake.Rejection):
-a backend's name or address stays in the log. An Upgrade
-arriving on the same connection is handed back to the session (`serve` returns it).
+request, a refused one too, ends with one `http` log line (its query shown as `log.query` says)
+and its own metrics (observe/http_log.py). The proxy's own 5xx answers carry the status only
+(handshake.Rejection): a backend's name or address stays in the log. An Upgrade arriving on the
+same connection is handed back to the session (`serve` returns it). A drain (`go_away`) lets the
+request in flight finish, its response marked Connection: close, and reads no next request.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class HttpConnection:
         self.read_request = read_request
         self.current = current  # the server's snapshot now: a reload ends the keep-alive between requests
         self.requests = 0  # answered on this connection
+        self.draining = False  # go_away: the request in flight finishes, no next one is read
+        self._waiting: trio.CancelScope | None = None  # the wait for the next request, while it lasts
         self._client_eof = False  # the client's last read was the end of its stream
 
     @property
@@ -116,6 +119,14 @@ class HttpConnection:
     def _client(self) -> str:
         return format_address(self.client_addr)
 
+    def go_away(self) -> None:
+        """A drain (shutdown, binary upgrade): the request in flight is answered (with
+        Connection: close if its response has not started) and nothing more is read; a
+        connection waiting for its next request closes now."""
+        self.draining = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
     def _resolve(self, request: h11.Request) -> None:
         self.origin = resolve_client(self.origin.peer, request.headers, self.listener.trusted_proxies)
 
@@ -126,27 +137,26 @@ class HttpConnection:
         request = first
         self._resolve(first)
         while True:
-            self.requests += 1
             if not await self._exchange(request):
                 return None
             h = self.h
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return None  # Connection: close, HTTP/1.0, or a body left unread
-            if self.current is not None and self.current() is not self.snapshot:
-                return None  # reloaded: the client's next request comes on a new connection, new config
+            if self.draining or (self.current is not None and self.current() is not self.snapshot):
+                return None  # draining, or reloaded: a next request comes on a new connection
             h.start_next_cycle()
             got: h11.Request | Rejection | None = None
-            with trio.move_on_after(cfg.timeouts.http_idle):
+            with trio.move_on_after(cfg.timeouts.http_idle) as self._waiting:
                 got = await self.read_request(h)
+            self._waiting = None
             if got is None:
-                return None  # idle past timeouts.http_idle, or the client closed
+                return None  # idle past timeouts.http_idle, the client closed, or a drain
             if isinstance(got, h11.Request):
                 self._resolve(got)
             limited = await gate.check_handshake(self.edge, cfg, self.client_addr[0], trio.current_time())
-            if isinstance(got, Rejection) or limited is not None:
+            if isinstance(got, Rejection) or limited is not None:  # answered, logged and counted, then closed
                 refusal = got if isinstance(got, Rejection) else limited
-                assert refusal is not None
-                await self._send_refusal(refusal, close=True)
+                await self._exchange(got if isinstance(got, h11.Request) else None, refused=refusal)
                 return None
             if handshake.is_upgrade(got):
                 return got
@@ -154,16 +164,23 @@ class HttpConnection:
 
     # --- one request ---------------------------------------------------------------------------
 
-    async def _exchange(self, req: h11.Request) -> bool:
-        """One request and its response, its log line and metrics; True: the connection goes on."""
-        method = req.method.decode("latin-1")
-        shown = session_log.shown_target(req.target, self.snapshot.config.log.query)  # as sent, until normalised
+    async def _exchange(self, req: h11.Request | None, *, refused: Rejection | None = None) -> bool:
+        """One request and its response, its log line and metrics; True: the connection goes on.
+        `refused`: the proxy's answer, decided as the head came in (`req` None: unreadable)."""
+        self.requests += 1
+        method = req.method.decode("latin-1") if req is not None else "-"
+        query = self.snapshot.config.log.query  # the target as sent, until normalised
+        shown = session_log.shown_target(req.target, query) if req is not None else "-"
         rec = HttpRecord(client=self._client, listener=str(self.listener.address), method=method, path=shown)
         started = trio.current_time()
         keep = False
         try:
             try:
-                keep = await self._answer(req, rec)
+                if refused is not None:
+                    keep = await self._refuse(refused, rec, close=True)
+                else:
+                    assert req is not None
+                    keep = await self._answer(req, rec)
             except Refused as exc:
                 keep = await self._refuse(exc.rejection, rec)
         except ClientGone as exc:
@@ -310,7 +327,7 @@ class HttpConnection:
             response = await self._response_head(stream, conn, backend, stale_ok=stale_ok)
             backend.health.attempt_succeeded(trio.current_time())
             rec.status = response.status_code
-            await self._send(self.h.send(http1.client_response(response, set_cookie=cookie)))
+            await self._send(self.h.send(http1.client_response(response, set_cookie=cookie, close=self.draining)))
             await self._relay_response(stream, conn, rec, backend)
             reusable = pool.config.send_proxy_protocol is None  # a PROXY header named this client
             if reusable and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
@@ -481,9 +498,9 @@ class HttpConnection:
         log.log(
             level, "client %s: %d %s (%s %s)", self._client, rejection.status, rejection.reason, rec.method, rec.path
         )
-        if self.h.our_state is not h11.SEND_RESPONSE:
+        if self.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # IDLE: h11 could not read the request
             raise ClientGone(f"{rejection.status} after the response started: {rejection.reason}")
-        return await self._send_refusal(rejection, close=close or not self._bodyless())
+        return await self._send_refusal(rejection, close=close or self.draining or not self._bodyless())
 
     async def _send_refusal(self, rejection: Rejection, *, close: bool) -> bool:
         response, body = http1.rejection_response(rejection, close=close)

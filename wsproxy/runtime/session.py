@@ -35,6 +35,7 @@ from wsproxy.runtime import gate
 from wsproxy.runtime.backend_tls import BackendContexts
 from wsproxy.runtime.handshake_phase import HandshakePhase
 from wsproxy.runtime.http_pool import IdleConnections
+from wsproxy.runtime.http_proxy import HttpConnection
 from wsproxy.runtime.link import Link
 from wsproxy.runtime.reactor import Reactor
 from wsproxy.runtime.streams import Stream, format_address
@@ -78,6 +79,7 @@ class Session:
         "client_stream",
         "current_snapshot",
         "edge",
+        "http",
         "idle",
         "lease",
         "listener",
@@ -135,6 +137,7 @@ class Session:
         self.backend_tls = backend_tls if backend_tls is not None else BackendContexts()  # the server's
         self.idle = idle if idle is not None else IdleConnections()  # the server's kept-alive backend connections
         self.current_snapshot = current_snapshot  # the server's snapshot now (plain HTTP keep-alive ends on reload)
+        self.http: HttpConnection | None = None  # while plain HTTP requests are served (http_proxy.py)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -190,10 +193,14 @@ class Session:
                 on_end(self)
 
     def go_away(self, code: int = GOING_AWAY, reason: str = "proxy shutting down") -> None:
-        """Close this session from outside (shutdown): a closing handshake with `code`."""
+        """Close this session from outside (shutdown): a closing handshake with `code`; plain
+        HTTP requests: the one in flight is answered, then the connection closes."""
         if self.relay is not None and self._link is not None:
             self.relay.close(client_code=code, backend_code=code, reason=reason)
             self._link.settle()
+            return
+        if self.http is not None:
+            self.http.go_away()  # (cut() still ends it at the shutdown deadline)
             return
         self._scope.cancel()  # still in the handshake: nothing to close gracefully
 
