@@ -19,6 +19,7 @@ from http import HTTPStatus
 import h11
 from wsproto.extensions import PerMessageDeflate
 
+from wsproxy.protocol import http_head
 from wsproxy.protocol.forwarding import FORWARDING_HEADERS, Origin, forwarding_headers
 from wsproxy.protocol.target import BadTarget, normalize_target
 
@@ -235,7 +236,26 @@ def build_upstream_request(
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
-    """The request to the backend: end-to-end headers as received, in order, plus forwarding.
+    """The request to the backend as an h11 event: the view the tests and the fuzzer check (the
+    shell sends the same headers as bytes: `http_head.encode_request(b"GET", upgrade.target,
+    upstream_headers(...))`, which writes them as h11 does)."""
+    out = upstream_headers(
+        upgrade, key=key, origin=origin, scheme=scheme, extension_offer=extension_offer, extra_headers=extra_headers
+    )
+    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+
+
+def upstream_headers(
+    upgrade: ClientUpgrade,
+    *,
+    key: bytes,
+    origin: Origin,
+    scheme: str,
+    extension_offer: str | None,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> Headers:
+    """The headers of the request to the backend: end-to-end headers as received, in order,
+    plus forwarding.
 
     `origin` says who connected and whether its forwarding headers are kept (forwarding.py).
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
@@ -245,8 +265,7 @@ def build_upstream_request(
     own = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
     if extension_offer:
         own.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
-    out = forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
-    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+    return forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
 
 
 def forward_headers(
@@ -292,10 +311,15 @@ class BackendAccept:
 
 
 def check_backend_101(
-    response: h11.InformationalResponse, *, key: bytes, offered_subprotocols: tuple[str, ...], offered_extensions: bool
+    response: h11.InformationalResponse | http_head.Switching,
+    *,
+    key: bytes,
+    offered_subprotocols: tuple[str, ...],
+    offered_extensions: bool,
 ) -> BackendAccept | Rejection:
-    """Validate a backend's 101 (RFC 6455 section 4.1, the client's checks). Bad: 502."""
-    headers = list(response.headers)
+    """Validate a backend's 101 (RFC 6455 section 4.1, the client's checks), read by h11 or
+    directly (http_head.py). Bad: 502."""
+    headers = list(response.raw_items() if isinstance(response, http_head.Switching) else response.headers.raw_items())
     if b"websocket" not in _tokens(_all(headers, b"upgrade")):
         return Rejection(502, "backend's 101 lacks Upgrade: websocket")
     if b"upgrade" not in _tokens(_all(headers, b"connection")):
@@ -317,7 +341,7 @@ def check_backend_101(
     listed = _connection_listed(headers)
     keep = tuple(
         (bytes(k), bytes(v))
-        for k, v in response.headers.raw_items()
+        for k, v in headers
         if k.lower() not in HOP_BY_HOP
         and k.lower() not in listed
         and k.lower() not in PER_HOP_WS
