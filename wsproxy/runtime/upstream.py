@@ -87,6 +87,9 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
     raise UpstreamError(f"connect to {address} failed: {reason}")
 
 
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # Linux: created non-blocking, one system call fewer
+
+
 @functools.lru_cache(maxsize=1024)  # per backend address, not per connection
 def _ip_family(host: str) -> int | None:
     try:
@@ -97,21 +100,33 @@ def _ip_family(host: str) -> int | None:
 
 async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
     """A non-blocking connect on a plain socket, waiting for writability only if it is still in
-    progress (trio's socket connect adds a lock and a generator context manager per call)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    progress (trio's socket connect adds a lock and a generator context manager per call). A
+    connect answers EINPROGRESS even when the kernel has finished it (on loopback, always): a
+    finished one (its error, or a peer address) is not waited for."""
+    sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
         tune_tcp(sock)
         try:
             sock.connect(sockaddr)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not err and not _connected(sock):
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
     except BaseException:
         close_socket(sock)
         raise
     return sock
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:  # ENOTCONN: still in progress
+        return False
+    return True
 
 
 async def request_upgrade(

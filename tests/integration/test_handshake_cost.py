@@ -1,0 +1,102 @@
+"""What makes a session's start cheap, kept true: TLS sessions resume on a listener (tickets on,
+one context per listener), accepted and backend sockets carry the TCP options the relay needs
+(accepted ones inherit them from the tuned listening socket), and a backend that answers an
+unusual but legal 101 (left to h11 by http_head.py) still gets its session relayed."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import trio
+from wsproto.events import TextMessage
+
+from tests.support import RawClient, TLSFiles, proxy_yaml, start_backend, start_proxy
+from wsproxy.protocol.handshake import accept_key
+from wsproxy.runtime.streams import NOTSENT_LOWAT
+
+FAST = "timeouts: {handshake: 2s, connect: 1s, close: 0.5s}\n"
+UPGRADE = (
+    b"GET /r HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _upgrade_over_tls(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[ssl.SSLSession, bool]:
+    """One TLS connection to the proxy that gets its 101; (the TLS session to resume, whether
+    this one resumed). Blocking stdlib TLS: `session=` is the client API resumption needs."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with raw, ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall(UPGRADE)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            assert chunk, f"closed before the 101: {head!r}"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert tls.session is not None  # TLS 1.3: the tickets came after the handshake, read with the 101
+        return tls.session, tls.session_reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+async def test_a_second_tls_connection_resumes_the_first_ones_session(
+    nursery, backends, tls_files: TLSFiles, version: ssl.TLSVersion
+) -> None:
+    backends.append(start_backend())
+    proxy = await start_proxy(nursery, proxy_yaml([backends[0].port], tls=(tls_files.cert, tls_files.key), extra=FAST))
+    ctx = tls_files.client_context()
+    ctx.minimum_version = ctx.maximum_version = version
+
+    def twice() -> tuple[bool, bool]:
+        first, first_reused = _upgrade_over_tls(proxy.port(), ctx, None)
+        _, second_reused = _upgrade_over_tls(proxy.port(), ctx, first)
+        return first_reused, second_reused
+
+    first_reused, second_reused = await trio.to_thread.run_sync(twice)
+    assert not first_reused  # the control: a full handshake first
+    assert second_reused  # a ticket (or session id) the listener issued and takes back
+
+
+async def test_client_and_backend_sockets_carry_nodelay_and_the_unsent_watermark(nursery, backends) -> None:
+    backends.append(start_backend())
+    proxy = await start_proxy(nursery, proxy_yaml([backends[0].port], extra=FAST))
+    client = await RawClient.connect(proxy.port(), "/opts")
+    (session,) = proxy.server.sessions
+    assert session.backend_stream is not None
+    for sock in (session.client_stream.socket, session.backend_stream.socket):
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+        assert sock.gettimeout() == 0.0
+    await client.send(TextMessage(data="still relays"))
+    assert await client.receive_message() == "still relays"
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.0 101 Switching Protocols", b"HTTP/1.1 101 Switching Protocols\r\nContent-Length: 0"],
+    ids=["http1.0", "content-length"],
+)
+async def test_a_legal_101_the_direct_reader_leaves_to_h11_is_still_relayed(nursery, status_line: bytes) -> None:
+    async def backend(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        key = next(
+            ln.split(b":", 1)[1].strip() for ln in head.split(b"\r\n") if ln.lower().startswith(b"sec-websocket-key")
+        )
+        await stream.send_all(
+            status_line
+            + b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+            + accept_key(key)
+            + b"\r\n\r\n"
+            + b"\x81\x05hello"  # a frame right behind the 101
+        )
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, backend, 0)
+    port = listeners[0].socket.getsockname()[1]
+    proxy = await start_proxy(nursery, proxy_yaml([port], extra=FAST))
+    client = await RawClient.connect(proxy.port(), "/legal")
+    assert client.accept is not None
+    assert await client.receive_message() == "hello"
