@@ -62,27 +62,33 @@ async def connect(address: Address, timeout: float) -> FastSocketStream:
     Raises UpstreamError (the backend's failure) or LocalResourceError (the proxy's own shortage:
     a socket or connect that failed for want of descriptors, memory, buffers or source ports).
     """
+    deadline = trio.current_time() + timeout  # waited on only where a wait is needed (a scope costs)
     family = _ip_family(address.host)
-    last: OSError | None = None
-    with trio.move_on_after(timeout) as scope:
-        if family is not None:
-            targets: list[tuple[int, tuple[Any, ...]]] = [(family, (address.host, address.port))]
-        else:
+    if family is not None:
+        targets: list[tuple[int, tuple[Any, ...]]] = [(family, (address.host, address.port))]
+    else:
+        infos = None
+        with trio.move_on_at(deadline):
             try:
                 infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise UpstreamError(f"connect to {address} failed: {exc.strerror or exc}") from None
-            targets = [(info[0], tuple(info[4])) for info in infos]
-        for fam, sockaddr in targets:
-            try:
-                return FastSocketStream(await _connect_one(fam, sockaddr))
-            except OSError as exc:
-                resource = capacity.local_resource(exc.errno)
-                if resource is not None:  # the proxy's own shortage: no other address would fare better
-                    raise LocalResourceError(resource, f"connect to {address} failed: {exc.strerror or exc}") from None
-                last = exc
-    if scope.cancelled_caught:
-        raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
+        if infos is None:
+            raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
+        targets = [(info[0], tuple(info[4])) for info in infos]
+    last: OSError | None = None
+    for fam, sockaddr in targets:
+        try:
+            sock = await _connect_one(fam, sockaddr, deadline)
+        except OSError as exc:
+            resource = capacity.local_resource(exc.errno)
+            if resource is not None:  # the proxy's own shortage: no other address would fare better
+                raise LocalResourceError(resource, f"connect to {address} failed: {exc.strerror or exc}") from None
+            last = exc
+            continue
+        if sock is None:
+            raise UpstreamError(f"connect to {address} timed out after {timeout:g}s", timeout=True)
+        return FastSocketStream(sock)
     reason = (last.strerror or str(last)) if last is not None else "no address"
     raise UpstreamError(f"connect to {address} failed: {reason}")
 
@@ -98,11 +104,12 @@ def _ip_family(host: str) -> int | None:
         return None
 
 
-async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
-    """A non-blocking connect on a plain socket, waiting for writability only if it is still in
-    progress (trio's socket connect adds a lock and a generator context manager per call). A
-    connect answers EINPROGRESS even when the kernel has finished it (on loopback, always): a
-    finished one (its error, or a peer address) is not waited for."""
+async def _connect_one(family: int, sockaddr: tuple[Any, ...], deadline: float) -> socket.socket | None:
+    """A non-blocking connect on a plain socket, waiting for writability (until `deadline`; None:
+    it passed) only if it is still in progress (trio's socket connect adds a lock and a
+    generator context manager per call). A connect answers EINPROGRESS even when the kernel has
+    finished it (on loopback, always): a finished one (its error, or a peer address) is not
+    waited for, and then no cancel scope is entered either."""
     sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
         tune_tcp(sock)
@@ -111,7 +118,11 @@ async def _connect_one(family: int, sockaddr: tuple[Any, ...]) -> socket.socket:
         except BlockingIOError:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if not err and not _connected(sock):
-                await trio.lowlevel.wait_writable(sock)
+                with trio.move_on_at(deadline) as scope:
+                    await trio.lowlevel.wait_writable(sock)
+                if scope.cancelled_caught:
+                    close_socket(sock)
+                    return None
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, os.strerror(err)) from None
