@@ -1,10 +1,12 @@
 """What makes a session's start cheap, kept true: TLS sessions resume on a listener (tickets on,
 one context per listener), accepted and backend sockets carry the TCP options the relay needs
-(accepted ones inherit them from the tuned listening socket), and a backend that answers an
+(accepted ones inherit them from the tuned listening socket), a connect still in progress is
+waited for within its timeout (one already finished is not), and a backend that answers an
 unusual but legal 101 (left to h11 by http_head.py) still gets its session relayed."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 
@@ -13,8 +15,11 @@ import trio
 from wsproto.events import TextMessage
 
 from tests.support import RawClient, TLSFiles, proxy_yaml, start_backend, start_proxy
+from wsproxy.config import Address
 from wsproxy.protocol.handshake import accept_key
+from wsproxy.runtime import upstream
 from wsproxy.runtime.streams import NOTSENT_LOWAT
+from wsproxy.runtime.upstream import UpstreamError
 
 FAST = "timeouts: {handshake: 2s, connect: 1s, close: 0.5s}\n"
 UPGRADE = (
@@ -100,3 +105,30 @@ async def test_a_legal_101_the_direct_reader_leaves_to_h11_is_still_relayed(nurs
     client = await RawClient.connect(proxy.port(), "/legal")
     assert client.accept is not None
     assert await client.receive_message() == "hello"
+
+
+async def test_a_connect_still_in_progress_is_waited_for_until_the_connect_timeout() -> None:
+    """The slow path of upstream.connect: a backend whose accept queue is full drops the SYN, so
+    the connect stays in progress (the fast path, a connect already finished, is every other
+    test's); it ends at the timeout as a timed-out failure, with its socket closed."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # more than the accept queue takes; none is accepted
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(full.getsockname())
+            fillers.append(filler)
+        await trio.sleep(0.05)
+        began = trio.current_time()
+        with pytest.raises(UpstreamError) as failed:
+            await upstream.connect(Address("127.0.0.1", full.getsockname()[1]), timeout=0.3)
+        assert failed.value.timeout and "timed out after 0.3s" in failed.value.reason
+        assert 0.25 <= trio.current_time() - began < 2
+    finally:
+        for filler in fillers:
+            filler.close()
+        full.close()
