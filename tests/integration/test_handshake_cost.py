@@ -12,6 +12,7 @@ import ssl
 
 import pytest
 import trio
+import trustme
 from wsproto.events import TextMessage
 
 from tests.support import RawClient, TLSFiles, proxy_yaml, start_backend, start_proxy
@@ -132,3 +133,32 @@ async def test_a_connect_still_in_progress_is_waited_for_until_the_connect_timeo
         for filler in fillers:
             filler.close()
         full.close()
+
+
+async def test_a_session_resumes_on_a_listener_whose_sni_picked_its_second_certificate(
+    nursery, backends, tmp_path
+) -> None:
+    """Tickets are the listener's (its first context's), so resumption holds when SNI switched
+    the connection to another certificate's context."""
+    backends.append(start_backend())
+    ca = trustme.CA()
+    pairs = []
+    for stem, name in (("first", "other.example.test"), ("second", "localhost")):
+        leaf = ca.issue_cert(name)
+        cert, key = tmp_path / f"{stem}-cert.pem", tmp_path / f"{stem}-key.pem"
+        leaf.private_key_pem.write_to_path(str(key))
+        cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        pairs.append(f"{{cert: {cert}, key: {key}}}")
+    yaml = (
+        f"listeners:\n  - {{address: 127.0.0.1:0, pool: p, tls: {{certs: [{', '.join(pairs)}]}}}}\n"
+        f"pools:\n  p:\n    backends: [127.0.0.1:{backends[0].port}]\n{FAST}"
+    )
+    proxy = await start_proxy(nursery, yaml)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)  # verifies "localhost": only the second certificate passes
+
+    def twice() -> bool:
+        first, _ = _upgrade_over_tls(proxy.port(), ctx, None)
+        return _upgrade_over_tls(proxy.port(), ctx, first)[1]
+
+    assert await trio.to_thread.run_sync(twice)
