@@ -330,10 +330,10 @@ class HandshakePhase:
         if answer is None:
             await self._drop_backend()
             return Rejection(504, f"{backend.name} did not answer the Upgrade within {cfg.timeouts.handshake:g}s")
-        if answer.response.status_code == 101:
-            assert not isinstance(answer.response, h11.Response)
+        response = answer.response
+        if isinstance(response, http_head.Switching | h11.InformationalResponse):  # a 101 (Switching first: no ABC)
             checked = handshake.check_backend_101(
-                answer.response,
+                response,
                 key=key,
                 offered_subprotocols=upgrade.subprotocols,
                 offered_extensions=offer is not None,

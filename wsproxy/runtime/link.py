@@ -364,7 +364,7 @@ class Link:
             return
         s.closed = True
         if s.mask:
-            self._reactor.unregister(s.fd)
+            self._reactor.unregister(s.fd, closing=True)  # closed just below
             s.mask = 0
         sock = s.sock
         if sock.fileno() == -1:
