@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -145,10 +145,11 @@ def json_fields(r: SessionRecord) -> dict[str, Any]:
     }
 
 
-class LogLine:
+class LogLine(Mapping[str, Any]):
     """A record's log line, formatted when a handler asks for it and at most once: as text
-    (`str`, the text format's message) or as JSON fields (`fields`, JsonFormatter's); a process
-    logs in one format, so the other is never built (both used to be, for every session)."""
+    (`str`, the text format's message) or as JSON fields (`fields`, JsonFormatter's; the line
+    is also the mapping of them, as the record's `session` attribute); a process logs in one
+    format, so the other is never built (both used to be, for every session)."""
 
     __slots__ = ("_fields", "_fields_of", "_record", "_text", "_text_of")
 
@@ -168,11 +169,20 @@ class LogLine:
             self._fields = self._fields_of(self._record)
         return self._fields
 
+    def __getitem__(self, key: str) -> Any:
+        return self.fields()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields())
+
+    def __len__(self) -> int:
+        return len(self.fields())
+
 
 def emit_line(logger: logging.Logger, line: LogLine) -> None:
     """Log `line` at INFO on `logger`, its text and fields built only by the handler that formats it."""
     if logger.isEnabledFor(logging.INFO):
-        logger.info("%s", line, extra={SESSION_FIELDS: line})
+        logger.info(line, extra={SESSION_FIELDS: line})  # (the message itself: a mapping as an argument is read)
 
 
 def emit(r: SessionRecord) -> None:
