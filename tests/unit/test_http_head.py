@@ -103,6 +103,18 @@ def test_a_plain_101_keeps_names_as_sent_and_strips_values() -> None:
     )
 
 
+@given(plain_heads(), st.integers(1, 7))
+def test_a_head_read_in_pieces_ends_where_a_whole_one_does(head: bytes, piece: int) -> None:
+    got, end = b"", -1
+    for at in range(0, len(head), piece):
+        searched = len(got) - 2
+        got += head[at : at + piece]
+        end = head_end(got, searched)
+        if end >= 0:
+            break
+    assert end == head_end(head) == len(head)
+
+
 def test_an_incomplete_head_is_waited_for_only_while_it_can_be_a_101() -> None:
     assert head_end(b"HTTP/1.1 101 Switching\r\nUpgrade: websocket\r\n") == -1
     assert may_be_101(b"HTT") and may_be_101(b"HTTP/1.1 101 Swi")

@@ -43,10 +43,12 @@ class Switching:
         return self.headers
 
 
-def head_end(data: bytes | bytearray) -> int:
+def head_end(data: bytes | bytearray, start: int = 0) -> int:
     """The length of the response head at the start of `data` (through its blank line), or -1
-    while it is incomplete; the same blank line h11 looks for."""
-    found = _HEAD_END.search(data)
+    while it is incomplete; the same blank line h11 looks for. `start`: where a blank line may
+    begin at the earliest (a caller that searched `data` before it grew passes its old length
+    less 2, so a head read in small pieces is not searched from the start each time)."""
+    found = _HEAD_END.search(data, max(0, start))
     return -1 if found is None else found.end()
 
 

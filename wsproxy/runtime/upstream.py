@@ -156,8 +156,9 @@ async def request_upgrade(
         raise UpstreamError(f"backend closed the connection while we sent the request: {exc}") from None
     got = b""
     while upgrade:  # (a 101 to a request that offered no switch is h11's to refuse)
+        searched = len(got) - 2  # a blank line ending in what arrives now starts here at the earliest
         got += await _receive(stream, receive_size)
-        end = http_head.head_end(got)
+        end = http_head.head_end(got, searched)
         if end < 0:
             if len(got) > max_header_bytes or not http_head.may_be_101(got):
                 break  # not a plain 101: h11 reads it (and says how it is malformed, if it is)
