@@ -53,6 +53,37 @@ async def test_a_ready_socket_reaches_its_watcher_until_unregistered(nursery, ma
         assert len(watcher.events) == 1  # nothing after unregister
 
 
+async def test_a_socket_unregistered_for_its_close_is_forgotten_and_its_number_reusable(
+    nursery, make_loop, monkeypatch
+) -> None:
+    """epoll drops a closed descriptor by itself: `closing=True` makes no unregister call there
+    (selectors still needs one); either way the socket's number, reused at once, starts clean."""
+    loop = make_loop()
+    await nursery.start(loop.run)
+    calls: list[int] = []
+    poller = loop._poller
+    real = type(poller).unregister
+    monkeypatch.setattr(type(poller), "unregister", lambda self, fd: (calls.append(fd), real(self, fd)))
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    fd = a.fileno()
+    loop.register(fd, READ, Recorder(a))
+    loop.unregister(fd, closing=True)
+    a.close()
+    assert calls == ([] if poller.drops_closed else [fd])
+    c, d = socket.socketpair()  # the lowest free number: `fd` again
+    with b, c, d:
+        c.setblocking(False)
+        assert c.fileno() == fd
+        watcher = Recorder(c)
+        loop.register(c.fileno(), READ, watcher)  # an epoll that still held `fd` would refuse (EEXIST)
+        d.send(b"x")
+        with trio.fail_after(2):
+            await watcher.got.wait()
+        assert watcher.events == [(fd, READ)]
+        loop.unregister(fd)
+
+
 async def test_soon_from_outside_a_round_wakes_a_sleeping_loop(nursery, make_loop) -> None:
     loop = make_loop()
     await nursery.start(loop.run)

@@ -115,6 +115,42 @@ def test_emit_writes_one_json_line_through_the_formatter(caplog: pytest.LogCaptu
     assert rec.getMessage().startswith("session client=")  # the text format's line, from the same record
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_session_line_is_formatted_only_as_the_handler_prints_it(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text format never builds the JSON fields, the JSON format never the text, and each
+    is built once however often it is read."""
+    built = {"text": 0, "json": 0}
+
+    def counting(kind: str, build):  # type: ignore[no-untyped-def]
+        def wrapped(r: SessionRecord):  # type: ignore[no-untyped-def]
+            built[kind] += 1
+            return build(r)
+
+        return wrapped
+
+    monkeypatch.setattr(session_log, "text_line", counting("text", text_line))
+    monkeypatch.setattr(session_log, "json_fields", counting("json", json_fields))
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        setup_logging("info", fmt, stream)
+        emit(relayed())
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        root.setLevel(saved[0])
+        for h in saved[1]:
+            root.addHandler(h)
+    [out] = stream.getvalue().strip().splitlines()
+    if fmt == "json":
+        assert json.loads(out)["client"] == "127.0.0.1:5000"
+        assert built == {"text": 0, "json": 1}
+    else:
+        assert "session client=127.0.0.1:5000" in out
+        assert built == {"text": 1, "json": 0}
+
+
 def test_emit_is_silent_below_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="wsproxy.session")
     emit(relayed())

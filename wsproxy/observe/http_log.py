@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from wsproxy.observe.session_log import SESSION_FIELDS
+from wsproxy.observe.session_log import LogLine, emit_line
 
 log = logging.getLogger("wsproxy.http")
 
@@ -80,5 +80,4 @@ def json_fields(r: HttpRecord) -> dict[str, Any]:
 
 def emit(r: HttpRecord) -> None:
     """Log the request's one line (INFO on wsproxy.http)."""
-    if log.isEnabledFor(logging.INFO):
-        log.info(text_line(r), extra={SESSION_FIELDS: json_fields(r)})
+    emit_line(log, LogLine(r, text_line, json_fields))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -144,10 +145,49 @@ def json_fields(r: SessionRecord) -> dict[str, Any]:
     }
 
 
+class LogLine(Mapping[str, Any]):
+    """A record's log line, formatted when a handler asks for it and at most once: as text
+    (`str`, the text format's message) or as JSON fields (`fields`, JsonFormatter's; the line
+    is also the mapping of them, as the record's `session` attribute); a process logs in one
+    format, so the other is never built (both used to be, for every session)."""
+
+    __slots__ = ("_fields", "_fields_of", "_record", "_text", "_text_of")
+
+    def __init__(self, record: Any, text_of: Callable[[Any], str], fields_of: Callable[[Any], dict[str, Any]]) -> None:
+        self._record = record
+        self._text_of, self._fields_of = text_of, fields_of
+        self._text: str | None = None
+        self._fields: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._text_of(self._record)
+        return self._text
+
+    def fields(self) -> dict[str, Any]:
+        if self._fields is None:
+            self._fields = self._fields_of(self._record)
+        return self._fields
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields())
+
+    def __len__(self) -> int:
+        return len(self.fields())
+
+
+def emit_line(logger: logging.Logger, line: LogLine) -> None:
+    """Log `line` at INFO on `logger`, its text and fields built only by the handler that formats it."""
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(line, extra={SESSION_FIELDS: line})  # (the message itself: a mapping as an argument is read)
+
+
 def emit(r: SessionRecord) -> None:
     """Log the session's one line (INFO on wsproxy.session)."""
-    if log.isEnabledFor(logging.INFO):
-        log.info(text_line(r), extra={SESSION_FIELDS: json_fields(r)})
+    emit_line(log, LogLine(r, text_line, json_fields))
 
 
 class JsonFormatter(logging.Formatter):
@@ -160,10 +200,10 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        fields = getattr(record, SESSION_FIELDS, None)
-        if isinstance(fields, dict):
+        line = getattr(record, SESSION_FIELDS, None)
+        if isinstance(line, LogLine):
             out["event"] = "session"
-            out.update(fields)
+            out.update(line.fields())
         else:
             out["message"] = record.getMessage()
         if record.exc_info:

@@ -72,8 +72,10 @@ def resolve_client(peer: str, headers: Iterable[tuple[bytes, bytes]], trusted: t
     """The request's origin: from an untrusted peer the peer itself; from a trusted one, the
     right-most address of its chain that is not trusted (the left-most, when all of them are;
     the last one read, when the chain holds something that is not an address)."""
+    if not trusted:  # no address parsed at all: the common case, on every request
+        return Origin.direct(peer)
     peer_ip = parse_ip(peer)
-    if not trusted or peer_ip is None or not is_trusted(peer_ip, trusted):
+    if peer_ip is None or not is_trusted(peer_ip, trusted):
         return Origin.direct(peer)
     headers = list(headers)
     chain = [hop for k, v in headers if k.lower() == b"x-forwarded-for" for hop in v.decode("latin-1").split(",")]

@@ -19,6 +19,7 @@ from http import HTTPStatus
 import h11
 from wsproto.extensions import PerMessageDeflate
 
+from wsproxy.protocol import http_head
 from wsproxy.protocol.forwarding import FORWARDING_HEADERS, Origin, forwarding_headers
 from wsproxy.protocol.target import BadTarget, normalize_target
 
@@ -125,6 +126,15 @@ def _tokens(values: list[bytes]) -> list[bytes]:
     return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
 
 
+def _by_name(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    """Every value of each header (name in lower case), in order: one pass over a head whose
+    checks ask for a dozen names (a pass per name showed in the handshake's profile)."""
+    named: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        named.setdefault(k.lower(), []).append(v)
+    return named
+
+
 def _all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     return [v for k, v in headers if k.lower() == name]
 
@@ -138,9 +148,9 @@ def is_upgrade(req: h11.Request) -> bool:
 
 def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
     """Check an Upgrade request per RFC 6455 section 4.2.1; say which status answers a bad one."""
-    headers = list(req.headers)
-    upgrade = _tokens(_all(headers, b"upgrade"))
-    connection = _tokens(_all(headers, b"connection"))
+    named = _by_name(req.headers)
+    upgrade = _tokens(named.get(b"upgrade", []))
+    connection = _tokens(named.get(b"connection", []))
     if not upgrade and b"upgrade" not in connection:
         return Rejection(
             426,
@@ -155,17 +165,17 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
         return Rejection(400, "Upgrade header does not name websocket")
     if b"upgrade" not in connection:
         return Rejection(400, "Connection header does not contain upgrade")
-    hosts = _all(headers, b"host")
+    hosts = named.get(b"host", [])
     if len(hosts) != 1 or not hosts[0].strip():
         return Rejection(400, "exactly one non-empty Host header is required")
-    if _all(headers, b"content-length") not in ([], [b"0"]) or _all(headers, b"transfer-encoding"):
+    if named.get(b"content-length", []) not in ([], [b"0"]) or named.get(b"transfer-encoding", []):
         return Rejection(400, "an Upgrade request must not carry a body")
     # A header named in Connection is dropped as hop-by-hop; these must reach the backend.
     needed = sorted({t for t in connection if t == b"host" or t.startswith(b"sec-websocket-")})
     if needed:
         shown = ", ".join(t.decode("latin-1") for t in needed)[:200]
         return Rejection(400, f"Connection lists {shown}, which the handshake needs end to end")
-    versions = _all(headers, b"sec-websocket-version")
+    versions = named.get(b"sec-websocket-version", [])
     if len(versions) != 1 or versions[0].strip() != b"13":
         shown = b", ".join(versions).decode("latin-1") or "missing"
         return Rejection(
@@ -173,15 +183,15 @@ def validate_client_request(req: h11.Request) -> ClientUpgrade | Rejection:
             f"Sec-WebSocket-Version must be 13 (got {shown})",
             headers=((b"sec-websocket-version", b"13"),),
         )
-    keys = _all(headers, b"sec-websocket-key")
+    keys = named.get(b"sec-websocket-key", [])
     if len(keys) != 1 or not _valid_key(keys[0]):
         return Rejection(400, "Sec-WebSocket-Key must be one base64 encoding of 16 bytes")
     try:
         target = normalize_target(req.target, host=hosts[0].strip())
     except BadTarget as exc:
         return Rejection(400, f"request target {exc}")
-    subprotocols = tuple(t.decode("latin-1") for t in _tokens_keep_case(_all(headers, b"sec-websocket-protocol")))
-    offers = tuple(_tokens_keep_case(_all(headers, b"sec-websocket-extensions")))
+    subprotocols = tuple(t.decode("latin-1") for t in _tokens_keep_case(named.get(b"sec-websocket-protocol", [])))
+    offers = tuple(_tokens_keep_case(named.get(b"sec-websocket-extensions", [])))
     return ClientUpgrade(
         target=target,
         host=hosts[0].strip(),
@@ -235,7 +245,26 @@ def build_upstream_request(
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> h11.Request:
-    """The request to the backend: end-to-end headers as received, in order, plus forwarding.
+    """The request to the backend as an h11 event: the view the tests and the fuzzer check (the
+    shell sends the same headers as bytes: `http_head.encode_request(b"GET", upgrade.target,
+    upstream_headers(...))`, which writes them as h11 does)."""
+    out = upstream_headers(
+        upgrade, key=key, origin=origin, scheme=scheme, extension_offer=extension_offer, extra_headers=extra_headers
+    )
+    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+
+
+def upstream_headers(
+    upgrade: ClientUpgrade,
+    *,
+    key: bytes,
+    origin: Origin,
+    scheme: str,
+    extension_offer: str | None,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> Headers:
+    """The headers of the request to the backend: end-to-end headers as received, in order,
+    plus forwarding.
 
     `origin` says who connected and whether its forwarding headers are kept (forwarding.py).
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
@@ -245,8 +274,7 @@ def build_upstream_request(
     own = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
     if extension_offer:
         own.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
-    out = forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
-    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+    return forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
 
 
 def forward_headers(
@@ -292,32 +320,38 @@ class BackendAccept:
 
 
 def check_backend_101(
-    response: h11.InformationalResponse, *, key: bytes, offered_subprotocols: tuple[str, ...], offered_extensions: bool
+    response: h11.InformationalResponse | http_head.Switching,
+    *,
+    key: bytes,
+    offered_subprotocols: tuple[str, ...],
+    offered_extensions: bool,
 ) -> BackendAccept | Rejection:
-    """Validate a backend's 101 (RFC 6455 section 4.1, the client's checks). Bad: 502."""
-    headers = list(response.headers)
-    if b"websocket" not in _tokens(_all(headers, b"upgrade")):
+    """Validate a backend's 101 (RFC 6455 section 4.1, the client's checks), read by h11 or
+    directly (http_head.py). Bad: 502."""
+    headers = list(response.raw_items() if isinstance(response, http_head.Switching) else response.headers.raw_items())
+    named = _by_name(headers)
+    if b"websocket" not in _tokens(named.get(b"upgrade", [])):
         return Rejection(502, "backend's 101 lacks Upgrade: websocket")
-    if b"upgrade" not in _tokens(_all(headers, b"connection")):
+    if b"upgrade" not in _tokens(named.get(b"connection", [])):
         return Rejection(502, "backend's 101 lacks Connection: upgrade")
-    accepts = _all(headers, b"sec-websocket-accept")
+    accepts = named.get(b"sec-websocket-accept", [])
     if len(accepts) != 1 or accepts[0].strip() != accept_key(key):
         return Rejection(502, "backend's 101 has a wrong Sec-WebSocket-Accept")
-    protocols = _tokens_keep_case(_all(headers, b"sec-websocket-protocol"))
+    protocols = _tokens_keep_case(named.get(b"sec-websocket-protocol", []))
     subprotocol = None
     if protocols:
         chosen = protocols[0].decode("latin-1")
         if len(protocols) > 1 or chosen not in offered_subprotocols:
             return Rejection(502, f"backend chose subprotocol {chosen!r}, which the client did not offer")
         subprotocol = chosen
-    ext_values = _all(headers, b"sec-websocket-extensions")
+    ext_values = named.get(b"sec-websocket-extensions", [])
     extensions = b", ".join(v.strip() for v in ext_values).decode("latin-1") or None
     if extensions and not offered_extensions:
         return Rejection(502, f"backend answered extensions {extensions!r} that were not offered")
-    listed = _connection_listed(headers)
+    listed = set(_tokens(named.get(b"connection", [])))
     keep = tuple(
         (bytes(k), bytes(v))
-        for k, v in response.headers.raw_items()
+        for k, v in headers
         if k.lower() not in HOP_BY_HOP
         and k.lower() not in listed
         and k.lower() not in PER_HOP_WS

@@ -31,7 +31,7 @@ from wsproxy.observe.metrics import ABORTED, BACKEND_RESPONSE, REJECTED, UPGRADE
 from wsproxy.policy import routing, sticky
 from wsproxy.policy.balancing import Backend, Pool
 from wsproxy.policy.balancing.base import Lease
-from wsproxy.protocol import handshake, http1, proxy_protocol
+from wsproxy.protocol import handshake, http1, http_head, proxy_protocol
 from wsproxy.protocol.forwarding import resolve_client
 from wsproxy.protocol.handshake import ClientUpgrade, Rejection, phrase
 from wsproxy.protocol.relay import Relay
@@ -309,7 +309,7 @@ class HandshakePhase:
                 offer = ", ".join(o for o in upgrade.extension_offers if _is_deflate(o))
             else:
                 ext, offer = handshake.backend_deflate_offer()
-        request = handshake.build_upstream_request(
+        headers = handshake.upstream_headers(
             upgrade,
             key=key,
             origin=self._session.origin,
@@ -317,6 +317,7 @@ class HandshakePhase:
             extension_offer=offer,
             extra_headers=self._upstream_headers,
         )
+        request = http_head.encode_request(b"GET", upgrade.target, headers)
         answer: UpstreamAnswer | None = None
         with trio.move_on_after(deadline - trio.current_time()):
             try:
@@ -329,9 +330,10 @@ class HandshakePhase:
         if answer is None:
             await self._drop_backend()
             return Rejection(504, f"{backend.name} did not answer the Upgrade within {cfg.timeouts.handshake:g}s")
-        if isinstance(answer.response, h11.InformationalResponse):
+        response = answer.response
+        if isinstance(response, http_head.Switching | h11.InformationalResponse):  # a 101 (Switching first: no ABC)
             checked = handshake.check_backend_101(
-                answer.response,
+                response,
                 key=key,
                 offered_subprotocols=upgrade.subprotocols,
                 offered_extensions=offer is not None,
@@ -411,7 +413,7 @@ class HandshakePhase:
     async def _pass_response(self, h: h11.Connection, answer: UpstreamAnswer, deadline: float) -> None:
         """The backend answered with a normal HTTP response: give it to the client as is."""
         resp = answer.response
-        assert isinstance(resp, h11.Response)
+        assert isinstance(resp, h11.Response) and answer.conn is not None
         self._session.outcome.status = resp.status_code
         self._session.metrics.handshake(str(self._session.listener.address), BACKEND_RESPONSE, resp.status_code)
         self._session.outcome.reason = "backend answered without upgrading"
@@ -456,7 +458,9 @@ class HandshakePhase:
         self._session.outcome.status = 101
         self._session.outcome.subprotocol = accepted.subprotocol
         try:
-            await self._session.client_stream.send_all(h.send(reply))
+            await self._session.client_stream.send_all(
+                http_head.encode_response(101, reply.reason, reply.headers.raw_items())
+            )
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._session.outcome.reason = "client left before the 101"
             self._session.metrics.handshake(str(self._session.listener.address), ABORTED, 0)

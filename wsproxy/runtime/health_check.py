@@ -27,7 +27,7 @@ from wsproxy.config import ActiveHealth, Address, PoolConfig, defaults
 from wsproxy.policy.balancing import Backend
 from wsproxy.policy.health import DOWN, Change, jittered
 from wsproxy.policy.snapshot import Snapshot
-from wsproxy.protocol import handshake
+from wsproxy.protocol import handshake, http_head
 from wsproxy.protocol.handshake import Rejection
 from wsproxy.protocol.relay import NORMAL
 from wsproxy.runtime.backend_tls import BackendContexts, ClientTLS, open_stream
@@ -64,9 +64,9 @@ async def _tcp(address: Address, check: ActiveHealth, tls: ClientTLS | None) -> 
     return None
 
 
-def _request(address: Address, path: str, extra: list[tuple[bytes, bytes]]) -> h11.Request:
+def _request(address: Address, path: str, extra: list[tuple[bytes, bytes]]) -> bytes:
     headers = [(b"Host", str(address).encode()), (b"User-Agent", USER_AGENT), *extra]
-    return h11.Request(method=b"GET", target=path.encode(), headers=headers)
+    return http_head.encode_request(b"GET", path.encode(), headers)
 
 
 async def _http(address: Address, check: ActiveHealth, tls: ClientTLS | None) -> str | None:
@@ -75,6 +75,7 @@ async def _http(address: Address, check: ActiveHealth, tls: ClientTLS | None) ->
         answer = await request_upgrade(
             stream,
             _request(address, check.path, [(b"Connection", b"close")]),
+            upgrade=False,
             max_header_bytes=defaults.MAX_HEADER_BYTES,
             receive_size=RECEIVE_SIZE,
         )
@@ -101,7 +102,7 @@ async def _websocket(address: Address, check: ActiveHealth, tls: ClientTLS | Non
             receive_size=RECEIVE_SIZE,
         )
         response = answer.response
-        if not isinstance(response, h11.InformationalResponse):
+        if isinstance(response, h11.Response):
             return f"websocket check: {check.path} answered {response.status_code}, not 101"
         checked = handshake.check_backend_101(response, key=key, offered_subprotocols=(), offered_extensions=False)
         if isinstance(checked, Rejection):

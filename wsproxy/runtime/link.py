@@ -364,7 +364,7 @@ class Link:
             return
         s.closed = True
         if s.mask:
-            self._reactor.unregister(s.fd)
+            self._reactor.unregister(s.fd, closing=True)  # closed just below
             s.mask = 0
         sock = s.sock
         if sock.fileno() == -1:
@@ -372,7 +372,7 @@ class Link:
         if s.tls:  # close_notify if the socket takes it at once; never wait for the peer's
             with contextlib.suppress(ssl.SSLError, OSError, ValueError):
                 sock.unwrap()  # type: ignore[attr-defined]
-        trio.lowlevel.notify_closing(sock)
+        # No trio task waits on a relaying socket: none to tell (trio's notify_closing is a system call).
         sock.close()
 
     # --- the end ---------------------------------------------------------------------------

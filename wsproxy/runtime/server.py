@@ -61,6 +61,7 @@ from wsproxy.runtime.streams import (
     discard_readable,
     format_address,
     read_proxy_header,
+    tune_accepted,
     tune_tcp,
 )
 from wsproxy.runtime.timers import Timers
@@ -258,6 +259,7 @@ class Server:
         give each connection its task; sessions close their own sockets. Closed with the slot."""
         connections = self._connections
         assert connections is not None
+        tune_tcp(listening)  # what accepted sockets inherit (tune_accepted); inherited sockets too
         try:
             while True:
                 try:
@@ -271,7 +273,7 @@ class Server:
                     if not self.capacity.accept_failed(listening, exc):  # the spare descriptor: accept, close
                         await trio.sleep(ACCEPT_PAUSE)
                     continue
-                tune_tcp(sock)
+                tune_accepted(sock)
                 connections.start_soon(self._handle, sock, slot)
                 await trio.lowlevel.checkpoint()  # a burst of connects must not hold the scheduler
         finally:
