@@ -15,12 +15,19 @@ from accept on. A read that wants a write and a write that wants a read change w
 is watched for; plaintext OpenSSL decrypted already (a record larger than one read) is read in a
 coming round (`Reactor.soon`), as no readiness event will announce it. Timers are entries in the
 shared `Timers` schedule, as heartbeats are.
+
+Splicing (Linux, plain sockets on both legs, `limits.splice_min_bytes`): where the phase says the
+next bytes of a peer go verbatim to the other (`splice_size`), the link moves them with
+`os.splice` into a pipe from the reactor's pool (runtime/splice.py) and on to the other socket
+(the `PIPE` action, again on writability), instead of reading them into Python; the pipe goes back
+to the pool once empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,6 +42,7 @@ from wsproxy.policy.relay_phase import RelayPhase, SideState
 from wsproxy.protocol.relay import Relay
 from wsproxy.protocol.sides import Side
 from wsproxy.runtime.reactor import READ, WRITE, Reactor
+from wsproxy.runtime.splice import HAS_SPLICE, SPLICE_FLAGS
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 log = logging.getLogger("wsproxy.session")
@@ -55,7 +63,7 @@ def _no_name(side: Side) -> str:
 
 
 def _waiting(state: SideState) -> int:
-    return len(state.out) + sum(len(chunk) for chunk in state.more or ())
+    return len(state.out) + state.piped + sum(len(chunk) for chunk in state.more or ())
 
 
 class PeerSocket:
@@ -67,6 +75,7 @@ class PeerSocket:
         "fd",
         "mask",
         "pending",
+        "pipe",
         "read_wants_write",
         "recv",
         "send",
@@ -90,6 +99,7 @@ class PeerSocket:
         self.read_wants_write = False  # TLS: the last recv needs the socket writable first
         self.write_wants_read = False  # TLS: the last send needs the socket readable first
         self.again = False  # TLS: a read of OpenSSL's buffered plaintext is already asked for
+        self.pipe: tuple[int, int] | None = None  # the pipe toward this peer while bytes are spliced to it
 
 
 class Link:
@@ -105,6 +115,7 @@ class Link:
         "_peer_name",
         "_reactor",
         "_size",
+        "_splice",
         "_timer_entries",
         "_timers",
         "backend",
@@ -132,9 +143,11 @@ class Link:
         peer_name: Callable[[Side], str],
         on_end: Callable[[Link], None],
         schedule: Any = None,
+        splice_min_bytes: int | None = None,
     ) -> None:
         self._reactor = reactor
         self.relay = relay
+        plain = not isinstance(client, ssl.SSLSocket) and not isinstance(backend, ssl.SSLSocket)
         self.phase = RelayPhase(
             relay,
             close_timeout=close_timeout,
@@ -142,7 +155,9 @@ class Link:
             flow=flow,
             schedule=schedule,
             finish_limit=receive_size,
+            splice_min_bytes=splice_min_bytes if HAS_SPLICE and plain else None,
         )
+        self._splice = self.phase.splice_min is not None  # some payloads may cross through a pipe
         self.client = PeerSocket(client, self.phase.client)
         self.backend = PeerSocket(backend, self.phase.backend)
         self._timers = timers
@@ -208,8 +223,12 @@ class Link:
         if s.state.out and not s.closed:
             self._send(s, s.state.out, now)
             acted = True
+        elif s.state.piped and not s.closed:
+            self._pipe_out(s, now)
+            acted = True
         if not self._done and phase.may_read(s.state):
-            acted = self._read(s, now) or acted
+            step = self._splice_or_read(s, now) if self._splice else self._read(s, now, self._size)
+            acted = step or acted
         if not acted:
             phase.settle(now)
         self._carry_out(phase.actions, now)
@@ -223,10 +242,10 @@ class Link:
 
     # --- I/O ------------------------------------------------------------------------------
 
-    def _read(self, s: PeerSocket, now: float) -> bool:
+    def _read(self, s: PeerSocket, now: float, size: int) -> bool:
         """Read once; True if the phase was told something."""
         try:
-            data = s.recv(self._size)
+            data = s.recv(size)
         except ssl.SSLWantWriteError:
             s.read_wants_write = True
             return False
@@ -238,6 +257,50 @@ class Link:
         s.read_wants_write = False
         self.phase.received(s.state.name, data, now)
         return True
+
+    def _splice_or_read(self, s: PeerSocket, now: float) -> bool:
+        """Splice what the phase lets cross verbatim into the pipe toward the other peer (then
+        on, by the PIPE action); else read (only a frame's head after a large frame). True if the
+        phase was told something."""
+        st = s.state
+        n = self.phase.splice_size(st)
+        if n:
+            other = self.backend if s is self.client else self.client
+            pipe = other.pipe or self._reactor.pipes.take(self._size)
+            if pipe is not None:
+                other.pipe = pipe
+                try:
+                    got = os.splice(s.fd, pipe[1], n, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    return False  # (the pipe is empty: kept while the frame goes on)
+                except OSError:
+                    got = 0  # reset or broken: the peer vanished
+                if got:
+                    self.phase.spliced(st.name, got, now)
+                    return True
+                self._reactor.pipes.give(pipe)  # still empty
+                other.pipe = None
+                self.phase.received(st.name, b"", now)
+                return True
+        return self._read(s, now, self.phase.read_size(st, self._size))
+
+    def _pipe_out(self, s: PeerSocket, now: float) -> None:
+        """One send of what the pipe toward `s` holds; its result goes back to the phase."""
+        pipe = s.pipe
+        assert pipe is not None
+        try:
+            sent = os.splice(pipe[0], s.fd, s.state.piped, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            s.pipe = None
+            self._reactor.pipes.drop(pipe)
+            self.phase.send_failed(s.state.name, now)
+            return
+        self.phase.piped_sent(s.state.name, sent, now)
+        if not s.state.piped and s.pipe is not None:
+            s.pipe = None
+            self._reactor.pipes.give(pipe)
 
     def _send(self, s: PeerSocket, data: bytes | memoryview, now: float) -> None:
         """One send of the side's in-flight bytes; its result goes back to the phase."""
@@ -269,6 +332,10 @@ class Link:
                     s = self.client if action[1] is rp.CLIENT else self.backend
                     if not s.closed:
                         self._send(s, action[2], now)
+                elif tag is rp.PIPE:
+                    s = self.client if action[1] is rp.CLIENT else self.backend
+                    if not s.closed:
+                        self._pipe_out(s, now)
                 elif tag is rp.CLOSE:
                     self._close(self.client if action[1] is rp.CLIENT else self.backend)
                 elif tag is rp.SHUT:
@@ -359,10 +426,17 @@ class Link:
         with contextlib.suppress(OSError, ValueError):
             socket.socket.shutdown(s.sock, socket.SHUT_WR)
 
+    def _drop_pipe(self, s: PeerSocket) -> None:
+        """What is still in the pipe toward `s` will never be sent: close it."""
+        if s.pipe is not None:
+            pipe, s.pipe = s.pipe, None
+            self._reactor.pipes.drop(pipe)
+
     def _close(self, s: PeerSocket) -> None:
         if s.closed:
             return
         s.closed = True
+        self._drop_pipe(s)
         if s.mask:
             self._reactor.unregister(s.fd)
             s.mask = 0
@@ -395,6 +469,7 @@ class Link:
             if s.mask:
                 self._reactor.unregister(s.fd)
                 s.mask = 0
+            self._drop_pipe(s)
         for entry in self._timer_entries.values():
             self._timers.cancel(entry)
         self._timer_entries.clear()

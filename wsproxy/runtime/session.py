@@ -263,6 +263,7 @@ class Session:
             timers=self._timers,
             metrics=self.metrics,
             receive_size=cfg.limits.buffer_bytes,
+            splice_min_bytes=cfg.limits.splice_min_bytes,
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
             schedule=self._schedule,
