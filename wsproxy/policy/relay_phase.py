@@ -93,7 +93,6 @@ class SideState:
         "name",
         "out",
         "piped",
-        "splicing",
         "stall_since",
         "take",
     )
@@ -111,7 +110,6 @@ class SideState:
         self.finishing = False  # dropped as a slow consumer: what is pending, then its 1008, goes out
         self.lingering = False  # write side shut after the proxy's close: read and discarded till it ends
         self.piped = 0  # bytes in the kernel pipe toward this peer (spliced, not sent yet): before `out`
-        self.splicing = False  # the last step on this peer's input was a splice (its frame goes on so)
         self.large = False  # its last data frame was large: read the next frame's head alone
 
 
@@ -208,17 +206,15 @@ class RelayPhase:
     def splice_size(self, s: SideState) -> int:
         """Bytes of this peer's input that may cross to the other peer through a kernel pipe now,
         instead of a read (when `may_read`): the rest of a forwarded data frame's payload, at
-        most `finish_limit` (one read's worth), when the frame is large enough (0: read)."""
+        most `finish_limit` (one read's worth), of a frame of at least `splice_min_bytes` (0: read)."""
         least = self.splice_min
         if least is None or s.lingering or (s is self.client and self.flow is not None):
             return 0
         other = self.backend if s is self.client else self.client
         if other.out or other.more or other.piped or other.closed or other.finishing or other.lingering:
             return 0
-        run: int = self.relay.splice_run(s.name)  # type: ignore[attr-defined]
-        if run >= least or (run and s.splicing):
-            return min(run, self._finish_limit)
-        return 0
+        run: int = self.relay.splice_run(s.name, least)  # type: ignore[attr-defined]
+        return min(run, self._finish_limit)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -261,7 +257,6 @@ class RelayPhase:
         else:
             self._step(s.feed, data, now, name)
         if self.splice_min is not None and (s is self.backend or self.flow is None):
-            s.splicing = False
             s.large = relay.frame_length(name) >= self.splice_min  # type: ignore[attr-defined]
         if self._may_backlog and relay.backlog(name):
             self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
@@ -303,7 +298,6 @@ class RelayPhase:
         other = self.backend if s is self.client else self.client
         self._rounds = 0
         relay = self.relay
-        s.splicing = True
         other.piped += n
         self._step(lambda count: relay.spliced(name, count), n, now, name)  # type: ignore[attr-defined]
         s.large = relay.frame_length(name) >= (self.splice_min or 0)  # type: ignore[attr-defined]

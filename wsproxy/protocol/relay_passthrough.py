@@ -274,18 +274,19 @@ class PassthroughRelay(RelayBase):
             data, self._held = self._held, b""
             self._feed_within(data)
 
-    def splice_run(self, side: Side) -> int:
+    def splice_run(self, side: Side, least: int) -> int:
         """Bytes `side` sends next that go to the other peer verbatim, unseen: the rest of the
-        payload of a data frame being forwarded (0: none, or the relay must see them: a control
-        frame being collected, a peer closing or failed, the client's input under an allowance).
-        The driver may move up to that many outside the relay (a kernel pipe) and say so with
-        `spliced`; the frame's length (`frame_length`) says whether that is worth it."""
+        payload of a data frame of at least `least` bytes being forwarded (0: none, or the relay
+        must see them: a control frame being collected, a peer closing or failed, the client's
+        input under an allowance). The driver may move up to that many outside the relay (a
+        kernel pipe) and say so with `spliced`."""
         src = self._state(side)
         if not src.fwd or src.failed or src.recv_close or src.owed is not None or src.ctl is not None:
             return 0
         if src is self._client and (self._held or self._byte_left is not None or self._msg_stop != NO_MESSAGE_LIMIT):
             return 0
-        return src.parser.remaining
+        p = src.parser
+        return p.remaining if p.length >= least else 0
 
     def frame_length(self, side: Side) -> int:
         """Payload length of the last data frame whose header came from `side` (0: none yet), and

@@ -260,29 +260,47 @@ class Link:
 
     def _splice_or_read(self, s: PeerSocket, now: float) -> bool:
         """Splice what the phase lets cross verbatim into the pipe toward the other peer (then
-        on, by the PIPE action); else read (only a frame's head after a large frame). True if the
-        phase was told something."""
+        on, by the PIPE action); else read. After a large frame the read takes only the next
+        frame's head: that head is sent on at once and its payload spliced in the same turn.
+        True if the phase was told something."""
+        phase = self.phase
         st = s.state
-        n = self.phase.splice_size(st)
+        n = phase.splice_size(st)
         if n:
-            other = self.backend if s is self.client else self.client
-            pipe = other.pipe or self._reactor.pipes.take(self._size)
-            if pipe is not None:
-                other.pipe = pipe
-                try:
-                    got = os.splice(s.fd, pipe[1], n, flags=SPLICE_FLAGS)
-                except BlockingIOError:
-                    return False  # (the pipe is empty: kept while the frame goes on)
-                except OSError:
-                    got = 0  # reset or broken: the peer vanished
-                if got:
-                    self.phase.spliced(st.name, got, now)
-                    return True
-                self._reactor.pipes.give(pipe)  # still empty
-                other.pipe = None
-                self.phase.received(st.name, b"", now)
-                return True
-        return self._read(s, now, self.phase.read_size(st, self._size))
+            spliced = self._splice_in(s, n, now)
+            if spliced is not None:
+                return spliced
+        size = phase.read_size(st, self._size)
+        told = self._read(s, now, size)
+        if told and size < self._size and not self._done:
+            self._carry_out(phase.actions, now)
+            if not self._done and phase.may_read(st):
+                n = phase.splice_size(st)
+                if n:
+                    self._splice_in(s, n, now)
+        return told
+
+    def _splice_in(self, s: PeerSocket, n: int, now: float) -> bool | None:
+        """Move up to `n` bytes of `s`'s input into the pipe toward the other peer; True if the
+        phase was told something, None if no pipe is to be had (the caller reads instead)."""
+        other = self.backend if s is self.client else self.client
+        pipe = other.pipe or self._reactor.pipes.take(self._size)
+        if pipe is None:
+            return None
+        other.pipe = pipe
+        try:
+            got = os.splice(s.fd, pipe[1], n, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return False  # (the pipe is empty: kept while the frame goes on)
+        except OSError:
+            got = 0  # reset or broken: the peer vanished
+        if got:
+            self.phase.spliced(s.state.name, got, now)
+            return True
+        other.pipe = None
+        self._reactor.pipes.give(pipe)  # still empty
+        self.phase.received(s.state.name, b"", now)
+        return True
 
     def _pipe_out(self, s: PeerSocket, now: float) -> None:
         """One send of what the pipe toward `s` holds; its result goes back to the phase."""
