@@ -29,19 +29,21 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 class PipePool:
     """Pipes for splicing, each a (read end, write end) pair of descriptors; see the module."""
 
-    __slots__ = ("_idle", "_max", "_max_idle", "in_use")
+    __slots__ = ("_idle", "_max", "_max_idle", "in_use", "taken")
 
     def __init__(self, *, max_pipes: int = SPLICE_MAX_PIPES, max_idle: int = SPLICE_IDLE_PIPES) -> None:
         self._max = max_pipes
         self._max_idle = max_idle
         self._idle: list[tuple[int, int]] = []
         self.in_use = 0  # pipes handed out and not given back or dropped
+        self.taken = 0  # pipes handed out, ever (a payload began to be spliced)
 
     def take(self, capacity: int) -> tuple[int, int] | None:
         """An empty pipe holding at least `capacity` bytes if the kernel allows (None: at the
         limit, or no descriptor left: copy instead)."""
         if self._idle:
             self.in_use += 1
+            self.taken += 1
             return self._idle.pop()
         if self.in_use >= self._max:
             return None
@@ -54,6 +56,7 @@ class PipePool:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(w, F_SETPIPE_SZ, capacity)
         self.in_use += 1
+        self.taken += 1
         return r, w
 
     def give(self, pipe: tuple[int, int]) -> None:
