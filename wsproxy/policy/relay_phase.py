@@ -85,7 +85,6 @@ class SideState:
     __slots__ = (
         "closed",
         "eof",
-        "feed",
         "finishing",
         "large",
         "lingering",
@@ -94,13 +93,10 @@ class SideState:
         "out",
         "piped",
         "stall_since",
-        "take",
     )
 
-    def __init__(self, name: Side, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
+    def __init__(self, name: Side) -> None:
         self.name = name
-        self.feed = feed
-        self.take = take
         self.out: bytes | memoryview = b""  # in flight: the rest of the last SEND, as it was given
         # queued behind `out` (only the proxy's own frames, in practice); None: nothing, no list
         self.more: list[bytes] | None = None
@@ -151,8 +147,10 @@ class RelayPhase:
         # `may_splice` can account for bytes it never saw)
         self.splice_min = splice_min_bytes if getattr(relay, "may_splice", False) else None
         self._finish_limit = finish_limit  # bytes a slow consumer's frame in flight may still need
-        self.client = SideState(CLIENT, relay.feed_client, relay.take_for_client)
-        self.backend = SideState(BACKEND, relay.feed_backend, relay.take_for_backend)
+        # (the relay's feed and take methods are looked up per call: bound once, they were four
+        # objects per idle session)
+        self.client = SideState(CLIENT)
+        self.backend = SideState(BACKEND)
         self.close_timeout = close_timeout
         self._slow_limit = slow_consumer_timeout
         self.flow = flow
@@ -223,11 +221,11 @@ class RelayPhase:
         self._rounds = 0
         if client_trailing:
             if self.flow is not None:
-                self._client_step(self.client.feed, client_trailing, now, fresh=True)
+                self._client_step(self.relay.feed_client, client_trailing, now, fresh=True)
             else:
-                self._step(self.client.feed, client_trailing, now, CLIENT)
+                self._step(self.relay.feed_client, client_trailing, now, CLIENT)
         if backend_trailing:
-            self._step(self.backend.feed, backend_trailing, now, BACKEND)
+            self._step(self.relay.feed_backend, backend_trailing, now, BACKEND)
         self._settle(now)
         return self.actions
 
@@ -239,7 +237,7 @@ class RelayPhase:
         self._rounds = 0
         if s.lingering:
             if data:
-                s.feed(data)  # (the relay only records what it means: nothing goes anywhere now)
+                self._feed(s, data)  # (the relay only records what it means: nothing goes anywhere now)
                 return self.actions
             s.eof = True  # it ended: now the socket may close without a reset
             self._close(s)
@@ -248,14 +246,17 @@ class RelayPhase:
             return self.actions
         if not data:
             s.eof = True
-            s.feed(b"")
+            self._feed(s, b"")
             self._settle(now)
             return self.actions
         relay = self.relay
-        if self.flow is not None and s is self.client:
-            self._client_step(s.feed, data, now, fresh=True)
+        if s is self.client:
+            if self.flow is not None:
+                self._client_step(relay.feed_client, data, now, fresh=True)
+            else:
+                self._step(relay.feed_client, data, now, name)
         else:
-            self._step(s.feed, data, now, name)
+            self._step(relay.feed_backend, data, now, name)
         if self.splice_min is not None and (s is self.backend or self.flow is None):
             s.large = relay.frame_length(name) >= self.splice_min  # type: ignore[attr-defined]
         if self._may_backlog and relay.backlog(name):
@@ -341,7 +342,7 @@ class RelayPhase:
         self._close(s)
         if not s.eof:
             s.eof = True
-            s.feed(b"")
+            self._feed(s, b"")
         self._settle(now)
         return self.actions
 
@@ -398,6 +399,12 @@ class RelayPhase:
 
     # --- steps ----------------------------------------------------------------------------
 
+    def _feed(self, s: SideState, data: bytes) -> None:
+        if s is self.client:
+            self.relay.feed_client(data)
+        else:
+            self.relay.feed_backend(data)
+
     def _step(self, step: Callable[[Any], None], arg: Any, now: float, read_from: Side | None = None) -> None:
         """Run one relay step and tell the heartbeat schedule what it carried: traffic from the
         peer read (if any), data frames, the proxy's own pongs."""
@@ -427,7 +434,7 @@ class RelayPhase:
         if self.flow is not None and relay.closing:
             self._lift_limit()
         for s in (self.client, self.backend) if take else ():
-            data = s.take()
+            data = relay.take_for_client() if s is self.client else relay.take_for_backend()
             if not data or s.closed:
                 continue  # (a finished side's output is dropped)
             if s.out or s.piped:  # a send in flight: never grow its buffer

@@ -50,10 +50,6 @@ log = logging.getLogger("wsproxy.session")
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def _nothing_pending() -> int:
-    return 0
-
-
 def _ignore(*_: Any) -> None:
     return None
 
@@ -74,11 +70,8 @@ class PeerSocket:
         "closed",
         "fd",
         "mask",
-        "pending",
         "pipe",
         "read_wants_write",
-        "recv",
-        "send",
         "sock",
         "state",
         "tls",
@@ -90,10 +83,6 @@ class PeerSocket:
         self.state = state  # the phase's view of this peer (pending bytes, eof, closed)
         self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
-        # The calls made per read and per send, bound once (public APIs: SSLSocket's for TLS).
-        self.recv: Callable[[int], bytes] = sock.recv
-        self.send: Callable[[Any], int] = sock.send
-        self.pending: Callable[[], int] = sock.pending if isinstance(sock, ssl.SSLSocket) else _nothing_pending
         self.mask = 0  # what the reactor watches for (0: not registered)
         self.closed = False  # our socket is closed
         self.read_wants_write = False  # TLS: the last recv needs the socket writable first
@@ -245,7 +234,7 @@ class Link:
     def _read(self, s: PeerSocket, now: float, size: int) -> bool:
         """Read once; True if the phase was told something."""
         try:
-            data = s.recv(size)
+            data = s.sock.recv(size)  # (SSLSocket's public recv for TLS)
         except ssl.SSLWantWriteError:
             s.read_wants_write = True
             return False
@@ -323,7 +312,7 @@ class Link:
     def _send(self, s: PeerSocket, data: bytes | memoryview, now: float) -> None:
         """One send of the side's in-flight bytes; its result goes back to the phase."""
         try:
-            sent = s.send(data)
+            sent = s.sock.send(data)
         except ssl.SSLWantReadError:
             s.write_wants_read = True
             sent = 0
@@ -417,7 +406,7 @@ class Link:
             mask |= READ
         if (writing and not s.write_wants_read) or (s.read_wants_write and reading):
             mask |= WRITE
-        if reading and s.tls and not s.again and s.pending():
+        if reading and s.tls and not s.again and s.sock.pending():  # type: ignore[attr-defined]
             # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
             # the handshake): the kernel socket may be empty, so the poller would never say so.
             s.again = True
