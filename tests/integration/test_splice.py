@@ -14,6 +14,7 @@ import struct
 
 import pytest
 import trio
+from websockets.sync.client import connect
 
 from tests.integration.test_flow_control import (
     BINARY,
@@ -25,7 +26,7 @@ from tests.integration.test_flow_control import (
     connect_client,
     echo,
 )
-from tests.support import RunningProxy, proxy_yaml, start_proxy
+from tests.support import RunningProxy, proxy_yaml, start_backend, start_proxy
 
 KiB = 1024
 MiB = 1 << 20
@@ -157,5 +158,27 @@ async def test_a_backend_gone_in_the_middle_of_a_spliced_payload_ends_the_sessio
                 break
             received += len(data)
     assert 0 < received < MiB  # part of the payload, then the end of the stream: no close frame can follow
+    assert proxy.server.reactor.pipes.taken > 0
+    await wait_released(proxy)
+
+
+async def test_websockets_peers_exchange_large_deflated_messages_through_the_pipe(nursery, backends) -> None:
+    """The websockets library on both ends (permessage-deflate negotiated end to end: random
+    payloads stay large compressed, and their frames are spliced as they are)."""
+    backends.append(start_backend())
+    proxy = await start_proxy(nursery, splice_config(backends[0].port))
+    payloads = [os.urandom(size) for size in (96 * KiB, 512 * KiB, 900 * KiB)]
+
+    def talk() -> list[bytes]:
+        with connect(proxy.url("/big"), proxy=None, open_timeout=5, max_size=2 * MiB) as ws:
+            out = []
+            for payload in payloads:
+                ws.send(payload)
+                got = ws.recv(timeout=10)
+                assert isinstance(got, bytes)
+                out.append(got)
+            return out
+
+    assert await trio.to_thread.run_sync(talk) == payloads
     assert proxy.server.reactor.pipes.taken > 0
     await wait_released(proxy)
