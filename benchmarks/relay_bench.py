@@ -4,7 +4,8 @@ One command runs every cell on every target in turn and prints each figure with 
 the direct connection measured in the same run (ratios, not absolute numbers: the machines are
 shared and noisy):
 
-- round trips: 64 B / 1 KiB / 64 KiB x 1 / 100 / 1000 connections, closed loop, one message in
+- round trips: 64 B / 1 KiB / 64 KiB x 1 / 100 / 1000 connections (and 16 KiB x 1 / 100),
+  closed loop, one message in
   flight per connection (round trips/s, RTT p50/p99), and 1 KiB x 100 over TLS (to the target,
   and on both legs: client to proxy and proxy to TLS backends, `rt 1KiB x100 tls both legs`);
 - handshakes/s, plain and TLS (full handshakes) and TLS resumed (`hs tls resumed`, a saved
@@ -21,7 +22,9 @@ ratios to direct, and the verdicts (issue 22's targets) are judged on medians (b
 
 Targets: `direct` (the load generator talks to the echo backends itself), `passthrough` and
 `inspect` (wsproxy's two relay paths, heartbeats on at their 20 s default), `passthrough-no-hb`
-(heartbeats off; key cells only, to show what the heartbeat bookkeeping costs), `byte-pump`
+(heartbeats off; key cells only, to show what the heartbeat bookkeeping costs),
+`passthrough-splice` (payloads spliced from 16 KiB, `limits.splice_min_bytes: 16KiB`, where the
+default copies below 128 KiB; the 16 KiB and 64 KiB cells only: the A/B of splicing), `byte-pump`
 (benchmarks/byte_pump.py, the yardstick) and `haproxy` / `nginx` when installed (both one
 process, one thread). Everything listens on 127.0.0.1. The target under test is pinned to
 CPU 0 and the load generator and backends to CPU 1 with `taskset` (no pinning, with a note,
@@ -76,6 +79,8 @@ BOTH_LEGS_CELL = "rt 1KiB x100 tls both legs"  # 1 KiB x 100, TLS client-to-prox
 
 SIZES = {"64B": 64, "1KiB": 1024, "64KiB": 65536}
 CONNS = (1, 100, 1000)
+MID_CELLS = ("rt 16KiB x1", "rt 16KiB x100")  # where splicing starts to pay (limits.splice_min_bytes)
+SPLICE_CELLS = (*MID_CELLS, "rt 64KiB x1", "rt 64KiB x100", "rt 64KiB x1000")
 HANDSHAKE_CONCURRENCY = 50
 STORM_SESSIONS = 5000
 STORM_BOUND = 30.0  # seconds: a storm session not finished by then is a timeout
@@ -110,6 +115,7 @@ class Plan:
 
 def all_cells(idle_sessions: int) -> list[Cell]:
     cells = [Cell(f"rt {label} x{n}", "rt", size=size, conns=n) for label, size in SIZES.items() for n in CONNS]
+    cells += [Cell(name, "rt", size=16384, conns=int(name.rsplit("x", 1)[1])) for name in MID_CELLS]
     return [
         *cells,
         Cell("rt 1KiB x100 tls", "rt", tls=True, size=1024, conns=100),
@@ -308,9 +314,17 @@ class Direct(Target):
 
 
 class WsProxy(Target):
-    def __init__(self, env: Env, name: str, relay: str, heartbeat: bool = True, only: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        env: Env,
+        name: str,
+        relay: str,
+        heartbeat: bool = True,
+        only: tuple[str, ...] | None = None,
+        limits: str = "",  # more `limits:` keys, spelled ", key: value"
+    ):
         super().__init__(env)
-        self.name, self.relay, self.heartbeat, self.only = name, relay, heartbeat, only
+        self.name, self.relay, self.heartbeat, self.only, self.limits = name, relay, heartbeat, only, limits
 
     def start(self) -> Endpoint:
         e = self.env
@@ -330,7 +344,7 @@ class WsProxy(Target):
             f"{hb}\n"
             # nothing of wsproxy's own refuses the storm cell (these are the defaults, spelled out)
             f"admission: {{upgrades: off}}\n"
-            f"limits: {{max_sessions: off}}\n"
+            f"limits: {{max_sessions: off{self.limits}}}\n"
             f"rate_limits: {{handshakes_per_ip: off, max_sessions_per_ip: off}}\n"
             f"shutdown: {{drain_window: 1s, deadline: 3s}}\n"
             f"log: {{level: warning}}\n"
@@ -443,6 +457,10 @@ def make_targets(env: Env) -> dict[str, Target]:
         WsProxy(env, "passthrough", "passthrough"),
         WsProxy(env, "inspect", "inspect"),
         WsProxy(env, "passthrough-no-hb", "passthrough", heartbeat=False, only=key),
+        # splicing from 16 KiB (the default copies below 128 KiB): the A/B of limits.splice_min_bytes
+        WsProxy(
+            env, "passthrough-splice", "passthrough", only=SPLICE_CELLS, limits=", splice_min_bytes: 16KiB"
+        ),
         BytePump(env),
         HAProxy(env),
         Nginx(env),
@@ -790,7 +808,7 @@ def profile(env: Env, plan: Plan, target: Target, backend_pid: int, out: Path, c
 
 
 def main() -> None:
-    default_targets = "direct,passthrough,inspect,passthrough-no-hb,byte-pump,haproxy,nginx"
+    default_targets = "direct,passthrough,inspect,passthrough-no-hb,passthrough-splice,byte-pump,haproxy,nginx"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small subset with short cells (checks the script works)")
     p.add_argument(

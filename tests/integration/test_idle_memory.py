@@ -32,8 +32,10 @@ WARMUP = 50  # first-use costs (imports, caches, the first TLS-free accept) befo
 # 17.3 and 20.7 KiB once the relay stopped keeping the handshake's objects and one of its three
 # tasks; 5.0 KiB (passthrough) once the relay phase moved to the shared readiness loop
 # (reactor.py: no task at all while idle) and the backend count became a plain Lease
-# (docs/performance.md says where the rest goes); about 40 % slack on top.
-BOUND_BYTES = {"passthrough": 7 * 1024, "inspect": 10 * 1024}
+# (docs/performance.md says where the rest goes); 4.2 KiB once the per-session bound methods and
+# closures, the heartbeat's dict and the spent handshake scope went (issue 22; 5.4 KiB before in
+# the same harness); about 40 % slack on top.
+BOUND_BYTES = {"passthrough": 6 * 1024, "inspect": 10 * 1024}
 FDS_PER_SESSION = 4  # the proxy's two sockets, and the peers' two (they inherit the same limit)
 FDS_SPARE = 200
 MIN_SESSIONS = 100  # fewer would let per-process constants blur the per-session figure

@@ -157,10 +157,13 @@ async def test_a_raising_watcher_ends_its_session_while_every_other_session_echo
     bad = next(s for s in proxy.server.sessions if s.outcome.path == "/s2")
     assert bad._link is not None
 
-    def feed(data: bytes) -> None:
-        raise RuntimeError("a bug in one session's relay")
+    class BuggyRelay(type(bad._link.relay)):  # type: ignore[misc]
+        __slots__ = ()
 
-    bad._link.phase.client.feed = feed
+        def feed_client(self, data: bytes) -> None:
+            raise RuntimeError("a bug in one session's relay")
+
+    bad._link.relay.__class__ = BuggyRelay  # this session's relay only
     del bad
     with trio.fail_after(5):
         await clients[2].send(BytesMessage(data=b"boom"))

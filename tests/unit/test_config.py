@@ -603,3 +603,18 @@ def test_parse_duration_returns_positive_float_or_raises_value_error(value: obje
     assert isinstance(seconds, float)
     assert math.isfinite(seconds)
     assert seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("off", None), ("0", None), ("null", None), ("false", None), ("65536", 65536), ('"256KiB"', 262144)],
+)
+def test_splice_min_bytes_is_a_size_or_off(value: str, expected: int | None) -> None:
+    config = parse_config(MINIMAL + f"limits: {{splice_min_bytes: {value}}}\n")
+    assert config.limits.splice_min_bytes == expected
+
+
+def test_splice_min_bytes_defaults_to_128_kib_and_rejects_nonsense_with_its_key() -> None:
+    assert parse_config(MINIMAL).limits.splice_min_bytes == 131072
+    problems = _problems(MINIMAL + "limits: {splice_min_bytes: lots}\n")
+    assert "limits.splice_min_bytes" in problems

@@ -317,3 +317,188 @@ def test_whatever_the_sends_take_every_byte_arrives_once_in_order(
             stripped += got[pos:end]
         pos = end
     assert bytes(stripped) == b"".join(frames)
+
+
+# --- splicing: payload bytes that cross outside the relay (a kernel pipe in the driver) ----------
+
+
+def test_a_large_frames_payload_is_spliced_after_its_head_and_the_next_head_is_read_alone() -> None:
+    p = phase(splice_min_bytes=1000, finish_limit=4096)
+    frame = text(b"a" * 3000)
+    first = frame[:100]  # a read that got the head and the start of the payload
+    got = taken(p.received("client", first, now=1.0))
+    assert sends(got, "backend") == [first]
+    taken(p.sent("backend", len(first), now=1.0))
+    assert p.splice_size(p.client) == len(frame) - 100  # the rest of the payload, one read's worth at most
+    got = taken(p.spliced("client", 1000, now=2.0))
+    assert got == [(rp.PIPE, "backend")]
+    assert p.backend.piped == 1000 and not p.may_read(p.client)  # backpressure: the pipe is pending bytes
+    assert p.wants(p.backend) == (True, True)
+    assert taken(p.piped_sent("backend", 1000, now=2.0)) == []
+    assert p.may_read(p.client) and p.splice_size(p.client) == len(frame) - 1100
+    taken(p.spliced("client", len(frame) - 1100, now=3.0))
+    taken(p.piped_sent("backend", len(frame) - 1100, now=3.0))
+    stats = p.relay.stats
+    assert stats.client_bytes_in == len(frame) and stats.messages_to_backend == 1
+    # the frame was large: the next read takes a frame head only, so its payload can be spliced whole
+    assert p.read_size(p.client, 4096) == 14
+    small = text(b"hi")
+    taken(p.received("client", small, now=4.0))
+    assert p.read_size(p.client, 4096) == 4096  # a small frame: back to whole reads
+
+
+def test_below_the_threshold_or_without_it_nothing_is_spliced() -> None:
+    p = phase(finish_limit=4096)  # splice_min_bytes None: never
+    taken(p.received("client", text(b"a" * 3000)[:100], now=1.0))
+    taken(p.sent("backend", 100, now=1.0))
+    assert p.splice_size(p.client) == 0 and p.read_size(p.client, 4096) == 4096
+    p = phase(splice_min_bytes=5000, finish_limit=4096)
+    taken(p.received("client", text(b"a" * 3000)[:100], now=1.0))
+    taken(p.sent("backend", 100, now=1.0))
+    assert p.splice_size(p.client) == 0
+
+
+def test_a_client_under_a_rate_limit_is_never_spliced() -> None:
+    flow = FlowLimiter(now=0.0, nbytes=(1e9, 1e9), close_after=None)
+    p = phase(splice_min_bytes=100, finish_limit=4096, flow=flow)
+    taken(p.received("client", text(b"a" * 3000)[:100], now=1.0))
+    taken(p.sent("backend", 100, now=1.0))
+    assert p.splice_size(p.client) == 0 and p.read_size(p.client, 4096) == 4096
+
+
+def test_a_pipe_that_takes_nothing_starts_the_slow_consumer_clock_and_a_stuck_one_is_dropped() -> None:
+    p = phase(splice_min_bytes=100, finish_limit=500, slow_consumer_timeout=3.0)
+    frame = text(b"a" * 3000)
+    taken(p.received("client", frame[:100], now=1.0))
+    taken(p.sent("backend", 100, now=1.0))
+    taken(p.spliced("client", 500, now=1.0))
+    assert taken(p.piped_sent("backend", 0, now=1.0)) == [(rp.ARM, rp.STALL_TIMER, "backend", 4.0)]
+    got = taken(p.timer(rp.STALL_TIMER, "backend", now=4.0))
+    # more than finish_limit of the frame is still to come: it cannot be finished, the backend is dropped
+    assert (rp.CLOSE, "backend") in got and p.backend.piped == 0
+    (close,) = sends(got, "client")
+    assert parse_close(close[2:]) == (1001, "backend too slow: nothing accepted for 3s")
+
+
+def test_the_proxys_own_frames_wait_behind_the_spliced_payload() -> None:
+    p = phase(splice_min_bytes=100, finish_limit=4096)
+    frame = text(b"a" * 1000)
+    taken(p.received("client", frame[:50], now=1.0))
+    taken(p.sent("backend", 50, now=1.0))
+    assert p.relay.send_ping("backend", PING_MARKER + b"1")
+    assert taken(p.settle(now=1.0)) == []  # mid-frame: the ping waits for its end
+    got = taken(p.spliced("client", len(frame) - 50, now=2.0))
+    assert got == [(rp.PIPE, "backend")]  # the frame ended: the ping is queued behind the pipe
+    assert p.backend.out == b"" and p.backend.more
+    got = taken(p.piped_sent("backend", len(frame) - 50, now=2.0))
+    assert [a[0] for a in got] == [rp.SEND] and bytes(got[0][2])[0] & 0x0F == 0x9
+
+
+def test_a_peer_that_ends_in_the_middle_of_a_spliced_payload_leaves_the_other_without_a_close() -> None:
+    p = phase(splice_min_bytes=100, finish_limit=4096)
+    frame = text(b"a" * 3000)
+    taken(p.received("client", frame[:100], now=1.0))
+    taken(p.sent("backend", 100, now=1.0))
+    taken(p.spliced("client", 400, now=1.0))
+    taken(p.piped_sent("backend", 400, now=1.0))
+    got = taken(p.received("client", b"", now=2.0))  # the client vanished mid-frame
+    # no close frame can follow a cut frame: the backend's write side is shut (a lingering close)
+    assert (rp.CLOSE, "client") in got and (rp.SHUT, "backend") in got
+    assert not sends(got, "backend")
+
+
+def _strip_pings(got: bytes) -> bytes:
+    """The client-to-backend wire without the proxy's pings (every frame whole, all masked)."""
+    stripped = bytearray()
+    pos = 0
+    while pos < len(got):
+        length = got[pos + 1] & 0x7F
+        head = 2 + (2 if length == 126 else 0) + 4
+        if length == 126:
+            length = int.from_bytes(got[pos + 2 : pos + 4], "big")
+        end = pos + head + length
+        if got[pos] & 0x0F != 0x9:
+            stripped += got[pos:end]
+        pos = end
+    return bytes(stripped)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=10),
+    chunks=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=30),
+    takes=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=60),
+    pings=st.lists(st.booleans(), min_size=1, max_size=60),
+)
+def test_with_splicing_every_byte_arrives_once_in_order(
+    sizes: list[int], chunks: list[int], takes: list[int], pings: list[bool]
+) -> None:
+    """The client's stream read in arbitrary chunks, or spliced where the phase allows it (an
+    arbitrary part of what it allows), the pipe and the sends taking arbitrary amounts, the
+    proxy's pings queued at arbitrary moments: the backend receives exactly the client's frames
+    in order, with the pings only between frames; nothing new is sent while a send or the pipe
+    is in flight; pending bytes stay within one read plus the queued control frames; and the
+    relay counts every byte and message, spliced or read."""
+    read = 256
+    p = phase(splice_min_bytes=64, finish_limit=read)
+    messages = [bytes((k + i) % 256 for i in range(size)) for k, size in enumerate(sizes)]
+    frames = [text(m) for m in messages]
+    stream = b"".join(frames)
+    pos = 0
+    pipe = bytearray()  # what the driver moved into the pipe toward the backend, not yet sent on
+    wire = bytearray()
+    in_flight: bytes | memoryview = b""
+    step = 0
+    pings_queued = 0
+
+    def carry_out(actions: list[tuple[Any, ...]]) -> None:
+        nonlocal in_flight
+        for a in taken(actions):
+            if a[0] == rp.SEND:
+                assert a[1] == "backend" and not in_flight and not p.backend.piped, (
+                    "a new buffer while bytes were in flight"
+                )
+                in_flight = a[2]
+            else:  # (the stall clock's reports and timers come and go with the arbitrary takes)
+                assert a == (rp.PIPE, "backend") or a[0] in (rp.REPORT, rp.ARM, rp.CANCEL), a
+
+    while pos < len(stream) or p.backend.out or p.backend.piped:
+        step += 1
+        assert step < 20_000
+        if pings[step % len(pings)] and pings_queued < 5 and p.relay.send_ping("backend", PING_MARKER + b"%d" % step):
+            pings_queued += 1
+            carry_out(p.settle(now=float(step)))
+        if p.may_read(p.client) and pos < len(stream):
+            chunk = chunks[step % len(chunks)]
+            allowed = p.splice_size(p.client)
+            if allowed:
+                n = min(allowed, chunk)
+                pipe += stream[pos : pos + n]
+                pos += n
+                carry_out(p.spliced("client", n, now=float(step)))
+            else:
+                n = min(p.read_size(p.client, read), chunk)
+                data = stream[pos : pos + n]
+                pos += n
+                carry_out(p.received("client", data, now=float(step)))
+        assert len(p.backend.out) + p.backend.piped + sum(map(len, p.backend.more or ())) <= read + 14 + 5 * 20
+        assert len(pipe) == p.backend.piped
+        late = step >= 3 * len(takes)  # arbitrary amounts for a while (0 included), then whole sends
+        if p.backend.piped:
+            n = len(pipe) if late else min(takes[step % len(takes)], len(pipe))
+            wire += pipe[:n]
+            del pipe[:n]
+            carry_out(p.piped_sent("backend", n, now=float(step)))
+        elif in_flight:
+            n = len(in_flight) if late else min(takes[step % len(takes)], len(in_flight))
+            wire += bytes(in_flight)[:n]
+            assert p.backend.out is in_flight
+            next_actions = p.sent("backend", n, now=float(step))
+            in_flight = p.backend.out
+            for a in next_actions:
+                if a[0] == rp.SEND:
+                    assert a[2] is p.backend.out
+            next_actions.clear()
+    assert _strip_pings(bytes(wire)) == stream
+    stats = p.relay.stats
+    assert stats.client_bytes_in == len(stream) and stats.messages_to_backend == len(messages)

@@ -24,6 +24,12 @@ HEARTBEAT_LEGS = "both"
 # limits
 MAX_HEADER_BYTES = 16384
 BUFFER_BYTES = 65536
+# passthrough, plain sockets on both legs, Linux: the payload of a data frame of at least this many
+# bytes crosses the proxy through a kernel pipe (os.splice), never copied into Python; measured to
+# pay from about 128 KiB (docs/performance.md "Issue 22: splice"); None: always copy
+SPLICE_MIN_BYTES: int | None = 131072
+SPLICE_MAX_PIPES = 256  # kernel pipes in use at once for splicing (2 descriptors each); past it: copy
+SPLICE_IDLE_PIPES = 32  # empty pipes kept for reuse by the readiness loop
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SLOW_CONSUMER_TIMEOUT: float | None = None  # off
 MAX_SESSIONS: int | None = None  # off: global, per pool (pools.NAME.max_sessions), per backend

@@ -50,6 +50,7 @@ from wsproxy.config.values import (
     parse_host_names,
     parse_optional_count,
     parse_optional_duration,
+    parse_optional_size,
     parse_rate,
     parse_size,
     parse_window,
@@ -218,6 +219,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         (
             "max_header_bytes",
             "buffer_bytes",
+            "splice_min_bytes",
             "max_message_bytes",
             "slow_consumer_timeout",
             "max_sessions",
@@ -230,6 +232,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
             lim, "max_header_bytes", "limits", parse_bounded_int(1024, 1 << 20), defaults.MAX_HEADER_BYTES
         ),
         buffer_bytes=ck.get(lim, "buffer_bytes", "limits", parse_bounded_int(1024, 16 << 20), defaults.BUFFER_BYTES),
+        splice_min_bytes=ck.get(lim, "splice_min_bytes", "limits", parse_optional_size, defaults.SPLICE_MIN_BYTES),
         max_message_bytes=ck.get(lim, "max_message_bytes", "limits", parse_size, defaults.MAX_MESSAGE_BYTES),
         slow_consumer_timeout=ck.get(
             lim, "slow_consumer_timeout", "limits", parse_optional_duration, defaults.SLOW_CONSUMER_TIMEOUT

@@ -209,6 +209,7 @@ class PoolConfig:
         if self.tls is not None:
             return self.tls
         return BackendTLS() if backend.tls else None
+
     discovery: DnsDiscovery | None = None  # backends from DNS instead of `backends:` (None: static)
 
 
@@ -275,6 +276,7 @@ class Timeouts:
 class Limits:
     max_header_bytes: int = defaults.MAX_HEADER_BYTES
     buffer_bytes: int = defaults.BUFFER_BYTES
+    splice_min_bytes: int | None = defaults.SPLICE_MIN_BYTES  # None: never splice
     max_message_bytes: int = defaults.MAX_MESSAGE_BYTES
     slow_consumer_timeout: float | None = defaults.SLOW_CONSUMER_TIMEOUT
     max_sessions: int | None = defaults.MAX_SESSIONS  # all listeners together; over it: 503

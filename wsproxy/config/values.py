@@ -245,6 +245,13 @@ def is_off(value: Any) -> bool:
     return value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off")
 
 
+def parse_optional_size(value: Any) -> int | None:
+    """A size in bytes (parse_size), or off: `off`, null, false or 0."""
+    if is_off(value) or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    return parse_size(value)
+
+
 def parse_optional_count(value: Any) -> int | None:
     if is_off(value):
         return None

@@ -22,11 +22,18 @@ takes events and returns actions, so they can be tested with plain values and no
 - the close timer: once a closing handshake started, the session ends at `close_timeout` at the
   latest;
 - heartbeat accounting: what each read carried (traffic from a peer, data frames, the proxy's own
-  pongs) goes to the heartbeat schedule.
+  pongs) goes to the heartbeat schedule;
+- splicing (passthrough, plain sockets, `splice_min_bytes` set): the rest of a large data frame's
+  payload may cross from one socket to the other through a kernel pipe, never read into Python.
+  The phase says how much (`splice_size`, asked instead of reading), the driver moves it into the
+  pipe (`spliced`) and out of it (`PIPE` action, `piped_sent`); bytes in the pipe are pending
+  bytes like `out` (backpressure, the slow consumer, the lingering close wait for them), and what
+  the relay queues meanwhile waits behind them. After a large frame, a peer's next read takes
+  only a frame head (`read_size`), so the next large payload is spliced from its first byte.
 
 Events are the methods (`start`, `received`, `sent`, `send_failed`, `timer`, `settle`), each
 with `now`; each returns the list of actions to carry out in order (tuples, tag first: `SEND`,
-`CLOSE`, `ARM`, `CANCEL`, `REPORT`, `LATER`, `END`). What to watch a socket for is a query
+`CLOSE`, `ARM`, `CANCEL`, `REPORT`, `LATER`, `END`, `PIPE`). What to watch a socket for is a query
 (`wants`), asked by the driver once after it carried out a batch of actions, so a burst of
 events costs one change of the poller's registration. The driver (runtime/link.py) owns the
 sockets, TLS and the timers, and nothing else.
@@ -39,6 +46,7 @@ from typing import Any
 
 from wsproxy.config import defaults
 from wsproxy.policy.ratelimit import FlowLimiter
+from wsproxy.protocol.frames import MAX_HEADER
 from wsproxy.protocol.heartbeat import Schedule
 from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
 from wsproxy.protocol.sides import Side
@@ -55,6 +63,7 @@ CANCEL = "cancel"  # (CANCEL, timer, side): forget that timer
 REPORT = "report"  # (REPORT, what, side, value): for metrics and logs; changes nothing here
 LATER = "later"  # (LATER,): call `settle` again in a coming round (a long backlog, split to be fair)
 END = "end"  # (END,): the relay phase is over: close what is open, release the session
+PIPE = "pipe"  # (PIPE, side): send what the pipe toward side holds, then report `piped_sent` or `send_failed`
 
 # Timers (the `timer` of ARM, CANCEL and the `timer` event).
 CLOSE_TIMER = "close"  # side None: the closing handshake ran out of time
@@ -73,12 +82,21 @@ PONG_RTT = "pong_rtt"  # leg, seconds: a round trip of the proxy's own ping
 class SideState:
     """What the relay phase knows about one peer (read by the driver, changed only here)."""
 
-    __slots__ = ("closed", "eof", "feed", "finishing", "lingering", "more", "name", "out", "stall_since", "take")
+    __slots__ = (
+        "closed",
+        "eof",
+        "finishing",
+        "large",
+        "lingering",
+        "more",
+        "name",
+        "out",
+        "piped",
+        "stall_since",
+    )
 
-    def __init__(self, name: Side, feed: Callable[[bytes], None], take: Callable[[], bytes]) -> None:
+    def __init__(self, name: Side) -> None:
         self.name = name
-        self.feed = feed
-        self.take = take
         self.out: bytes | memoryview = b""  # in flight: the rest of the last SEND, as it was given
         # queued behind `out` (only the proxy's own frames, in practice); None: nothing, no list
         self.more: list[bytes] | None = None
@@ -87,6 +105,8 @@ class SideState:
         self.stall_since: float | None = None  # when a send first left bytes pending
         self.finishing = False  # dropped as a slow consumer: what is pending, then its 1008, goes out
         self.lingering = False  # write side shut after the proxy's close: read and discarded till it ends
+        self.piped = 0  # bytes in the kernel pipe toward this peer (spliced, not sent yet): before `out`
+        self.large = False  # its last data frame was large: read the next frame's head alone
 
 
 class RelayPhase:
@@ -108,6 +128,7 @@ class RelayPhase:
         "flow",
         "relay",
         "schedule",
+        "splice_min",
     )
 
     def __init__(
@@ -119,11 +140,17 @@ class RelayPhase:
         flow: FlowLimiter | None = None,
         schedule: Schedule | None = None,
         finish_limit: int = defaults.BUFFER_BYTES,
+        splice_min_bytes: int | None = None,
     ) -> None:
         self.relay = relay
+        # payloads of at least this many bytes may be spliced (None: never; only a relay that says
+        # `may_splice` can account for bytes it never saw)
+        self.splice_min = splice_min_bytes if getattr(relay, "may_splice", False) else None
         self._finish_limit = finish_limit  # bytes a slow consumer's frame in flight may still need
-        self.client = SideState(CLIENT, relay.feed_client, relay.take_for_client)
-        self.backend = SideState(BACKEND, relay.feed_backend, relay.take_for_backend)
+        # (the relay's feed and take methods are looked up per call: bound once, they were four
+        # objects per idle session)
+        self.client = SideState(CLIENT)
+        self.backend = SideState(BACKEND)
         self.close_timeout = close_timeout
         self._slow_limit = slow_consumer_timeout
         self.flow = flow
@@ -154,7 +181,7 @@ class RelayPhase:
         if s.lingering:
             return True  # read and discarded until it ends
         other = self.backend if s is self.client else self.client
-        if other.out and not other.finishing:  # (a slow consumer's frame can only grow by its rest)
+        if (other.out or other.piped) and not other.finishing:  # (a slow consumer's frame only grows by its rest)
             return False
         if self._may_backlog and self.relay.backlog(s.name):
             return False  # inflated input waits until the other peer took some
@@ -164,7 +191,28 @@ class RelayPhase:
         """(read, write): what the driver should watch this side's socket for."""
         if s.closed or self.done:
             return False, False
-        return self.may_read(s), bool(s.out)
+        return self.may_read(s), bool(s.out) or s.piped > 0
+
+    def read_size(self, s: SideState, size: int) -> int:
+        """How much to read from this peer (when `may_read`): `size`, or only a frame's head when
+        its last data frame was large enough to splice, so that the next one's payload is not
+        read into Python with its head."""
+        if s.large and self.splice_min is not None:
+            return MAX_HEADER
+        return size
+
+    def splice_size(self, s: SideState) -> int:
+        """Bytes of this peer's input that may cross to the other peer through a kernel pipe now,
+        instead of a read (when `may_read`): the rest of a forwarded data frame's payload, at
+        most `finish_limit` (one read's worth), of a frame of at least `splice_min_bytes` (0: read)."""
+        least = self.splice_min
+        if least is None or s.lingering or (s is self.client and self.flow is not None):
+            return 0
+        other = self.backend if s is self.client else self.client
+        if other.out or other.more or other.piped or other.closed or other.finishing or other.lingering:
+            return 0
+        run: int = self.relay.splice_run(s.name, least)  # type: ignore[attr-defined]
+        return min(run, self._finish_limit)
 
     # --- events -----------------------------------------------------------------------------
 
@@ -173,11 +221,11 @@ class RelayPhase:
         self._rounds = 0
         if client_trailing:
             if self.flow is not None:
-                self._client_step(self.client.feed, client_trailing, now, fresh=True)
+                self._client_step(self.relay.feed_client, client_trailing, now, fresh=True)
             else:
-                self._step(self.client.feed, client_trailing, now, CLIENT)
+                self._step(self.relay.feed_client, client_trailing, now, CLIENT)
         if backend_trailing:
-            self._step(self.backend.feed, backend_trailing, now, BACKEND)
+            self._step(self.relay.feed_backend, backend_trailing, now, BACKEND)
         self._settle(now)
         return self.actions
 
@@ -189,7 +237,7 @@ class RelayPhase:
         self._rounds = 0
         if s.lingering:
             if data:
-                s.feed(data)  # (the relay only records what it means: nothing goes anywhere now)
+                self._feed(s, data)  # (the relay only records what it means: nothing goes anywhere now)
                 return self.actions
             s.eof = True  # it ended: now the socket may close without a reset
             self._close(s)
@@ -198,14 +246,19 @@ class RelayPhase:
             return self.actions
         if not data:
             s.eof = True
-            s.feed(b"")
+            self._feed(s, b"")
             self._settle(now)
             return self.actions
         relay = self.relay
-        if self.flow is not None and s is self.client:
-            self._client_step(s.feed, data, now, fresh=True)
+        if s is self.client:
+            if self.flow is not None:
+                self._client_step(relay.feed_client, data, now, fresh=True)
+            else:
+                self._step(relay.feed_client, data, now, name)
         else:
-            self._step(s.feed, data, now, name)
+            self._step(relay.feed_backend, data, now, name)
+        if self.splice_min is not None and (s is self.backend or self.flow is None):
+            s.large = relay.frame_length(name) >= self.splice_min  # type: ignore[attr-defined]
         if self._may_backlog and relay.backlog(name):
             self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
         self._settle(now)
@@ -237,19 +290,59 @@ class RelayPhase:
             self._settle(now, take=False)
         return self.actions
 
+    def spliced(self, name: Side, n: int, now: float) -> list[tuple[Any, ...]]:
+        """The driver moved `n` (> 0, at most `splice_size`) bytes of peer `name`'s input into
+        the pipe toward the other peer; the PIPE action sends them on."""
+        s = self.client if name == CLIENT else self.backend
+        if self.done or s.eof:
+            return self.actions
+        other = self.backend if s is self.client else self.client
+        self._rounds = 0
+        relay = self.relay
+        other.piped += n
+        self._step(lambda count: relay.spliced(name, count), n, now, name)  # type: ignore[attr-defined]
+        s.large = relay.frame_length(name) >= (self.splice_min or 0)  # type: ignore[attr-defined]
+        self.actions.append((PIPE, other.name))
+        self._settle(now)
+        return self.actions
+
+    def piped_sent(self, name: Side, n: int, now: float) -> list[tuple[Any, ...]]:
+        """The driver's send from the pipe toward `name` took `n` bytes (0: it would block)."""
+        s = self.client if name == CLIENT else self.backend
+        if s.closed or self.done:
+            return self.actions
+        s.piped -= n
+        if s.piped:
+            if s.stall_since is None:
+                s.stall_since = now
+                if self._slow_limit is not None:
+                    self.actions.append((ARM, STALL_TIMER, name, now + self._slow_limit))
+            return self.actions
+        if s.more:
+            s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
+            s.more = None
+            self.actions.append((SEND, name, s.out))
+            return self.actions
+        if s.stall_since is not None:
+            self._stall_over(s, now)
+        if self._may_backlog or self.relay.closing:
+            self._settle(now, take=False)
+        return self.actions
+
     def send_failed(self, name: Side, now: float) -> list[tuple[Any, ...]]:
         """A send to `name` failed: the peer is gone; the relay decides what the other hears."""
         s = self.client if name == CLIENT else self.backend
         if s.closed or self.done:
             return self.actions
         s.out = b""
+        s.piped = 0
         s.more = None
         if s.stall_since is not None:
             self._stall_over(s, now)
         self._close(s)
         if not s.eof:
             s.eof = True
-            s.feed(b"")
+            self._feed(s, b"")
         self._settle(now)
         return self.actions
 
@@ -263,7 +356,7 @@ class RelayPhase:
         elif kind == STALL_TIMER:
             assert name is not None
             s = self.client if name == CLIENT else self.backend
-            if s.out and not s.closed and not s.finishing:
+            if (s.out or s.piped) and not s.closed and not s.finishing:
                 # The peer took nothing for the limit while data waited: nothing more is relayed
                 # to it but the rest of the frame in flight and a 1008 (if it reads within the
                 # close timeout, it learns why); the other peer is told why.
@@ -281,6 +374,7 @@ class RelayPhase:
                     s.finishing = True
                 else:  # its frame in flight cannot be finished: no close frame can follow, drop it
                     s.out = b""
+                    s.piped = 0
                     s.more = None
                     self._close(s)
                 self._settle(now)
@@ -304,6 +398,12 @@ class RelayPhase:
         self.done = True
 
     # --- steps ----------------------------------------------------------------------------
+
+    def _feed(self, s: SideState, data: bytes) -> None:
+        if s is self.client:
+            self.relay.feed_client(data)
+        else:
+            self.relay.feed_backend(data)
 
     def _step(self, step: Callable[[Any], None], arg: Any, now: float, read_from: Side | None = None) -> None:
         """Run one relay step and tell the heartbeat schedule what it carried: traffic from the
@@ -334,10 +434,10 @@ class RelayPhase:
         if self.flow is not None and relay.closing:
             self._lift_limit()
         for s in (self.client, self.backend) if take else ():
-            data = s.take()
+            data = relay.take_for_client() if s is self.client else relay.take_for_backend()
             if not data or s.closed:
                 continue  # (a finished side's output is dropped)
-            if s.out:  # a send in flight: never grow its buffer
+            if s.out or s.piped:  # a send in flight: never grow its buffer
                 if s.more is None:
                     s.more = [data]
                 else:
@@ -365,7 +465,7 @@ class RelayPhase:
                 self._close_armed = True
                 actions.append((ARM, CLOSE_TIMER, None, now + self.close_timeout))
             for s in (self.client, self.backend):
-                if s.out or s.closed or s.lingering:
+                if s.out or s.piped or s.closed or s.lingering:
                     continue
                 if relay.client_done if s is self.client else relay.backend_done:
                     if s.eof or relay.close_received(Side(s.name)):

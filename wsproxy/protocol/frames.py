@@ -139,6 +139,11 @@ class FrameParser:
         """No frame is part way through (a held partial header does not count)."""
         return not self.remaining
 
+    @property
+    def in_header(self) -> bool:
+        """Part of a header is held, waiting for the rest."""
+        return bool(self._held)
+
     def next_event(self, data: bytes, pos: int = 0) -> tuple[int, int]:
         """The next thing in `data` from `pos`: (event, end). See the class docstring.
 

@@ -65,7 +65,7 @@ class Schedule:
     either way for this long ends the session. lifetime: the session's end, jitter applied.
     """
 
-    __slots__ = ("_counter", "_sides", "idle", "interval", "last_data", "lifetime_end", "timeout")
+    __slots__ = ("_backend", "_client", "_counter", "idle", "interval", "last_data", "lifetime_end", "timeout")
 
     def __init__(
         self,
@@ -82,13 +82,17 @@ class Schedule:
         self.idle = idle
         self.lifetime_end = now + lifetime if lifetime is not None else None
         self.last_data = now
-        self._sides = {Side(side): _SideState(now) for side in sides} if interval is not None else {}
+        # one state per heartbeated leg (None: that leg has none); two slots rather than a dict
+        # keyed by side: a dict is the largest object an idle session would keep
+        legs = {Side(side) for side in sides} if interval is not None else set()
+        self._client = _SideState(now) if CLIENT in legs else None
+        self._backend = _SideState(now) if BACKEND in legs else None
         self._counter = 0
 
     # --- what the session saw ---------------------------------------------------------------
 
     def saw_traffic(self, side: Side, now: float) -> None:
-        state = self._sides.get(side)
+        state = self._client if side == CLIENT else self._backend
         if state is not None:
             state.last_rx = now
 
@@ -98,7 +102,7 @@ class Schedule:
     def saw_own_pong(self, side: Side, payload: bytes, now: float) -> float | None:
         """A pong the relay swallowed as ours: the round trip it measured (None: not the answer
         to our outstanding ping to that side, so nothing was measured)."""
-        state = self._sides.get(side)
+        state = self._client if side == CLIENT else self._backend
         if state is not None and state.ping_payload is not None and payload == state.ping_payload:
             state.rtt = now - state.ping_sent
             state.ping_payload = None
@@ -108,12 +112,12 @@ class Schedule:
     def ping_held(self, side: Side, now: float) -> None:
         """Our ping to `side` still waits behind a frame the peer is receiving: its timeout
         counts from when it can be sent, not from when it was queued."""
-        state = self._sides.get(side)
+        state = self._client if side == CLIENT else self._backend
         if state is not None and state.ping_payload is not None:
             state.ping_sent = now
 
     def rtt(self, side: Side) -> float | None:
-        state = self._sides.get(side)
+        state = self._client if side == CLIENT else self._backend
         return state.rtt if state is not None else None
 
     # --- what is due --------------------------------------------------------------------------
@@ -121,7 +125,9 @@ class Schedule:
     def next_deadline(self) -> float | None:
         """The earliest time anything may be due (None: nothing ever is)."""
         times: list[float] = []
-        for state in self._sides.values():
+        for state in (self._client, self._backend):
+            if state is None:
+                continue
             assert self.interval is not None
             if state.ping_payload is None:
                 times.append(state.last_rx + self.interval)
@@ -140,7 +146,9 @@ class Schedule:
         if self.idle is not None and now >= self.last_data + self.idle:
             return [Expired("idle")]
         actions: list[Action] = []
-        for side, state in self._sides.items():
+        for side, state in ((CLIENT, self._client), (BACKEND, self._backend)):
+            if state is None:
+                continue
             assert self.interval is not None
             if state.ping_payload is not None and now >= max(state.ping_sent, state.last_rx) + self.timeout:
                 if state.last_rx > state.ping_sent:

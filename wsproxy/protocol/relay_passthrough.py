@@ -124,6 +124,7 @@ class PassthroughRelay(RelayBase):
     # Every read is forwarded at once: backlog() is False unless the client's allowance holds
     # some of it back (limit_client), and the relay phase asks for a backlog only then.
     may_backlog = False
+    may_splice = True  # splice_run / spliced: payloads may cross outside the relay (relay_phase)
 
     def __init__(
         self,
@@ -273,6 +274,44 @@ class PassthroughRelay(RelayBase):
             data, self._held = self._held, b""
             self._feed_within(data)
 
+    def splice_run(self, side: Side, least: int) -> int:
+        """Bytes `side` sends next that go to the other peer verbatim, unseen: the rest of the
+        payload of a data frame of at least `least` bytes being forwarded (0: none, or the relay
+        must see them: a control frame being collected, a peer closing or failed, the client's
+        input under an allowance). The driver may move up to that many outside the relay (a
+        kernel pipe) and say so with `spliced`."""
+        src = self._state(side)
+        if not src.fwd or src.failed or src.recv_close or src.owed is not None or src.ctl is not None:
+            return 0
+        if src is self._client and (self._held or self._byte_left is not None or self._msg_stop != NO_MESSAGE_LIMIT):
+            return 0
+        p = src.parser
+        return p.remaining if p.length >= least else 0
+
+    def frame_length(self, side: Side) -> int:
+        """Payload length of the last data frame whose header came from `side` (0: none yet), and
+        0 while `side` is part way through a frame or a header (not at a frame boundary)."""
+        p = self._state(side).parser
+        return p.length if p.opcode < 8 and not p.remaining and not p.in_header else 0
+
+    def spliced(self, side: Side, n: int) -> None:
+        """`n` bytes of `splice_run(side)` went to the other peer outside the relay: account for
+        them as if fed (bytes in, a data frame part, the frame's end and its message)."""
+        src = self._state(side)
+        p = src.parser
+        if not 0 < n <= p.remaining or not src.fwd:
+            raise ValueError(f"spliced {n} bytes of a run of {p.remaining if src.fwd else 0}")
+        if src is self._client:
+            self.stats.client_bytes_in += n
+            dst = self._backend
+        else:
+            self.stats.backend_bytes_in += n
+            dst = self._client
+        p.remaining -= n  # (FrameParser: a reader may take payload itself and lower `remaining`)
+        self.stats.data_frames += 1
+        if not p.remaining:
+            self._frame_ended(src, dst)
+
     def take_pongs(self) -> list[tuple[Side, bytes]]:
         """(side, payload) of every pong that answered one of the proxy's pings since the last
         call; those were swallowed, every other pong passed end to end."""
@@ -330,7 +369,6 @@ class PassthroughRelay(RelayBase):
             if src.fwd:
                 dst.out.append(data)
             return
-        to_client = dst is self._client
         stats = self.stats
         mv = memoryview(data)
         out = dst.out
@@ -386,20 +424,10 @@ class PassthroughRelay(RelayBase):
                 return
             if not p.remaining and src.fwd:
                 # A forwarded data frame just ended: count it, let waiting own frames out.
-                hold = False
-                if p.fin:
-                    if to_client:
-                        stats.messages_to_client += 1
-                    else:
-                        stats.messages_to_backend += 1
-                        hold = stats.messages_to_backend >= self._msg_stop  # the allowance is used up
-                if dst.pending:
-                    if run >= 0:
-                        out.append(mv[run:pos])
-                        run = -1
-                    out.extend(dst.pending)
-                    dst.pending = None
-                if hold:
+                if dst.pending and run >= 0:
+                    out.append(mv[run:pos])
+                    run = -1
+                if self._frame_ended(src, dst):
                     if run >= 0:
                         out.append(mv[run:pos])
                     if pos < n:
@@ -407,6 +435,22 @@ class PassthroughRelay(RelayBase):
                     return
         if run >= 0:
             out.append(data if run == 0 and pos == n else mv[run:pos])
+
+    def _frame_ended(self, src: _SideState, dst: _SideState) -> bool:
+        """A data frame forwarded from `src` just ended: count its message, let the own frames
+        waiting for dst's frame boundary out. True if the client's message allowance is used up."""
+        hold = False
+        if src.parser.fin:
+            stats = self.stats
+            if dst is self._client:
+                stats.messages_to_client += 1
+            else:
+                stats.messages_to_backend += 1
+                hold = stats.messages_to_backend >= self._msg_stop
+        if dst.pending:
+            dst.out.extend(dst.pending)
+            dst.pending = None
+        return hold
 
     def _control(self, src: _SideState, dst: _SideState, frame: bytearray) -> bool:
         """Act on a complete control frame from `src`; False once `src` must not be read on."""

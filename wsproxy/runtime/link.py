@@ -15,12 +15,19 @@ from accept on. A read that wants a write and a write that wants a read change w
 is watched for; plaintext OpenSSL decrypted already (a record larger than one read) is read in a
 coming round (`Reactor.soon`), as no readiness event will announce it. Timers are entries in the
 shared `Timers` schedule, as heartbeats are.
+
+Splicing (Linux, plain sockets on both legs, `limits.splice_min_bytes`): where the phase says the
+next bytes of a peer go verbatim to the other (`splice_size`), the link moves them with
+`os.splice` into a pipe from the reactor's pool (runtime/splice.py) and on to the other socket
+(the `PIPE` action, again on writability), instead of reading them into Python; the pipe goes back
+to the pool once empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,15 +42,12 @@ from wsproxy.policy.relay_phase import RelayPhase, SideState
 from wsproxy.protocol.relay import Relay
 from wsproxy.protocol.sides import Side
 from wsproxy.runtime.reactor import READ, WRITE, Reactor
+from wsproxy.runtime.splice import HAS_SPLICE, SPLICE_FLAGS
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 log = logging.getLogger("wsproxy.session")
 
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
-
-def _nothing_pending() -> int:
-    return 0
 
 
 def _ignore(*_: Any) -> None:
@@ -55,7 +59,7 @@ def _no_name(side: Side) -> str:
 
 
 def _waiting(state: SideState) -> int:
-    return len(state.out) + sum(len(chunk) for chunk in state.more or ())
+    return len(state.out) + state.piped + sum(len(chunk) for chunk in state.more or ())
 
 
 class PeerSocket:
@@ -66,10 +70,8 @@ class PeerSocket:
         "closed",
         "fd",
         "mask",
-        "pending",
+        "pipe",
         "read_wants_write",
-        "recv",
-        "send",
         "sock",
         "state",
         "tls",
@@ -81,15 +83,12 @@ class PeerSocket:
         self.state = state  # the phase's view of this peer (pending bytes, eof, closed)
         self.fd = sock.fileno()
         self.tls = isinstance(sock, ssl.SSLSocket)
-        # The calls made per read and per send, bound once (public APIs: SSLSocket's for TLS).
-        self.recv: Callable[[int], bytes] = sock.recv
-        self.send: Callable[[Any], int] = sock.send
-        self.pending: Callable[[], int] = sock.pending if isinstance(sock, ssl.SSLSocket) else _nothing_pending
         self.mask = 0  # what the reactor watches for (0: not registered)
         self.closed = False  # our socket is closed
         self.read_wants_write = False  # TLS: the last recv needs the socket writable first
         self.write_wants_read = False  # TLS: the last send needs the socket readable first
         self.again = False  # TLS: a read of OpenSSL's buffered plaintext is already asked for
+        self.pipe: tuple[int, int] | None = None  # the pipe toward this peer while bytes are spliced to it
 
 
 class Link:
@@ -105,6 +104,7 @@ class Link:
         "_peer_name",
         "_reactor",
         "_size",
+        "_splice",
         "_timer_entries",
         "_timers",
         "backend",
@@ -132,9 +132,11 @@ class Link:
         peer_name: Callable[[Side], str],
         on_end: Callable[[Link], None],
         schedule: Any = None,
+        splice_min_bytes: int | None = None,
     ) -> None:
         self._reactor = reactor
         self.relay = relay
+        plain = not isinstance(client, ssl.SSLSocket) and not isinstance(backend, ssl.SSLSocket)
         self.phase = RelayPhase(
             relay,
             close_timeout=close_timeout,
@@ -142,7 +144,9 @@ class Link:
             flow=flow,
             schedule=schedule,
             finish_limit=receive_size,
+            splice_min_bytes=splice_min_bytes if HAS_SPLICE and plain else None,
         )
+        self._splice = self.phase.splice_min is not None  # some payloads may cross through a pipe
         self.client = PeerSocket(client, self.phase.client)
         self.backend = PeerSocket(backend, self.phase.backend)
         self._timers = timers
@@ -208,8 +212,12 @@ class Link:
         if s.state.out and not s.closed:
             self._send(s, s.state.out, now)
             acted = True
+        elif s.state.piped and not s.closed:
+            self._pipe_out(s, now)
+            acted = True
         if not self._done and phase.may_read(s.state):
-            acted = self._read(s, now) or acted
+            step = self._splice_or_read(s, now) if self._splice else self._read(s, now, self._size)
+            acted = step or acted
         if not acted:
             phase.settle(now)
         self._carry_out(phase.actions, now)
@@ -223,10 +231,10 @@ class Link:
 
     # --- I/O ------------------------------------------------------------------------------
 
-    def _read(self, s: PeerSocket, now: float) -> bool:
+    def _read(self, s: PeerSocket, now: float, size: int) -> bool:
         """Read once; True if the phase was told something."""
         try:
-            data = s.recv(self._size)
+            data = s.sock.recv(size)  # (SSLSocket's public recv for TLS)
         except ssl.SSLWantWriteError:
             s.read_wants_write = True
             return False
@@ -239,10 +247,72 @@ class Link:
         self.phase.received(s.state.name, data, now)
         return True
 
+    def _splice_or_read(self, s: PeerSocket, now: float) -> bool:
+        """Splice what the phase lets cross verbatim into the pipe toward the other peer (then
+        on, by the PIPE action); else read. After a large frame the read takes only the next
+        frame's head: that head is sent on at once and its payload spliced in the same turn.
+        True if the phase was told something."""
+        phase = self.phase
+        st = s.state
+        n = phase.splice_size(st)
+        if n:
+            spliced = self._splice_in(s, n, now)
+            if spliced is not None:
+                return spliced
+        size = phase.read_size(st, self._size)
+        told = self._read(s, now, size)
+        if told and size < self._size and not self._done:
+            self._carry_out(phase.actions, now)
+            if not self._done and phase.may_read(st):
+                n = phase.splice_size(st)
+                if n:
+                    self._splice_in(s, n, now)
+        return told
+
+    def _splice_in(self, s: PeerSocket, n: int, now: float) -> bool | None:
+        """Move up to `n` bytes of `s`'s input into the pipe toward the other peer; True if the
+        phase was told something, None if no pipe is to be had (the caller reads instead)."""
+        other = self.backend if s is self.client else self.client
+        pipe = other.pipe or self._reactor.pipes.take(self._size)
+        if pipe is None:
+            return None
+        other.pipe = pipe
+        try:
+            got = os.splice(s.fd, pipe[1], n, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return False  # (the pipe is empty: kept while the frame goes on)
+        except OSError:
+            got = 0  # reset or broken: the peer vanished
+        if got:
+            self.phase.spliced(s.state.name, got, now)
+            return True
+        other.pipe = None
+        self._reactor.pipes.give(pipe)  # still empty
+        self.phase.received(s.state.name, b"", now)
+        return True
+
+    def _pipe_out(self, s: PeerSocket, now: float) -> None:
+        """One send of what the pipe toward `s` holds; its result goes back to the phase."""
+        pipe = s.pipe
+        assert pipe is not None
+        try:
+            sent = os.splice(pipe[0], s.fd, s.state.piped, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            s.pipe = None
+            self._reactor.pipes.drop(pipe)
+            self.phase.send_failed(s.state.name, now)
+            return
+        self.phase.piped_sent(s.state.name, sent, now)
+        if not s.state.piped and s.pipe is not None:
+            s.pipe = None
+            self._reactor.pipes.give(pipe)
+
     def _send(self, s: PeerSocket, data: bytes | memoryview, now: float) -> None:
         """One send of the side's in-flight bytes; its result goes back to the phase."""
         try:
-            sent = s.send(data)
+            sent = s.sock.send(data)
         except ssl.SSLWantReadError:
             s.write_wants_read = True
             sent = 0
@@ -269,6 +339,10 @@ class Link:
                     s = self.client if action[1] is rp.CLIENT else self.backend
                     if not s.closed:
                         self._send(s, action[2], now)
+                elif tag is rp.PIPE:
+                    s = self.client if action[1] is rp.CLIENT else self.backend
+                    if not s.closed:
+                        self._pipe_out(s, now)
                 elif tag is rp.CLOSE:
                     self._close(self.client if action[1] is rp.CLIENT else self.backend)
                 elif tag is rp.SHUT:
@@ -332,7 +406,7 @@ class Link:
             mask |= READ
         if (writing and not s.write_wants_read) or (s.read_wants_write and reading):
             mask |= WRITE
-        if reading and s.tls and not s.again and s.pending():
+        if reading and s.tls and not s.again and s.sock.pending():  # type: ignore[attr-defined]
             # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
             # the handshake): the kernel socket may be empty, so the poller would never say so.
             s.again = True
@@ -359,10 +433,17 @@ class Link:
         with contextlib.suppress(OSError, ValueError):
             socket.socket.shutdown(s.sock, socket.SHUT_WR)
 
+    def _drop_pipe(self, s: PeerSocket) -> None:
+        """What is still in the pipe toward `s` will never be sent: close it."""
+        if s.pipe is not None:
+            pipe, s.pipe = s.pipe, None
+            self._reactor.pipes.drop(pipe)
+
     def _close(self, s: PeerSocket) -> None:
         if s.closed:
             return
         s.closed = True
+        self._drop_pipe(s)
         if s.mask:
             self._reactor.unregister(s.fd, closing=True)  # closed just below
             s.mask = 0
@@ -395,6 +476,7 @@ class Link:
             if s.mask:
                 self._reactor.unregister(s.fd)
                 s.mask = 0
+            self._drop_pipe(s)
         for entry in self._timer_entries.values():
             self._timers.cancel(entry)
         self._timer_entries.clear()

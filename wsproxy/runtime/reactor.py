@@ -33,6 +33,7 @@ from typing import Protocol
 import trio
 
 from wsproxy.config.defaults import REACTOR_ROUND_BUDGET
+from wsproxy.runtime.splice import PipePool
 
 log = logging.getLogger("wsproxy.reactor")
 
@@ -201,6 +202,7 @@ class Reactor:
         "_soon",
         "_waker",
         "_watchers",
+        "pipes",
         "running",
         "task",
     )
@@ -225,6 +227,7 @@ class Reactor:
         self._in_round = False
         self.running = False
         self.task: trio.lowlevel.Task | None = None  # the loop's task, while it runs
+        self.pipes = PipePool()  # the kernel pipes its sessions splice through (runtime/splice.py)
 
     def attach(self, watcher: Watcher) -> None:
         """`watcher` is owned by the loop from now until `detach`: told if the loop stops, even
@@ -346,3 +349,4 @@ class Reactor:
             self._waker = None
             poller.close()
             waker.close()
+            self.pipes.close()

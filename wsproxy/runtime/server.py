@@ -108,6 +108,9 @@ class Server:
         self.backend_tls = BackendContexts()  # client TLS contexts for wss:// backends, rebuilt on reload
         self.backend_tls.load(config)
         self.sessions: set[Session] = set()
+        # what every session is handed, made once: a callable per session is memory it keeps while idle
+        self._current_snapshot: Callable[[], Snapshot] = lambda: self.snapshot
+        self._session_ended: Callable[[Session], None] = self._unregister
         self.bound: list[tuple[ListenerConfig, tuple[str, int]]] = []  # (listener, actual address)
         self._listening: dict[ListenerKey, _Listening] = {}
         self._listen_scope = trio.CancelScope()
@@ -203,10 +206,10 @@ class Server:
             metrics=self.metrics,
             edge=self.edge,
             reactor=self.reactor,
-            on_end=self._unregister,  # told once: by run(), or later by its link on the reactor
+            on_end=self._session_ended,  # told once: by run(), or later by its link on the reactor
             backend_tls=self.backend_tls,
             idle=self.idle,
-            current_snapshot=lambda: self.snapshot,
+            current_snapshot=self._current_snapshot,
         )
         return session
 

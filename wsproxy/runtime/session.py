@@ -42,6 +42,7 @@ from wsproxy.runtime.streams import Stream, format_address
 from wsproxy.runtime.timers import TimerEntry, Timers
 
 log = logging.getLogger("wsproxy.session")
+_SPENT_SCOPE = trio.CancelScope()  # stands in for a relaying session's handshake scope (never entered)
 
 
 @dataclass(slots=True)
@@ -147,6 +148,10 @@ class Session:
         try:
             with self._scope:
                 await self._serve()
+            if self._link is not None:
+                # relaying on the reactor: the link ends the session from here, never this scope
+                # (go_away and cut ask the link), so an idle session does not keep it
+                self._scope = _SPENT_SCOPE
         except Exception:
             # A bug in one session ends that session only; the process and others go on.
             log.exception("session from %s failed", format_address(self.client_addr))
@@ -270,6 +275,7 @@ class Session:
             timers=self._timers,
             metrics=self.metrics,
             receive_size=cfg.limits.buffer_bytes,
+            splice_min_bytes=cfg.limits.splice_min_bytes,
             close_timeout=cfg.timeouts.close,
             slow_consumer_timeout=cfg.limits.slow_consumer_timeout,
             schedule=self._schedule,
