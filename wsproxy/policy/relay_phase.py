@@ -42,13 +42,13 @@ sockets, TLS and the timers, and nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from wsproxy.config import defaults
 from wsproxy.policy.ratelimit import FlowLimiter
 from wsproxy.protocol.frames import MAX_HEADER
 from wsproxy.protocol.heartbeat import Schedule
-from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay
+from wsproxy.protocol.relay import GOING_AWAY, POLICY_VIOLATION, Relay, SplicingRelay
 from wsproxy.protocol.sides import Side
 
 CLIENT, BACKEND = Side.CLIENT, Side.BACKEND
@@ -119,6 +119,7 @@ class RelayPhase:
         "_may_backlog",
         "_rounds",
         "_slow_limit",
+        "_splicer",
         "_throttled",
         "actions",
         "backend",
@@ -145,7 +146,9 @@ class RelayPhase:
         self.relay = relay
         # payloads of at least this many bytes may be spliced (None: never; only a relay that says
         # `may_splice` can account for bytes it never saw)
-        self.splice_min = splice_min_bytes if getattr(relay, "may_splice", False) else None
+        may_splice = getattr(relay, "may_splice", False)
+        self.splice_min = splice_min_bytes if may_splice else None
+        self._splicer = cast(SplicingRelay, relay) if may_splice else None
         self._finish_limit = finish_limit  # bytes a slow consumer's frame in flight may still need
         # (the relay's feed and take methods are looked up per call: bound once, they were four
         # objects per idle session)
@@ -205,13 +208,13 @@ class RelayPhase:
         """Bytes of this peer's input that may cross to the other peer through a kernel pipe now,
         instead of a read (when `may_read`): the rest of a forwarded data frame's payload, at
         most `finish_limit` (one read's worth), of a frame of at least `splice_min_bytes` (0: read)."""
-        least = self.splice_min
-        if least is None or s.lingering or (s is self.client and self.flow is not None):
+        least, splicer = self.splice_min, self._splicer
+        if least is None or splicer is None or s.lingering or (s is self.client and self.flow is not None):
             return 0
         other = self.backend if s is self.client else self.client
         if other.out or other.more or other.piped or other.closed or other.finishing or other.lingering:
             return 0
-        run: int = self.relay.splice_run(s.name, least)  # type: ignore[attr-defined]
+        run = splicer.splice_run(s.name, least)
         return min(run, self._finish_limit)
 
     # --- events -----------------------------------------------------------------------------
@@ -257,8 +260,9 @@ class RelayPhase:
                 self._step(relay.feed_client, data, now, name)
         else:
             self._step(relay.feed_backend, data, now, name)
-        if self.splice_min is not None and (s is self.backend or self.flow is None):
-            s.large = relay.frame_length(name) >= self.splice_min  # type: ignore[attr-defined]
+        splicer = self._splicer
+        if splicer is not None and self.splice_min is not None and (s is self.backend or self.flow is None):
+            s.large = splicer.frame_length(name) >= self.splice_min
         if self._may_backlog and relay.backlog(name):
             self.actions.append((REPORT, BUFFER_FULL, BACKEND if s is self.client else CLIENT, None))
         self._settle(now)
@@ -298,10 +302,11 @@ class RelayPhase:
             return self.actions
         other = self.backend if s is self.client else self.client
         self._rounds = 0
-        relay = self.relay
+        splicer = self._splicer
+        assert splicer is not None  # only a relay that splices offers a `splice_size`
         other.piped += n
-        self._step(lambda count: relay.spliced(name, count), n, now, name)  # type: ignore[attr-defined]
-        s.large = relay.frame_length(name) >= (self.splice_min or 0)  # type: ignore[attr-defined]
+        self._step(lambda count: splicer.spliced(name, count), n, now, name)
+        s.large = splicer.frame_length(name) >= (self.splice_min or 0)
         self.actions.append((PIPE, other.name))
         self._settle(now)
         return self.actions

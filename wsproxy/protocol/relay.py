@@ -145,3 +145,18 @@ class Relay(Protocol):
     def closing(self) -> bool:
         """A closing handshake has started on some hop: the close timeout now runs. True
         whenever client_done or backend_done is (the shell checks those only then)."""
+
+
+class SplicingRelay(Relay, Protocol):
+    """A relay that lets large payloads cross outside it (a kernel pipe, runtime/splice.py) and
+    accounts for bytes it never saw: passthrough only (it says so with `may_splice = True`)."""
+
+    def splice_run(self, side: Side, least: int) -> int:
+        """Bytes `side` sends next that may go to the other peer verbatim and unseen (0: none)."""
+
+    def frame_length(self, side: Side) -> int:
+        """Payload length of the last data frame whose header came from `side`, at a frame boundary
+        (0 otherwise)."""
+
+    def spliced(self, side: Side, n: int) -> None:
+        """`n` bytes of `splice_run(side)` went to the other peer outside the relay."""
