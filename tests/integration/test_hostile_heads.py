@@ -183,8 +183,21 @@ def heads(draw: st.DrawFn) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def _answered(got: bytes) -> bool:
+    """A whole answer: a 101's head, or a response head and the Content-Length bytes it announces
+    (a plain HTTP request's answer, after which the proxy keeps the connection alive)."""
+    end = got.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    if got.startswith(b"HTTP/1.1 101 "):
+        return True
+    length = re.search(rb"(?im)^content-length:[ \t]*(\d+)[ \t]*\r$", got[: end + 2])
+    return length is not None and len(got) - end - 4 >= int(length.group(1))
+
+
 def _exchange(port: int, head: bytes) -> bytes:
-    """Send the head; read the answer's head (a 101) or everything until the proxy closes."""
+    """Send the head; read the answer (a 101's head, or a response with its body) or everything
+    until the proxy closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head.replace(b"{port}", str(port).encode()))
         got = b""
@@ -196,7 +209,7 @@ def _exchange(port: int, head: bytes) -> bytes:
             if not data:
                 break
             got += data
-            if got.startswith(b"HTTP/1.1 101 ") and b"\r\n\r\n" in got:
+            if _answered(got):
                 break
     return got
 
