@@ -7,13 +7,16 @@ clients lost their SYNs and retried after 1, 3, 7 and 15 s (benchmarks/relay_ben
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import trio
 
 from tests.integration.test_reload import config_text, start_backends, whoami
 from tests.support import RawClient, free_port, start_proxy
-from wsproxy.config import defaults
+from wsproxy.config import Address, defaults
+from wsproxy.runtime.listen import open_sockets
+from wsproxy.runtime.streams import NOTSENT_LOWAT
 from wsproxy.runtime.supervisor import reload_from_file
 
 
@@ -53,3 +56,20 @@ async def test_a_configured_queue_is_applied_and_a_reload_resizes_it_in_place(nu
     assert await whoami(held) == "b0"  # the same listening socket: sessions and the port untouched
     with trio.fail_after(5):
         assert await whoami(await RawClient.connect(port)) == "b0"
+
+
+async def test_a_listening_socket_is_tuned_before_it_queues_a_connection() -> None:
+    """Linux copies a listening socket's options into a connection when its TCP handshake completes,
+    not at accept(): a socket tuned only by the accept loop would hand the connections queued
+    before it (a storm at start-up) no TCP_NODELAY and no unsent-bytes watermark."""
+    (listening,) = await open_sockets(Address("127.0.0.1", 0), label="t", reuse_port=False, backlog=8)
+    try:
+        early = socket.create_connection(listening.getsockname()[:2])  # queued, not accepted yet
+        accepted, _ = listening.accept()
+        for sock in (listening, accepted):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+        accepted.close()
+        early.close()
+    finally:
+        listening.close()

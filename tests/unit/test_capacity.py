@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from wsproxy.config import parse_config
+from wsproxy.config import defaults, parse_config
 from wsproxy.observe.burst_log import BurstLog
 from wsproxy.policy import capacity
 
@@ -39,12 +39,22 @@ def config(extra: str = "", pool: str = "") -> object:
 
 
 def test_descriptors_needed_are_two_per_capped_session_plus_checks_admin_and_a_reserve() -> None:
-    base = capacity.descriptors_needed(config("limits: {max_sessions: 1000}\n"))
+    base = capacity.descriptors_needed(config("limits: {max_sessions: 1000, splice_min_bytes: off}\n"))
     assert base is not None and 2000 < base < 2300
     with_checks = capacity.descriptors_needed(
-        config("limits: {max_sessions: 1000}\nadmin: {address: 127.0.0.1:0}\n", "    health: {interval: 1s}\n")
+        config(
+            "limits: {max_sessions: 1000, splice_min_bytes: off}\nadmin: {address: 127.0.0.1:0}\n",
+            "    health: {interval: 1s}\n",
+        )
     )
     assert with_checks is not None and with_checks >= base + 2 + 32
+
+
+def test_splicing_counts_the_pipes_it_may_hold() -> None:
+    copying = capacity.descriptors_needed(config("limits: {max_sessions: 1000, splice_min_bytes: off}\n"))
+    splicing = capacity.descriptors_needed(config("limits: {max_sessions: 1000, splice_min_bytes: 128KiB}\n"))
+    assert copying is not None and splicing is not None
+    assert splicing - copying >= 2 * (defaults.SPLICE_MAX_PIPES + defaults.SPLICE_IDLE_PIPES)
 
 
 def test_without_any_cap_nothing_can_be_sized() -> None:

@@ -502,3 +502,13 @@ def test_with_splicing_every_byte_arrives_once_in_order(
     assert _strip_pings(bytes(wire)) == stream
     stats = p.relay.stats
     assert stats.client_bytes_in == len(stream) and stats.messages_to_backend == len(messages)
+
+
+def test_a_lingering_peer_whose_last_frame_was_large_is_read_in_whole_buffers_again() -> None:
+    p = phase(splice_min_bytes=1000, finish_limit=4096)
+    frame = text(b"a" * 3000)
+    taken(p.received("client", frame, now=1.0))
+    taken(p.sent("backend", len(frame), now=1.0))
+    assert p.read_size(p.client, 4096) == 14  # at a frame boundary after a large frame: a head only
+    p.client.lingering = True  # the proxy closed toward it and only drains what it still sends
+    assert p.read_size(p.client, 4096) == 4096 and p.splice_size(p.client) == 0

@@ -51,7 +51,8 @@ def session_cap(config: Config) -> int | None:
 
 def descriptors_needed(config: Config) -> int | None:
     """Descriptors the configured caps need: 2 per session, one per active check, the admin
-    listener's connections, the listeners and a fixed base (stdio, epoll, the spare, logs).
+    listener's connections, the listeners, the splice pipes (when splicing is on) and a fixed
+    base (stdio, epoll, the spare, logs).
     None when no cap bounds the sessions."""
     cap = session_cap(config)
     if cap is None:
@@ -59,7 +60,9 @@ def descriptors_needed(config: Config) -> int | None:
     checks = sum(len(p.backends) for p in config.pools.values() if p.health is not None)
     admin = defaults.ADMIN_MAX_CONNECTIONS + 1 if config.admin is not None else 0
     listeners = len(config.listeners) * 2  # IPv4 and IPv6 for a name like localhost
-    fixed = defaults.DESCRIPTOR_BASE + listeners + checks + admin
+    # the kernel pipes payloads are spliced through: two descriptors each, in use and kept idle
+    pipes = 2 * (defaults.SPLICE_MAX_PIPES + defaults.SPLICE_IDLE_PIPES) if config.limits.splice_min_bytes else 0
+    fixed = defaults.DESCRIPTOR_BASE + listeners + checks + admin + pipes
     return fixed + PER_SESSION * cap + reserve_for(fixed + PER_SESSION * cap)
 
 

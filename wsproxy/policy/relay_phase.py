@@ -200,7 +200,7 @@ class RelayPhase:
         """How much to read from this peer (when `may_read`): `size`, or only a frame's head when
         its last data frame was large enough to splice, so that the next one's payload is not
         read into Python with its head."""
-        if s.large and self.splice_min is not None:
+        if s.large and not s.lingering and self.splice_min is not None:
             return MAX_HEADER
         return size
 

@@ -158,6 +158,8 @@ class HttpConnection:
                 refusal = got if isinstance(got, Rejection) else limited
                 await self._exchange(got if isinstance(got, h11.Request) else None, refused=refusal)
                 return None
+            if self.draining:  # the drain came while the request was admitted: it is not served
+                return None
             if handshake.is_upgrade(got):
                 return got
             request = got

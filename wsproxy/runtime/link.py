@@ -31,7 +31,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -406,7 +406,7 @@ class Link:
             mask |= READ
         if (writing and not s.write_wants_read) or (s.read_wants_write and reading):
             mask |= WRITE
-        if reading and s.tls and not s.again and s.sock.pending():  # type: ignore[attr-defined]
+        if reading and s.tls and not s.again and cast(ssl.SSLSocket, s.sock).pending():
             # Plaintext OpenSSL decrypted already (a record larger than one read, or read with
             # the handshake): the kernel socket may be empty, so the poller would never say so.
             s.again = True

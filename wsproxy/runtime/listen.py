@@ -19,6 +19,7 @@ import trio
 
 from wsproxy.config import Address, CertKey, Config, ListenerConfig
 from wsproxy.runtime import backend_tls, listener_tls
+from wsproxy.runtime.streams import tune_tcp
 
 
 class ListenError(OSError):
@@ -147,6 +148,7 @@ def _listening_socket(family: int, sockaddr: tuple[Any, ...], *, reuse_port: boo
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
+        tune_tcp(sock)  # before listen(): what every accepted socket inherits (streams.tune_accepted)
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError:

@@ -262,12 +262,17 @@ class Server:
         give each connection its task; sessions close their own sockets. Closed with the slot."""
         connections = self._connections
         assert connections is not None
-        tune_tcp(listening)  # what accepted sockets inherit (tune_accepted); inherited sockets too
+        # Sockets opened here are tuned before listen(); one handed over by an upgrade is tuned
+        # now, and the connections it queued before that did not inherit the options: until the
+        # queue is first empty, each accepted socket is tuned in full.
+        tune_tcp(listening)
+        queued_before = True
         try:
             while True:
                 try:
                     sock, _ = listening.accept()
                 except BlockingIOError:
+                    queued_before = False
                     await trio.lowlevel.wait_readable(listening)
                     continue
                 except OSError as exc:
@@ -276,7 +281,10 @@ class Server:
                     if not self.capacity.accept_failed(listening, exc):  # the spare descriptor: accept, close
                         await trio.sleep(ACCEPT_PAUSE)
                     continue
-                tune_accepted(sock)
+                if queued_before:
+                    tune_tcp(sock)
+                else:
+                    tune_accepted(sock)
                 connections.start_soon(self._handle, sock, slot)
                 await trio.lowlevel.checkpoint()  # a burst of connects must not hold the scheduler
         finally:
