@@ -277,22 +277,8 @@ class RelayPhase:
         out = s.out
         if n < len(out):
             s.out = memoryview(out)[n:] if n else out  # unchanged: a TLS retry repeats the same buffer
-            if s.stall_since is None:
-                s.stall_since = now
-                if self._slow_limit is not None:
-                    self.actions.append((ARM, STALL_TIMER, name, now + self._slow_limit))
-            return self.actions
-        if s.more:
-            s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
-            s.more = None
-            self.actions.append((SEND, name, s.out))
-            return self.actions
-        s.out = b""
-        if s.stall_since is not None:
-            self._stall_over(s, now)
-        if self._may_backlog or self.relay.closing:  # (else nothing can have changed)
-            self._settle(now, take=False)
-        return self.actions
+            return self._stalling(s, now)
+        return self._flushed(s, now)
 
     def spliced(self, name: Side, n: int, now: float) -> list[tuple[Any, ...]]:
         """The driver moved `n` (> 0, at most `splice_size`) bytes of peer `name`'s input into
@@ -318,19 +304,29 @@ class RelayPhase:
             return self.actions
         s.piped -= n
         if s.piped:
-            if s.stall_since is None:
-                s.stall_since = now
-                if self._slow_limit is not None:
-                    self.actions.append((ARM, STALL_TIMER, name, now + self._slow_limit))
-            return self.actions
+            return self._stalling(s, now)
+        return self._flushed(s, now)
+
+    def _stalling(self, s: SideState, now: float) -> list[tuple[Any, ...]]:
+        """A send toward `s` took less than it was given: the slow-consumer clock runs."""
+        if s.stall_since is None:
+            s.stall_since = now
+            if self._slow_limit is not None:
+                self.actions.append((ARM, STALL_TIMER, s.name, now + self._slow_limit))
+        return self.actions
+
+    def _flushed(self, s: SideState, now: float) -> list[tuple[Any, ...]]:
+        """Everything in flight toward `s` (bytes, or the pipe) was taken: what queued behind it
+        goes next, else the stall is over and the relay may go on."""
         if s.more:
             s.out = s.more[0] if len(s.more) == 1 else b"".join(s.more)
             s.more = None
-            self.actions.append((SEND, name, s.out))
+            self.actions.append((SEND, s.name, s.out))
             return self.actions
+        s.out = b""
         if s.stall_since is not None:
             self._stall_over(s, now)
-        if self._may_backlog or self.relay.closing:
+        if self._may_backlog or self.relay.closing:  # (else nothing can have changed)
             self._settle(now, take=False)
         return self.actions
 
