@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h11
 import trio
 import trustme
 from websockets.sync.server import Server as WSServer
@@ -161,6 +162,16 @@ def start_backend(handler: Callable[[ServerConnection], None] = echo_handler, **
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     return Backend(server, thread, requests)
+
+
+def backend_reads(wire: bytes) -> h11.Request:
+    """A request head as a backend reads it (h11 on the server side): what tests check of the
+    bytes the proxy sends upstream."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(wire)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request), (event, wire[:200])
+    return event
 
 
 def free_port() -> int:

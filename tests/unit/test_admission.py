@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import backend_reads
 from wsproxy.config import parse_config
 from wsproxy.policy.admission import (
     HANDSHAKE_RATE,
@@ -209,7 +210,9 @@ def test_disallowed_subprotocols_are_removed_before_the_backend_sees_them():
     got = apply_rules(lst, route_rules(lst, up.host, up.path), up)
     assert isinstance(got, ClientUpgrade)
     assert got.subprotocols == ("chat.v3", "chat.v2")
-    request = build_upstream_request(got, key=KEY, origin=Origin.direct("1.2.3.4"), scheme="http", extension_offer=None)
+    request = backend_reads(
+        build_upstream_request(got, key=KEY, origin=Origin.direct("1.2.3.4"), scheme="http", extension_offer=None)
+    )
     assert [v for k, v in request.headers if k == b"sec-websocket-protocol"] == [b"chat.v3, chat.v2"]
 
 
@@ -233,12 +236,14 @@ def test_a_client_cannot_forge_headers_the_auth_service_sets():
     got = apply_rules(lst, route_rules(lst, up.host, up.path), up)
     assert isinstance(got, ClientUpgrade)
     assert got.header(b"x-user-id") is None
-    request = build_upstream_request(
-        got,
-        key=KEY,
-        origin=Origin.direct("1.2.3.4"),
-        scheme="http",
-        extension_offer=None,
-        extra_headers=[(b"X-User-Id", b"42")],
+    request = backend_reads(
+        build_upstream_request(
+            got,
+            key=KEY,
+            origin=Origin.direct("1.2.3.4"),
+            scheme="http",
+            extension_offer=None,
+            extra_headers=[(b"X-User-Id", b"42")],
+        )
     )
     assert [v for k, v in request.headers if k == b"x-user-id"] == [b"42"]

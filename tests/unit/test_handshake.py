@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import backend_reads
 from wsproxy.protocol.forwarding import Origin
 from wsproxy.protocol.handshake import (
     BackendAccept,
@@ -211,7 +212,7 @@ def _upstream(
     origin: Origin | None = None,
 ) -> list[tuple[bytes, bytes]]:
     origin = origin or Origin.direct(client_ip)
-    req = build_upstream_request(up, key=key, origin=origin, scheme=scheme, extension_offer=offer)
+    req = backend_reads(build_upstream_request(up, key=key, origin=origin, scheme=scheme, extension_offer=offer))
     assert req.method == b"GET"
     assert req.target == up.target
     return _headers(req)
@@ -227,12 +228,14 @@ def test_upstream_request_carries_the_normalised_target_and_end_to_end_headers()
             (b"X-Custom", b"Keep Me"),
         ],
     )
-    req = build_upstream_request(
-        up,
-        key=b"AAAAAAAAAAAAAAAAAAAAAA==",
-        origin=Origin.direct("127.0.0.1"),
-        scheme="http",
-        extension_offer=None,
+    req = backend_reads(
+        build_upstream_request(
+            up,
+            key=b"AAAAAAAAAAAAAAAAAAAAAA==",
+            origin=Origin.direct("127.0.0.1"),
+            scheme="http",
+            extension_offer=None,
+        )
     )
     assert req.target == b"/ab/c/?x=1&x=2&y=%20/../%2F"  # the path normalised, the query as sent
     headers = _headers(req)
@@ -365,17 +368,19 @@ def test_upstream_request_passes_subprotocol_offer() -> None:
     assert _values(_upstream(up), b"sec-websocket-protocol") == [b"chat.v2, chat.v1"]
 
 
-def test_upstream_request_is_serialisable_by_h11() -> None:
+def test_upstream_request_is_a_head_h11_reads_as_a_backend_would() -> None:
     up = _upgrade(extra=[(b"X-Forwarded-For", b"1.2.3.4"), (b"Cookie", b"a=1")])
-    req = build_upstream_request(
+    wire = build_upstream_request(
         up,
         key=b"AAAAAAAAAAAAAAAAAAAAAA==",
         origin=Origin.direct("127.0.0.1"),
         scheme="http",
         extension_offer="permessage-deflate",
     )
-    data = h11.Connection(h11.CLIENT).send(req)
-    assert data.startswith(b"GET /chat HTTP/1.1\r\n")
+    assert wire.startswith(b"GET /chat HTTP/1.1\r\n") and wire.endswith(b"\r\n\r\n")
+    req = backend_reads(wire)
+    assert (req.method, req.target) == (b"GET", b"/chat")
+    assert (b"sec-websocket-extensions", b"permessage-deflate") in list(req.headers)
 
 
 # --------------------------------------------------------------------------------------------

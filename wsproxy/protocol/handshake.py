@@ -244,14 +244,13 @@ def build_upstream_request(
     scheme: str,
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
-) -> h11.Request:
-    """The request to the backend as an h11 event: the view the tests and the fuzzer check (the
-    shell sends the same headers as bytes: `http_head.encode_request(b"GET", upgrade.target,
-    upstream_headers(...))`, which writes them as h11 does)."""
+) -> bytes:
+    """The Upgrade request's head as the backend receives it (`upstream_headers`, written as h11
+    writes a request: http_head.encode_request)."""
     out = upstream_headers(
         upgrade, key=key, origin=origin, scheme=scheme, extension_offer=extension_offer, extra_headers=extra_headers
     )
-    return h11.Request(method=b"GET", target=upgrade.target, headers=out)
+    return http_head.encode_request(b"GET", upgrade.target, out)
 
 
 def upstream_headers(

@@ -309,7 +309,7 @@ class HandshakePhase:
                 offer = ", ".join(o for o in upgrade.extension_offers if _is_deflate(o))
             else:
                 ext, offer = handshake.backend_deflate_offer()
-        headers = handshake.upstream_headers(
+        request = handshake.build_upstream_request(
             upgrade,
             key=key,
             origin=self._session.origin,
@@ -317,7 +317,6 @@ class HandshakePhase:
             extension_offer=offer,
             extra_headers=self._upstream_headers,
         )
-        request = http_head.encode_request(b"GET", upgrade.target, headers)
         answer: UpstreamAnswer | None = None
         with trio.move_on_after(deadline - trio.current_time()):
             try:
