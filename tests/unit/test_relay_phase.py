@@ -304,19 +304,7 @@ def test_whatever_the_sends_take_every_byte_arrives_once_in_order(
             for a in next_actions:
                 if a[0] == rp.SEND:
                     assert a[2] is p.backend.out
-    got = bytes(wire)
-    stripped = bytearray()  # the wire without the proxy's pings (frame by frame: every frame is whole)
-    pos = 0
-    while pos < len(got):
-        length = got[pos + 1] & 0x7F
-        head = 2 + (2 if length == 126 else 0) + 4
-        if length == 126:
-            length = int.from_bytes(got[pos + 2 : pos + 4], "big")
-        end = pos + head + length
-        if got[pos] & 0x0F != 0x9:
-            stripped += got[pos:end]
-        pos = end
-    assert bytes(stripped) == b"".join(frames)
+    assert _strip_pings(bytes(wire)) == b"".join(frames)
 
 
 # --- splicing: payload bytes that cross outside the relay (a kernel pipe in the driver) ----------

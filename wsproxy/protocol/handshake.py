@@ -245,25 +245,9 @@ def build_upstream_request(
     extension_offer: str | None,
     extra_headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
-    """The Upgrade request's head as the backend receives it (`upstream_headers`, written as h11
-    writes a request: http_head.encode_request)."""
-    out = upstream_headers(
-        upgrade, key=key, origin=origin, scheme=scheme, extension_offer=extension_offer, extra_headers=extra_headers
-    )
-    return http_head.encode_request(b"GET", upgrade.target, out)
-
-
-def upstream_headers(
-    upgrade: ClientUpgrade,
-    *,
-    key: bytes,
-    origin: Origin,
-    scheme: str,
-    extension_offer: str | None,
-    extra_headers: Iterable[tuple[bytes, bytes]] = (),
-) -> Headers:
-    """The headers of the request to the backend: end-to-end headers as received, in order,
-    plus forwarding.
+    """The Upgrade request's head as the backend receives it: end-to-end headers as received, in
+    order, plus forwarding and this hop's own, written as h11 writes a request
+    (http_head.encode_request).
 
     `origin` says who connected and whether its forwarding headers are kept (forwarding.py).
     `scheme` is "http" or "https" as the client spoke to us. `extension_offer` is what this hop
@@ -273,7 +257,10 @@ def upstream_headers(
     own = [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Key", key)]
     if extension_offer:
         own.append((b"Sec-WebSocket-Extensions", extension_offer.encode("latin-1")))
-    return forward_headers(upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS)
+    headers = forward_headers(
+        upgrade, origin=origin, scheme=scheme, extra_headers=extra_headers, own=own, drop=PER_HOP_WS
+    )
+    return http_head.encode_request(b"GET", upgrade.target, headers)
 
 
 def forward_headers(
